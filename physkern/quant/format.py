@@ -1,0 +1,123 @@
+"""QuantizedWeight: the one storage format every physkern quantizer produces.
+
+A weight W [out, in] is cut into blocks of `block_dim` consecutive input columns
+(n_blocks = in / block_dim per row). Row r uses codebook c(r) = r // codebook_rows. With S
+residual stages, scales and optional offsets:
+
+    W[r, j] = scale[r, j // scale_group] * sum_s C[s, c(r), idx[s, r, j // d], j % d]
+              + offset[r, j // scale_group]
+
+- codebooks   [S, n_codebooks, K, d]   float16 by default (n_codebooks = out / codebook_rows)
+- packed      [S, out, words]          int32 bit stream of idx (physkern.quant.packing)
+- scales      [out, in / scale_group]  or None (then scale = 1)
+- offsets     [out, in / scale_group]  or None (then offset = 0); needs scales
+
+Scopes: "row" (codebook_rows = 1, the seeds), "group" (G consecutive rows share one codebook),
+"layer" (codebook_rows = out). A scalar RTN grid is the special case d = 1, K = 2**bits,
+layer scope, codebook = [0, 1, ..., K-1], with per-group scales and offsets (the affine map).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .packing import index_bits, unpack_indices, words_per_row
+
+SCOPES = ("row", "group", "layer")
+
+
+@dataclass
+class QuantizedWeight:
+    packed: torch.Tensor
+    codebooks: torch.Tensor
+    scales: Optional[torch.Tensor]
+    offsets: Optional[torch.Tensor]
+    in_features: int
+    out_features: int
+    codebook_rows: int
+    scale_group: int
+
+    # ---- derived shape facts -------------------------------------------------------------
+    @property
+    def stages(self) -> int:
+        return self.codebooks.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.codebooks.shape[2]
+
+    @property
+    def block_dim(self) -> int:
+        return self.codebooks.shape[3]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.in_features // self.block_dim
+
+    @property
+    def bits(self) -> int:
+        return index_bits(self.k)
+
+    @property
+    def scope(self) -> str:
+        if self.codebook_rows == 1:
+            return "row"
+        if self.codebook_rows == self.out_features:
+            return "layer"
+        return "group"
+
+    def validate(self) -> "QuantizedWeight":
+        """Check every shape and dtype against the format; raise ValueError naming the field."""
+        out, inf = self.out_features, self.in_features
+        if self.codebooks.dim() != 4:
+            raise ValueError(f"codebooks must be [S, n_codebooks, K, d], got {tuple(self.codebooks.shape)}")
+        s, n_cb, k, d = self.codebooks.shape
+        if inf % d:
+            raise ValueError(f"in_features ({inf}) must be divisible by block_dim ({d})")
+        if self.codebook_rows < 1 or out % self.codebook_rows:
+            raise ValueError(f"codebook_rows ({self.codebook_rows}) must divide out_features ({out})")
+        if n_cb != out // self.codebook_rows:
+            raise ValueError(f"codebooks hold {n_cb} codebooks, expected {out // self.codebook_rows}")
+        want = (s, out, words_per_row(inf // d, index_bits(k)))
+        if tuple(self.packed.shape) != want or self.packed.dtype != torch.int32:
+            raise ValueError(f"packed must be int32 {want}, got {self.packed.dtype} "
+                             f"{tuple(self.packed.shape)}")
+        if self.scale_group < 1 or inf % self.scale_group:
+            raise ValueError(f"scale_group ({self.scale_group}) must divide in_features ({inf})")
+        if self.scales is not None and tuple(self.scales.shape) != (out, inf // self.scale_group):
+            raise ValueError(f"scales must be {(out, inf // self.scale_group)}, got "
+                             f"{tuple(self.scales.shape)}")
+        if self.offsets is not None:
+            if self.scales is None:
+                raise ValueError("offsets need scales")
+            if self.offsets.shape != self.scales.shape:
+                raise ValueError("offsets must have the shape of scales")
+        return self
+
+    def indices(self) -> torch.Tensor:
+        """Unpacked indices [S, out, n_blocks] int64."""
+        return unpack_indices(self.packed, self.bits, self.n_blocks)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Reference reconstruction of W [out, in] (vectorised: one gather per stage)."""
+        idx = self.indices()                                     # [S, out, nb]
+        cb = self.codebooks.to(dtype)                            # [S, C, K, d]
+        row_cb = torch.arange(self.out_features, device=idx.device) // self.codebook_rows
+        w = torch.zeros(self.out_features, self.n_blocks, self.block_dim, dtype=dtype,
+                        device=cb.device)
+        for s in range(self.stages):  # S is 1-3: a loop over stages, not rows
+            w += cb[s][row_cb[:, None], idx[s]]                  # [out, nb, d]
+        w = w.reshape(self.out_features, self.in_features)
+        if self.scales is not None:
+            w = w * self.scales.to(dtype).repeat_interleave(self.scale_group, dim=1)
+        if self.offsets is not None:
+            w = w + self.offsets.to(dtype).repeat_interleave(self.scale_group, dim=1)
+        return w
+
+    def to(self, device) -> "QuantizedWeight":
+        mv = lambda t: None if t is None else t.to(device)
+        return QuantizedWeight(mv(self.packed), mv(self.codebooks), mv(self.scales),
+                               mv(self.offsets), self.in_features, self.out_features,
+                               self.codebook_rows, self.scale_group)
