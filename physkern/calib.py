@@ -46,8 +46,9 @@ class Gram:
         self.count = 0
 
     def update(self, x: torch.Tensor) -> None:
-        xd = x.to(self.xtx.device, torch.float64)
-        self.xtx.addmm_(xd.t(), xd)
+        # fp32 product per batch (fast), accumulated across batches in fp64.
+        xf = x.to(self.xtx.device, torch.float32)
+        self.xtx += (xf.t() @ xf).double()
         self.count += x.shape[0]
 
     @property

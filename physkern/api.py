@@ -1,0 +1,221 @@
+"""`physkern.quantize(model, config, calibration)`: swap linear layers for QuantizedLinear.
+
+Layers that need calibration are quantized block by block (physkern.sequential): the statistics
+of block i's inputs come from the model whose blocks < i are already quantized, so each layer
+sees (and, with error feedback, compensates) the error made before it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calib import Gram, SecondMoment
+from .config import AnyConfig
+from .layers import QuantizedLinear
+from .models import LinearLayer, decoder_linear_layers, replace_layer
+from .quant.accounting import bits_report, layer_bits
+from .quant.format import QuantizedWeight
+
+
+@dataclass
+class LayerReport:
+    name: str
+    method: str
+    bits_per_weight: float
+    relative_weight_error: float
+    relative_output_error: Optional[float]
+    output_error_basis: str
+    seconds: float
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class QuantizationReport:
+    layers: list
+    quantized_bits_per_weight: float
+    model_bits_per_weight: float
+    total_bytes: int
+    seconds: float
+    calibration_tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = [f"{'layer':44s} {'bits/w':>7s} {'rel W err':>9s} {'rel out err':>11s}"]
+        for r in self.layers:
+            oe = f"{r.relative_output_error:11.4f}" if r.relative_output_error is not None else " " * 11
+            lines.append(f"{r.name:44s} {r.bits_per_weight:7.3f} {r.relative_weight_error:9.4f} {oe}")
+        return "\n".join(lines)
+
+
+def quantize_weight(weight: torch.Tensor, cfg: AnyConfig, m2: Optional[torch.Tensor] = None,
+                    gram: Optional[torch.Tensor] = None) -> QuantizedWeight:
+    """Quantize one [out, in] weight under `cfg`.
+
+    m2:   [in] E[x_j^2] of the layer's input (calibrated codebooks)
+    gram: [in, in] X^T X of the layer's input (GPTQ / codebook error feedback)
+    """
+    if cfg.method == "codebook":
+        from .quant.codebook import quantize_codebook, quantize_codebook_error_feedback
+        common = dict(k=cfg.k, block_dim=cfg.block_dim, scope=cfg.scope,
+                      group_size=cfg.group_size, stages=cfg.stages,
+                      scales=cfg.effective_scales(), scale_group=cfg.scale_group,
+                      iters=cfg.iters, tol=cfg.tol, seed=cfg.seed, init=cfg.init,
+                      codebook_dtype=cfg.codebook_dtype)
+        if cfg.error_feedback:
+            return quantize_codebook_error_feedback(weight, gram, percdamp=cfg.percdamp, **common)
+        return quantize_codebook(weight, input_importance=m2 if cfg.calibrate else None, **common)
+    if cfg.method == "rtn":
+        from .quant.scalar import rtn_quantize
+        return rtn_quantize(weight, cfg.bits, cfg.group_size, cfg.symmetric, cfg.per_tensor)
+    if cfg.method == "gptq":
+        from .quant.gptq import gptq_quantize_scalar
+        return gptq_quantize_scalar(weight, gram, cfg.bits, cfg.group_size, cfg.symmetric,
+                                    act_order=cfg.act_order, percdamp=cfg.percdamp,
+                                    blocksize=cfg.blocksize)
+    raise ValueError(f"unknown method {cfg.method!r}")
+
+
+def _errors(w: torch.Tensor, q: torch.Tensor, m2, gram):
+    e = (q - w).float()
+    rel_w = float(e.norm() / w.norm().clamp_min(1e-30))
+    if gram is not None:
+        g = gram.float()
+        num = torch.einsum("oi,ij,oj->", e, g, e)
+        den = torch.einsum("oi,ij,oj->", w, g, w)
+        return rel_w, float((num / den.clamp_min(1e-30)).clamp_min(0).sqrt()), "X^T X (exact)"
+    if m2 is not None:
+        num = (e.pow(2) * m2[None]).sum()
+        den = (w.pow(2) * m2[None]).sum()
+        return rel_w, float((num / den.clamp_min(1e-30)).sqrt()), "diag E[x^2] (approximate)"
+    return rel_w, None, "none (no calibration)"
+
+
+def _quantize_one(model, layer: LinearLayer, cfg, m2=None, gram=None) -> LayerReport:
+    t0 = time.perf_counter()
+    w = layer.weight().detach().float()
+    qw = quantize_weight(w, cfg, m2, gram)
+    qlayer = QuantizedLinear(qw.to(w.device), layer.bias, layer.kind, recipe=cfg.to_dict())
+    rel_w, rel_o, basis = _errors(w.cpu(), qw.dequantize().cpu(), m2, gram)
+    replace_layer(model, layer.name, qlayer)
+    return LayerReport(layer.name, cfg.method, layer_bits(qlayer)["bits_per_weight"], rel_w,
+                       rel_o, basis, time.perf_counter() - t0,
+                       {k: v for k, v in cfg.to_dict().items() if k not in ("layers", "overrides")})
+
+
+def select_layers(model: nn.Module, config: AnyConfig) -> list[tuple[LinearLayer, AnyConfig]]:
+    candidates = decoder_linear_layers(model)
+    chosen = [(l, config.for_layer(l.name)) for l in candidates if config.applies_to(l.name)]
+    if not chosen:
+        names = ", ".join(l.name for l in candidates[:6])
+        raise ValueError(f"layers: patterns {config.layers!r} match no decoder linear layer "
+                         f"(names look like: {names}, ...)")
+    return chosen
+
+
+def quantize(model: nn.Module, config: AnyConfig, calibration: Optional[torch.Tensor] = None,
+             progress: bool = True) -> QuantizationReport:
+    """Quantize the selected linear layers of `model` in place.
+
+    config:      CodebookConfig, ScalarConfig or GPTQConfig (with `layers` patterns and
+                 per-layer `overrides`)
+    calibration: [n_windows, seq] token ids from calibration text (physkern.calibration_windows);
+                 required when any selected layer's config needs calibration
+    Returns a QuantizationReport (per-layer bits, relative weight and output error).
+    """
+    t0 = time.perf_counter()
+    chosen = select_layers(model, config)
+    needs_calib = any(c.needs_calibration for _, c in chosen)
+    reports = []
+    bar = tqdm(total=len(chosen), desc="quantize", unit="layer", disable=not progress)
+    if not needs_calib:
+        for layer, cfg in chosen:
+            reports.append(_quantize_one(model, layer, cfg))
+            bar.update()
+        n_calib = 0
+    else:
+        if calibration is None:
+            raise ValueError("calibration: this config needs calibration windows [n, seq] of "
+                             "token ids; pass calibration=physkern.calibration_windows(tokenizer, "
+                             "physkern.load_corpus())")
+        if calibration.dim() != 2 or calibration.dtype != torch.long:
+            raise ValueError(f"calibration must be a [n_windows, seq] int64 tensor, got "
+                             f"{calibration.dtype} {tuple(calibration.shape)}")
+        reports = _quantize_sequential(model, chosen, calibration, bar)
+        n_calib = calibration.numel()
+    bar.close()
+    rep = bits_report(model)
+    return QuantizationReport(reports, rep.quantized_bits_per_weight, rep.model_bits_per_weight,
+                              rep.total_bytes, time.perf_counter() - t0, n_calib)
+
+
+def _quantize_sequential(model, chosen, calibration, bar) -> list[LayerReport]:
+    from .sequential import iter_block_names, run_blocks_sequentially
+    block_of = {}
+    prefixes = list(iter_block_names(model))
+    for layer, cfg in chosen:
+        owner = [i for i, p in prefixes if layer.name.startswith(p + ".")]
+        if not owner:
+            raise ValueError(f"layers: {layer.name!r} is outside the transformer blocks; "
+                             "calibrated methods only quantize layers inside them")
+        block_of[layer.name] = owner[0]
+    reports = []
+
+    def on_block(i, block, run):
+        here = [(l, c) for l, c in chosen if block_of[l.name] == i]
+        if not here:
+            return
+        stats, hooks, shared = {}, [], {}
+        batch_seen: dict[int, object] = {}
+
+        def reset(_m, _a):
+            batch_seen.clear()
+
+        def make_hook(layer, cfg):
+            def hook(_m, inputs):
+                x = inputs[0].detach()
+                x = x.reshape(-1, x.shape[-1]).float()
+                st = stats[layer.name]
+                if cfg.needs_calibration and st.get("m2") is not None:
+                    st["m2"].update(x)
+                if cfg.needs_hessian:
+                    # q/k/v (and gate/up) read the same tensor: one Gram serves them all.
+                    # batch_seen keeps the tensor alive, so its id cannot be reused meanwhile.
+                    key = id(inputs[0])
+                    if key in batch_seen:
+                        if st["gram"] is None:
+                            st["gram"] = batch_seen[key][1]
+                        return
+                    if st["gram"] is None:
+                        st["gram"] = Gram(x.shape[-1])
+                    batch_seen[key] = (inputs[0], st["gram"])
+                    st["gram"].update(x)
+            return hook
+
+        for layer, cfg in here:
+            stats[layer.name] = {"m2": SecondMoment(layer.in_features) if cfg.needs_calibration
+                                 and not cfg.needs_hessian else None, "gram": None}
+            if cfg.needs_calibration:
+                hooks.append(layer.module.register_forward_pre_hook(make_hook(layer, cfg)))
+        hooks.append(block.register_forward_pre_hook(reset))
+        try:
+            run()
+        finally:
+            for h in hooks:
+                h.remove()
+        for layer, cfg in here:
+            st = stats[layer.name]
+            gram = st["gram"].value if st["gram"] is not None else None
+            m2 = st["m2"].value if st["m2"] is not None else (
+                torch.diagonal(gram) / st["gram"].count if gram is not None else None)
+            reports.append(_quantize_one(model, layer, cfg, m2, gram))
+            bar.update()
+
+    run_blocks_sequentially(model, calibration, on_block)
+    return reports

@@ -1,0 +1,92 @@
+"""QuantizedLinear: a drop-in replacement for nn.Linear and GPT-2's Conv1D.
+
+It stores a QuantizedWeight (packed indices, codebooks, optional scales/offsets) as buffers and
+computes y = x W^T + b through physkern.ops.codebook_matmul: the Triton kernel on CUDA tensors,
+a vectorised torch path on CPU. Both GPT-2 Conv1D (x @ W[in, out]) and nn.Linear
+(x @ W[out, in]^T) compute the same function of x, so one module serves both; `kind` records
+which one it replaced.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .quant.format import QuantizedWeight
+from .quant.packing import words_per_row
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ dequantize()^T + bias, with the weight kept quantized.
+
+    Shapes: x [..., in_features] -> y [..., out_features]; output dtype = x dtype.
+    """
+
+    def __init__(self, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None,
+                 kind: str = "linear", recipe: Optional[dict] = None):
+        super().__init__()
+        qw.validate()
+        if kind not in ("linear", "conv1d"):
+            raise ValueError(f"kind must be 'linear' or 'conv1d', got {kind!r}")
+        self.in_features = qw.in_features
+        self.out_features = qw.out_features
+        self.codebook_rows = qw.codebook_rows
+        self.scale_group = qw.scale_group
+        self.kind = kind
+        self.recipe = dict(recipe or {})
+        self.register_buffer("packed", qw.packed)
+        self.register_buffer("codebooks", qw.codebooks)
+        self.register_buffer("scales", qw.scales)
+        self.register_buffer("offsets", qw.offsets)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def empty(cls, meta: dict) -> "QuantizedLinear":
+        """An uninitialised layer with the buffers described by `layer_meta()` (for loading)."""
+        dt = lambda n: getattr(torch, n)
+        s, out, inf = meta["stages"], meta["out_features"], meta["in_features"]
+        k, d = meta["k"], meta["block_dim"]
+        from .quant.packing import index_bits
+        packed = torch.zeros(s, out, words_per_row(inf // d, index_bits(k)), dtype=torch.int32)
+        cbs = torch.zeros(s, out // meta["codebook_rows"], k, d, dtype=dt(meta["codebook_dtype"]))
+        n_sc = (out, inf // meta["scale_group"])
+        scales = torch.ones(n_sc, dtype=dt(meta["scales_dtype"])) if meta["scales_dtype"] else None
+        offsets = torch.zeros(n_sc, dtype=dt(meta["offsets_dtype"])) if meta["offsets_dtype"] else None
+        bias = torch.zeros(out, dtype=dt(meta["bias_dtype"])) if meta["bias_dtype"] else None
+        qw = QuantizedWeight(packed, cbs, scales, offsets, inf, out, meta["codebook_rows"],
+                             meta["scale_group"])
+        return cls(qw, bias, meta["kind"], meta.get("recipe"))
+
+    def layer_meta(self) -> dict:
+        """Everything needed to rebuild this layer's buffers (saved next to the tensors)."""
+        name = lambda t: None if t is None else str(t.dtype).replace("torch.", "")
+        qw = self.quantized_weight()
+        return {"kind": self.kind, "in_features": self.in_features,
+                "out_features": self.out_features, "stages": qw.stages, "k": qw.k,
+                "block_dim": qw.block_dim, "codebook_rows": self.codebook_rows,
+                "scale_group": self.scale_group, "codebook_dtype": name(self.codebooks),
+                "scales_dtype": name(self.scales), "offsets_dtype": name(self.offsets),
+                "bias_dtype": name(self.bias), "recipe": self.recipe}
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.packed, self.codebooks, self.scales, self.offsets,
+                               self.in_features, self.out_features, self.codebook_rows,
+                               self.scale_group)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight this layer computes with, [out_features, in_features]."""
+        return self.quantized_weight().dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .ops import codebook_matmul
+        return codebook_matmul(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        qw = self.quantized_weight()
+        from .quant.accounting import layer_bits
+        bits = layer_bits(self)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"k={qw.k}, d={qw.block_dim}, scope={qw.scope}, stages={qw.stages}, "
+                f"bias={self.bias is not None}, replaces={self.kind}, "
+                f"bits/weight={bits['bits_per_weight']:.3f}")

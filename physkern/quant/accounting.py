@@ -1,0 +1,103 @@
+"""The one place that counts bits.
+
+Every stored bit counts: packed indices at their stored width (int32 words, row padding
+included), codebooks, scales and offsets at their dtype. Two figures:
+
+- bits/weight over the quantized layers: (indices + codebooks + scales + offsets) / weights
+  those layers replace. Biases are not weights of the matrix and are left out here.
+- bits/weight over the whole model: every tensor the saved model stores (embeddings, norms,
+  biases, unquantized layers at their dtype, tied tensors once) / parameters of the original
+  model (each quantized layer counts as its out*in weights).
+
+Compressed modules other than QuantizedLinear (e.g. low-rank factors) join by exposing
+`weight_numel()` (how many weights they stand for) and `storage_bits()` (a dict of named bit
+counts of the tensors that replace those weights).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+
+def tensor_bits(t) -> int:
+    return 0 if t is None else t.numel() * t.element_size() * 8
+
+
+def layer_bits(layer) -> dict:
+    """Bit counts of one QuantizedLinear."""
+    qw = layer.quantized_weight()
+    parts = {"indices": tensor_bits(layer.packed), "codebooks": tensor_bits(layer.codebooks),
+             "scales": tensor_bits(layer.scales), "offsets": tensor_bits(layer.offsets)}
+    n = layer.in_features * layer.out_features
+    total = sum(parts.values())
+    return {**parts, "bias": tensor_bits(layer.bias), "weights": n, "total_bits": total,
+            "bits_per_weight": total / n,
+            "seeds_formula_bits_per_weight": qw.stages * math.log2(qw.k) / qw.block_dim,
+            "k": qw.k, "block_dim": qw.block_dim, "scope": qw.scope, "stages": qw.stages}
+
+
+def _is_compressed(m: nn.Module) -> bool:
+    return hasattr(m, "weight_numel") and hasattr(m, "storage_bits")
+
+
+@dataclass
+class BitsReport:
+    quantized_bits_per_weight: float
+    model_bits_per_weight: float
+    quantized_weights: int
+    quantized_bits: int
+    model_parameters: int
+    model_bits: int
+    total_bytes: int
+    layers: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"{self.quantized_bits_per_weight:.3f} bits/weight over {len(self.layers)} "
+                f"quantized layers ({self.quantized_weights:,} weights); "
+                f"{self.model_bits_per_weight:.3f} bits/parameter over the whole model "
+                f"({self.model_parameters:,} parameters, {self.total_bytes / 2**20:.2f} MiB)")
+
+
+def bits_report(model: nn.Module) -> BitsReport:
+    """True bits of `model` as it would be saved (see module docstring)."""
+    from ..layers import QuantizedLinear
+    layers, q_weights, q_bits = {}, 0, 0
+    compressed_prefixes = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            info = layer_bits(m)
+        elif _is_compressed(m):
+            parts = m.storage_bits()
+            n = m.weight_numel()
+            info = {**parts, "weights": n, "total_bits": sum(parts.values()),
+                    "bits_per_weight": sum(parts.values()) / n}
+        else:
+            continue
+        layers[name] = info
+        q_weights += info["weights"]
+        q_bits += info["total_bits"]
+        compressed_prefixes.append(name + ".")
+    # Whole model: every stored tensor once (ties share storage), in its dtype.
+    seen, model_bits, other_params = set(), 0, 0
+    for key, t in model.state_dict(keep_vars=True).items():
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        model_bits += tensor_bits(t)
+        if not any(key.startswith(p) for p in compressed_prefixes):
+            other_params += t.numel()
+        elif key.endswith(".bias"):
+            other_params += t.numel()
+    n_params = other_params + q_weights
+    return BitsReport(
+        quantized_bits_per_weight=q_bits / q_weights if q_weights else float("nan"),
+        model_bits_per_weight=model_bits / n_params, quantized_weights=q_weights,
+        quantized_bits=q_bits, model_parameters=n_params, model_bits=model_bits,
+        total_bytes=model_bits // 8, layers=layers)
