@@ -32,8 +32,12 @@ def reference_rtn(w, bits, group_size=None, symmetric=False, per_tensor=False):
             s, o = whole if per_tensor else grid(vals)
             for k, v in enumerate(vals):
                 q = min(max(round((v - o) / s), 0), levels)   # ties: both round half to even
-                res[r, c0 + k] = torch.tensor(q, dtype=torch.float32) * torch.tensor(s) \
-                    + torch.tensor(o)
+                if symmetric:   # stored as a signed codebook, no offsets
+                    res[r, c0 + k] = torch.tensor(q - 2 ** (bits - 1), dtype=torch.float32) \
+                        * torch.tensor(s)
+                else:
+                    res[r, c0 + k] = torch.tensor(q, dtype=torch.float32) * torch.tensor(s) \
+                        + torch.tensor(o)
     return res
 
 
@@ -52,9 +56,16 @@ def test_rtn_matches_reference(bits, group_size, per_tensor, symmetric):
     assert (diff > 1e-6).float().mean() < 0.01
     assert qw.k == 2 ** bits and qw.block_dim == 1 and qw.scope == "layer"
     assert qw.scale_group == (24 if group_size is None else group_size)
-    assert qw.scales.dtype == torch.float16 and qw.offsets.dtype == torch.float16
+    assert qw.scales.dtype == torch.float16
+    if symmetric:
+        assert qw.offsets is None
+        assert qw.codebooks.flatten().tolist() == list(range(-2 ** (bits - 1), 2 ** (bits - 1)))
+    else:
+        assert qw.offsets.dtype == torch.float16
+        assert qw.codebooks.flatten().tolist() == list(range(2 ** bits))
     if per_tensor:
-        assert qw.scales.unique().numel() == 1 and qw.offsets.unique().numel() == 1
+        assert qw.scales.unique().numel() == 1
+        assert symmetric or qw.offsets.unique().numel() == 1
 
 
 def test_rtn_error_bound_and_zero_groups():

@@ -241,7 +241,7 @@ def _gptq_scalar(weight, hessian, bits, group_size, symmetric, act_order, static
             # rest starts at this column; the group's columns are the next scale_group ones.
             s_, o_ = scalar_grid_params(rest[:, :scale_group], bits, symmetric)
             scales[:, g], offsets[:, g] = s_, o_
-        qi, qv = quantize_to_grid(w_cols[:, 0], scales[:, g], offsets[:, g], bits)
+        qi, qv = quantize_to_grid(w_cols[:, 0], scales[:, g], offsets[:, g], bits, symmetric)
         idx[:, col] = qi
         return qv[:, None]
 
@@ -251,4 +251,4 @@ def _gptq_scalar(weight, hessian, bits, group_size, symmetric, act_order, static
     q = _error_feedback(w, u, quantize_step, 1, blocksize, pass_block=dynamic)
     if perm is not None:
         q = q[:, torch.argsort(perm)]
-    return scalar_quantized_weight(idx, scales, offsets, bits, scale_group), q
+    return scalar_quantized_weight(idx, scales, offsets, bits, scale_group, symmetric), q

@@ -1,23 +1,28 @@
 """Scalar round-to-nearest (RTN) quantization, stored as a QuantizedWeight.
 
 A scalar grid is the special case of the codebook format with block_dim d = 1, K = 2**bits,
-layer scope (codebook_rows = out_features, one shared codebook [1, 1, K, 1] = [0, 1, ..., K-1])
-and an affine map per group of `scale_group` consecutive input columns of each row:
+layer scope (codebook_rows = out_features, one shared codebook [1, 1, K, 1]) and an affine map
+per group of `scale_group` consecutive input columns of each row (q in 0..K-1 is the index):
 
-    W[r, j] = scale[r, j // scale_group] * q[r, j] + offset[r, j // scale_group],  q in 0..K-1
+    asymmetric: codebook [0, 1, ..., K-1],          W[r, j] = scale * q + offset
+    symmetric:  codebook [-K/2, ..., K/2 - 1],      W[r, j] = scale * (q - K/2)   (no offsets)
+
+with scale, offset = scales/offsets[r, j // scale_group]. The codebook entries are integers
+|c| <= 255, exact in float16.
 
 Grids (per row and group of columns, `scalar_grid_params`):
 - asymmetric (min/max affine): offset = min(w), scale = (max(w) - min(w)) / (K - 1). The offset
   is a float, not an integer zero point, so the grid spans exactly [min, max] (zero need not be
   on the grid; published GPTQ instead forces min <= 0 <= max and rounds the zero point).
-- symmetric (fixed mid-point zero, as published GPTQ): scale = 2 max|w| / (K - 1),
-  offset = -scale * 2**(bits-1); q = 2**(bits-1) is exactly zero, the grid spans
-  [-2**(bits-1) scale, (2**(bits-1) - 1) scale] (the largest positive value may be clipped by
-  less than one step).
+- symmetric (fixed mid-point zero, as published GPTQ): scale = 2 max|w| / (K - 1), zero point
+  K/2 = 2**(bits-1), i.e. the affine offset is -scale * 2**(bits-1). It is stored as a signed
+  codebook and no offsets (the offset is implied), so symmetric grids do not pay for offsets
+  in the accounting. q = K/2 is exactly zero; the grid spans [-K/2 scale, (K/2 - 1) scale]
+  (the largest positive value may be clipped by less than one step).
 
 Scales and offsets are stored float16. They are computed in float32, rounded to float16 FIRST,
 and q is computed with the rounded values, so `QuantizedWeight.dequantize()` reproduces exactly
-what the quantizer intended (q * scale16 + offset16 in float32).
+what the quantizer intended (codebook[q] * scale16 (+ offset16) in float32).
 
 Granularity: per-group (group_size = G, scale_group = G), per-channel (group_size None,
 scale_group = in_features), per-tensor (one scale and offset for the whole tensor). Per-tensor is
@@ -103,32 +108,40 @@ def scalar_grid_params(w_group: torch.Tensor, bits: int,
 
 
 def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                     bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     bits: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Round w onto the grid scale * q + offset, q in 0..2**bits - 1 (broadcasting).
 
-    Returns (q int64, values float32) with values = q * scale + offset computed exactly as
-    `QuantizedWeight.dequantize` computes it.
+    scale, offset: from scalar_grid_params (for symmetric, offset = -scale * 2**(bits-1)).
+    Returns (q int64, values float32), values computed exactly as `QuantizedWeight.dequantize`
+    computes them from the stored format: q * scale + offset (asymmetric) or
+    (q - 2**(bits-1)) * scale (symmetric).
     """
     maxq = (1 << bits) - 1
     qf = torch.clamp(torch.round((w.float() - offset) / scale), 0, maxq)
+    if symmetric:
+        return qf.to(torch.int64), (qf - float(1 << (bits - 1))) * scale
     return qf.to(torch.int64), qf * scale + offset
 
 
-def scalar_quantized_weight(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                            bits: int, scale_group: int) -> QuantizedWeight:
+def scalar_quantized_weight(q: torch.Tensor, scales: torch.Tensor,
+                            offsets: Optional[torch.Tensor], bits: int, scale_group: int,
+                            symmetric: bool = False) -> QuantizedWeight:
     """Assemble a scalar-grid QuantizedWeight.
 
     q: [out, in] integer levels in 0..2**bits - 1; scales, offsets: [out, in / scale_group]
-    (float16-representable values). Returns the validated QuantizedWeight (d = 1, K = 2**bits,
-    layer scope, codebook [0..K-1] in float16).
+    (float16-representable values; offsets ignored for symmetric). Returns the validated
+    QuantizedWeight (d = 1, K = 2**bits, layer scope, float16 codebook [0..K-1], or
+    [-K/2..K/2-1] with offsets None for symmetric).
     """
     out, inf = q.shape
     k = 1 << bits
-    codebooks = torch.arange(k, dtype=torch.float16, device=q.device).reshape(1, 1, k, 1)
+    first = -(k // 2) if symmetric else 0
+    codebooks = torch.arange(first, first + k, dtype=torch.float16,
+                             device=q.device).reshape(1, 1, k, 1)
     packed = pack_indices(q.reshape(1, out, inf), bits)
     return QuantizedWeight(packed=packed, codebooks=codebooks,
                            scales=scales.to(torch.float16).contiguous(),
-                           offsets=offsets.to(torch.float16).contiguous(),
+                           offsets=None if symmetric else offsets.to(torch.float16).contiguous(),
                            in_features=inf, out_features=out, codebook_rows=out,
                            scale_group=scale_group).validate()
 
@@ -160,5 +173,5 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: Optional[int] = No
         s, o = scalar_grid_params(w.reshape(out * n_groups, scale_group), bits, symmetric)
         scales, offsets = s.reshape(out, n_groups), o.reshape(out, n_groups)
     q, _ = quantize_to_grid(w, scales.repeat_interleave(scale_group, dim=1),
-                            offsets.repeat_interleave(scale_group, dim=1), bits)
-    return scalar_quantized_weight(q, scales, offsets, bits, scale_group)
+                            offsets.repeat_interleave(scale_group, dim=1), bits, symmetric)
+    return scalar_quantized_weight(q, scales, offsets, bits, scale_group, symmetric)
