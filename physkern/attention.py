@@ -1,0 +1,293 @@
+"""Lattice attention for users and for transformers models.
+
+`lattice_attention(q, k, v, xi)` is causal attention with the decay bias -(i - j)/xi added to the
+scores (see physkern/kernels/lattice_attention.py for the truncation bound). It dispatches on the
+device: CUDA tensors run the Triton kernel, CPU tensors the banded torch implementation, whose cost
+is O(n * D) rather than O(n^2).
+
+Models: importing this module registers "lattice" with transformers' AttentionInterface (the
+attention function) and AttentionMaskInterface (the same mask preparation as "sdpa", which passes
+no mask at all for unpadded causal input). `enable_lattice(model, xi, eps)` stores xi/eps on the
+model config and switches the model with `model.set_attn_implementation("lattice")`;
+`disable_lattice(model)` switches back. No class is patched: every model whose attention goes
+through `ALL_ATTENTION_FUNCTIONS` (GPT-2, LLaMA and most decoder models in transformers 5.x) works.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .kernels.lattice_attention import (
+    DEFAULT_BLOCK, XiLike, band_limits, check_inputs, kernel_config, lattice_attention_banded,
+    lattice_attention_reference, lattice_attention_triton, lattice_bias, lattice_plan,
+    xi_per_head)
+
+ATTN_NAME = "lattice"
+CPU_CHUNK = 128  # queries per chunk of the banded CPU path
+_CONFIG_KEYS = ("lattice_xi", "lattice_eps", "lattice_score_range")
+_PREVIOUS_KEY = "_lattice_previous_attn_implementation"
+
+
+# ----------------------------------------------------------------------------------------------
+# work accounting
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class LatticeWork:
+    """Attention work done inside a `record_work()` block, summed over calls.
+
+    blocks_visited / blocks_causal: key blocks of `block` keys that a kernel with
+    `block`-sized query and key tiles loads, with skipping / for plain causal attention.
+    pairs_computed / pairs_causal: (query, key) scores the path that actually ran computed
+    (banded CPU path: whole bands of chunks; Triton: whole visited tiles) / n(n+1)/2-like causal count.
+    """
+    block: int = DEFAULT_BLOCK
+    calls: int = 0
+    blocks_visited: int = 0
+    blocks_causal: int = 0
+    pairs_computed: int = 0
+    pairs_causal: int = 0
+    max_distance: float = 0.0
+    paths: dict = field(default_factory=dict)
+
+    @property
+    def fraction_blocks_visited(self) -> float:
+        return self.blocks_visited / self.blocks_causal if self.blocks_causal else float("nan")
+
+    @property
+    def fraction_pairs_computed(self) -> float:
+        return self.pairs_computed / self.pairs_causal if self.pairs_causal else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"block": self.block, "calls": self.calls, "blocks_visited": self.blocks_visited,
+                "blocks_causal": self.blocks_causal,
+                "fraction_blocks_visited": self.fraction_blocks_visited,
+                "pairs_computed": self.pairs_computed, "pairs_causal": self.pairs_causal,
+                "fraction_pairs_computed": self.fraction_pairs_computed,
+                "max_truncation_distance": self.max_distance, "paths": dict(self.paths)}
+
+
+_RECORDERS: list[LatticeWork] = []
+
+
+@contextlib.contextmanager
+def record_work(block: int = DEFAULT_BLOCK) -> Iterator[LatticeWork]:
+    """Collect the attention work of every lattice_attention call inside the block."""
+    work = LatticeWork(block=block)
+    _RECORDERS.append(work)
+    try:
+        yield work
+    finally:
+        _RECORDERS.remove(work)
+
+
+def _causal_pairs(n_q: int, n_kv: int) -> int:
+    off = n_kv - n_q
+    return n_q * (off + 1) + n_q * (n_q - 1) // 2
+
+
+def _record(q, k, xi, eps, scale, score_range, path: str, plan_run) -> None:
+    bsz, hq, n_q, _ = q.shape
+    n_kv = k.shape[2]
+    for work in _RECORDERS:
+        plan = plan_run if (plan_run.block_m == work.block and plan_run.block_n == work.block) \
+            else lattice_plan(q, k, xi, eps, scale, work.block, work.block, score_range)
+        work.calls += 1
+        work.blocks_visited += plan.blocks_visited
+        work.blocks_causal += plan.blocks_causal
+        if plan.distance.numel():
+            work.max_distance = max(work.max_distance, float(plan.distance.max()))
+        work.pairs_causal += _causal_pairs(n_q, n_kv) * bsz * hq
+        work.pairs_computed += _pairs_computed(plan_run, path)
+        work.paths[path] = work.paths.get(path, 0) + 1
+
+
+def _pairs_computed(plan, path: str) -> int:
+    """(query, key) scores computed by the path that ran, summed over batch and heads: whole
+    visited tiles for Triton; for the banded path every batch row and head computes its chunk's
+    band (the union of the per-head bands)."""
+    n_q, n_kv = plan.n_q, plan.n_kv
+    bm, bn = plan.block_m, plan.block_n
+    start = plan.start_block.long()
+    rows = torch.clamp(n_q - torch.arange(start.shape[-1]) * bm, max=bm)
+    key_end = torch.clamp(plan.end_block * bn, max=n_kv)
+    if path == "triton":
+        return int((rows[None, None, :] * (key_end[None, None, :] - start * bn)).sum())
+    band = sum((min(bm, n_q - c * bm)) * (k1 - k0) for c, (k0, k1) in enumerate(band_limits(plan)))
+    return band * start.shape[0] * start.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# the function
+# ----------------------------------------------------------------------------------------------
+
+def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xi: XiLike,
+                      causal: bool = True, eps: Optional[float] = None,
+                      scale: Optional[float] = None,
+                      score_range: Optional[float] = None) -> torch.Tensor:
+    """Causal attention with the lattice bias -(i - j)/xi.
+
+    q: [batch, heads, n_q, head_dim]; k, v: [batch, kv_heads, n_kv, head_dim] with kv_heads
+    dividing heads (GQA) and n_q <= n_kv (queries are the last n_q positions).
+    xi: scalar or one value per query head, > 0; inf = plain causal attention.
+    eps: None = exact (every causal key visited); in (0, 1): skip keys farther than the derived
+    truncation distance, dropping < eps of each row's softmax mass (output error
+    <= 2 eps max|v| per coordinate). score_range: assert a bound on each row's score range
+    instead of the provable data-derived one. scale: default head_dim ** -0.5.
+    Returns [batch, heads, n_q, head_dim] in q's dtype.
+
+    CUDA tensors run the Triton kernel (forward only; with autograd enabled on a tensor that needs
+    grad the banded torch path runs instead); CPU tensors run the banded torch path.
+    """
+    check_inputs(q, k, v, causal, eps)
+    xi_per_head(xi, q.shape[1])
+    d = q.shape[-1]
+    scale = d ** -0.5 if scale is None else float(scale)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                              or v.requires_grad)
+    if q.is_cuda and not needs_grad:
+        bm, bn, _, _ = kernel_config(d)
+        plan = lattice_plan(q, k, xi, eps, scale, bm, bn, score_range)
+        out = lattice_attention_triton(q, k, v, xi, eps, scale, plan=plan, block_m=bm,
+                                       block_n=bn)
+        path = "triton"
+    else:
+        plan = lattice_plan(q, k, xi, eps, scale, CPU_CHUNK, CPU_CHUNK, score_range)
+        out = lattice_attention_banded(q, k, v, xi, eps, scale, chunk=CPU_CHUNK, plan=plan)
+        path = "banded"
+    if _RECORDERS:
+        _record(q, k, xi, eps, scale, score_range, path, plan)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers integration
+# ----------------------------------------------------------------------------------------------
+
+def lattice_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                              value: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                              dropout: float = 0.0, scaling: Optional[float] = None,
+                              is_causal: Optional[bool] = None, **kwargs):
+    """transformers attention function ("lattice"): query [B, Hq, n_q, d], key/value
+    [B, Hkv, n_kv, d] -> (output [B, n_q, Hq, d], None).
+
+    xi/eps come from module.config (set by enable_lattice). Without a mask (unpadded causal input)
+    the fast paths run; with a padding or custom mask the bias is added to that mask and sdpa runs
+    (O(n^2), correct).
+    """
+    cfg = module.config
+    xi = getattr(cfg, "lattice_xi", None)
+    if xi is None:
+        raise ValueError("lattice attention: the model config has no lattice_xi; use "
+                         "physkern.enable_lattice(model, xi) to switch a model to it")
+    eps = getattr(cfg, "lattice_eps", None)
+    score_range = getattr(cfg, "lattice_score_range", None)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not causal:
+        raise ValueError("lattice attention supports causal (decoder) self-attention only; this "
+                         f"{type(module).__name__} is not causal")
+    if dropout and dropout > 0.0:
+        raise ValueError(f"lattice attention has no attention dropout (got dropout={dropout}); "
+                         "call model.eval() or set the attention dropout to 0")
+    for unsupported in ("softcap", "sliding_window", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"lattice attention does not support {unsupported}")
+    if attention_mask is None:
+        out = lattice_attention(query, key, value, xi, True, eps, scaling, score_range)
+    else:
+        out = _masked_reference(query, key, value, xi, attention_mask, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _masked_reference(q, k, v, xi, mask, scale):
+    """Padding / custom masks: bias + mask through sdpa, float32 softmax."""
+    hq, n_q, n_kv = q.shape[1], q.shape[2], k.shape[2]
+    bias = lattice_bias(n_q, n_kv, xi, hq, q.device, torch.float32).clamp(min=-1e30)
+    mask = mask[..., :n_kv]
+    if mask.dtype == torch.bool:
+        full = bias[None].masked_fill(~mask, float("-inf"))
+    else:
+        full = bias[None] + mask.float()
+    rep = hq // k.shape[1]
+    kk = k.float().repeat_interleave(rep, dim=1) if rep > 1 else k.float()
+    vv = v.float().repeat_interleave(rep, dim=1) if rep > 1 else v.float()
+    # Fully masked rows (left padding) would give NaN; they are ignored downstream, return 0.
+    dead = torch.isinf(full).all(dim=-1, keepdim=True) & (full < 0).all(dim=-1, keepdim=True)
+    full = full.masked_fill(dead, 0.0)
+    out = torch.nn.functional.scaled_dot_product_attention(q.float(), kk, vv, attn_mask=full,
+                                                           scale=scale)
+    return out.masked_fill(dead, 0.0).to(q.dtype)
+
+
+def register() -> None:
+    """Register "lattice" with transformers (idempotent; done on import)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(ATTN_NAME, lattice_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+register()
+
+
+def _configs(model: nn.Module) -> list:
+    seen, out = set(), []
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in seen:
+            seen.add(id(cfg))
+            out.append(cfg)
+    return out
+
+
+def enable_lattice(model: nn.Module, xi: XiLike, eps: Optional[float] = None,
+                   score_range: Optional[float] = None) -> nn.Module:
+    """Switch a transformers model to lattice attention; returns the model.
+
+    xi: > 0, scalar or one value per attention head (inf = plain causal); eps: None = exact, or
+    in (0, 1) to skip keys beyond the derived truncation distance. Calling it again updates
+    xi/eps; disable_lattice restores the previous implementation.
+    """
+    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
+        raise ValueError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
+    heads = getattr(model.config, "num_attention_heads", None)
+    if heads is None:
+        raise ValueError("model: its config has no num_attention_heads")
+    xi_h = xi_per_head(xi, heads)
+    if eps is not None and not (0.0 < float(eps) < 1.0):
+        raise ValueError(f"eps must lie in (0, 1) (or be None for exact attention), got {eps}")
+    if score_range is not None and not score_range >= 0:
+        raise ValueError(f"score_range must be >= 0, got {score_range}")
+    if not model._can_set_attn_implementation():
+        raise ValueError(f"model: {type(model).__name__} does not dispatch attention through "
+                         "transformers' AttentionInterface, so lattice attention cannot be set")
+    xi_value = float(xi_h[0]) if bool((xi_h == xi_h[0]).all()) else xi_h.tolist()
+    for cfg in _configs(model):
+        if cfg._attn_implementation != ATTN_NAME:
+            setattr(cfg, _PREVIOUS_KEY, cfg._attn_implementation)
+        cfg.lattice_xi = xi_value
+        cfg.lattice_eps = None if eps is None else float(eps)
+        cfg.lattice_score_range = None if score_range is None else float(score_range)
+    model.set_attn_implementation(ATTN_NAME)
+    return model
+
+
+def disable_lattice(model: nn.Module) -> nn.Module:
+    """Undo enable_lattice: restore the previous attention implementation and drop xi/eps."""
+    previous = getattr(model.config, _PREVIOUS_KEY, None)
+    if model.config._attn_implementation == ATTN_NAME:
+        model.set_attn_implementation(previous or "sdpa")
+    for cfg in _configs(model):
+        for key in _CONFIG_KEYS + (_PREVIOUS_KEY,):
+            if hasattr(cfg, key):
+                delattr(cfg, key)
+    return model
+
+
+__all__ = ["lattice_attention", "lattice_attention_forward", "lattice_attention_reference",
+           "enable_lattice", "disable_lattice", "record_work", "LatticeWork", "register"]

@@ -1,0 +1,148 @@
+"""Lattice attention inside transformers models, through the AttentionInterface (no patching)."""
+import copy
+
+import pytest
+import torch
+
+import physkern
+from physkern.attention import ATTN_NAME, record_work
+from physkern.kernels.lattice_attention import lattice_attention_reference
+
+INF = float("inf")
+
+
+@pytest.fixture(params=["tiny_gpt2", "tiny_llama"])
+def model(request):
+    # A private copy: enabling lattice changes the config, and the fixtures are session-wide.
+    return copy.deepcopy(request.getfixturevalue(request.param))
+
+
+def _ids(n=40, batch=2):
+    return torch.randint(0, 96, (batch, n), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def test_xi_inf_gives_the_same_logits(model):
+    ids = _ids()
+    before = model(ids).logits
+    impl = model.config._attn_implementation
+    physkern.enable_lattice(model, INF)
+    assert model.config._attn_implementation == ATTN_NAME
+    with record_work() as work:
+        after = model(ids).logits
+    assert work.calls == model.config.num_hidden_layers  # the lattice function really ran
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    physkern.disable_lattice(model)
+    assert model.config._attn_implementation == impl
+    assert not hasattr(model.config, "lattice_xi")
+    torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)
+
+
+def _layer_qkv_hook(model):
+    """Capture q/k/v of the first attention call through a wrapper registered under another
+    name: compares the model's lattice output with the reference on the same tensors."""
+    from transformers import AttentionInterface
+    from physkern.attention import lattice_attention_forward
+    seen = []
+
+    def spy(module, q, k, v, mask, **kw):
+        out = lattice_attention_forward(module, q, k, v, mask, **kw)
+        seen.append((q, k, v, kw.get("scaling"), out[0]))
+        return out
+    AttentionInterface.register("lattice_spy", spy)
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionMaskInterface.register("lattice_spy", sdpa_mask)
+    return seen
+
+
+@torch.no_grad()
+def test_finite_xi_matches_reference_inside_model(model):
+    ids = _ids(30)
+    seen = _layer_qkv_hook(model)
+    physkern.enable_lattice(model, 4.0)
+    model.set_attn_implementation("lattice_spy")
+    model(ids)
+    assert len(seen) == model.config.num_hidden_layers
+    for q, k, v, scale, out in seen:
+        ref = lattice_attention_reference(q, k, v, 4.0, scale=scale).transpose(1, 2)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_finite_xi_changes_logits_and_per_head_xi(model):
+    ids = _ids()
+    base = model(ids).logits
+    heads = model.config.num_attention_heads
+    physkern.enable_lattice(model, 2.0)
+    scalar = model(ids).logits
+    assert (scalar - base).abs().max() > 1e-3
+    physkern.enable_lattice(model, [2.0] * heads)       # per-head list, all equal: same result
+    torch.testing.assert_close(model(ids).logits, scalar)
+    physkern.enable_lattice(model, [2.0] + [INF] * (heads - 1))
+    mixed = model(ids).logits
+    assert (mixed - scalar).abs().max() > 1e-4 and (mixed - base).abs().max() > 1e-4
+    physkern.disable_lattice(model)
+
+
+@torch.no_grad()
+def test_skipping_in_model_stays_close(model):
+    ids = _ids(60)
+    physkern.enable_lattice(model, 1.0)
+    exact = model(ids).logits
+    physkern.enable_lattice(model, 1.0, eps=1e-4)
+    with record_work(block=16) as work:
+        approx = model(ids).logits
+    assert work.fraction_blocks_visited < 1.0
+    torch.testing.assert_close(approx, exact, atol=1e-2, rtol=0)
+
+
+@torch.no_grad()
+def test_cached_decoding_matches_full_forward(model):
+    ids = _ids(24, batch=1)
+    physkern.enable_lattice(model, 6.0)
+    full = model(ids).logits
+    out = model(ids[:, :20], use_cache=True)
+    cache = out.cache  # transformers 5.x name (was past_key_values)
+    steps = []
+    for t in range(20, 24):
+        o = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+        cache = o.cache
+        steps.append(o.logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 20:24], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits, full[:, :20], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_padding_mask_uses_masked_path(model):
+    ids = _ids(20, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0                                      # left padding of the first row
+    physkern.enable_lattice(model, 5.0)
+    padded = model(ids, attention_mask=mask).logits
+    # The unpadded second row equals its own forward without a mask.
+    torch.testing.assert_close(padded[1], model(ids[1:]).logits[0], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(padded[0, 4:]).all()
+
+
+def test_enable_bad_arguments(model):
+    with pytest.raises(ValueError, match="xi must be > 0"):
+        physkern.enable_lattice(model, 0.0)
+    with pytest.raises(ValueError, match="one value per query head"):
+        physkern.enable_lattice(model, [1.0] * (model.config.num_attention_heads + 1))
+    with pytest.raises(ValueError, match="eps must lie in"):
+        physkern.enable_lattice(model, 4.0, eps=1.5)
+    with pytest.raises(ValueError, match="PreTrainedModel"):
+        physkern.enable_lattice(torch.nn.Linear(2, 2), 4.0)
+    assert model.config._attn_implementation != ATTN_NAME
+
+
+def test_training_with_dropout_is_refused(model):
+    model.train()
+    for m in model.modules():
+        if hasattr(m, "attn_dropout"):
+            m.attn_dropout.p = 0.1
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.1
+    physkern.enable_lattice(model, 4.0)
+    with pytest.raises(ValueError, match="dropout"):
+        model(_ids(8))
