@@ -362,13 +362,13 @@ class ActivationHistograms:
     """
 
     def __init__(self, bins: int, lo: float, hi: float, in_features: int,
-                 per_channel: bool = True):
-        self.layer = StreamingHistogram(bins, lo, hi)
-        self.channels = (StreamingHistogram(bins, lo, hi, shape=(in_features,))
+                 per_channel: bool = True, device: str | torch.device = "cpu"):
+        self.layer = StreamingHistogram(bins, lo, hi, device=device)
+        self.channels = (StreamingHistogram(bins, lo, hi, shape=(in_features,), device=device)
                          if per_channel else None)
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().cpu()
+        x = x.detach().to(self.layer.raw.device)
         self.layer.update(x)
         if self.channels is not None:
             self.channels.update(x)
@@ -412,10 +412,11 @@ def activation_entropy(model: torch.nn.Module, windows: torch.Tensor, bins: int 
         if rng.lo is None:
             raise ValueError(f"layer {l.name}: its input has no finite values")
         limits[l.name] = rng.range()
+    device = next(model.parameters()).device  # histograms live where the activations are
     stats = collect_statistics(
         model, windows,
         {"hist": lambda l: ActivationHistograms(bins, *limits[l.name], l.in_features,
-                                                per_channel)},
+                                                per_channel, device)},
         layers, batch_size=batch_size, progress=progress)
     out = {}
     for l in layers:
@@ -429,6 +430,6 @@ def activation_entropy(model: torch.nn.Module, windows: torch.Tensor, bins: int 
             values=int(h.layer.raw[:bins + 2].sum()),
             nan=int(h.layer.nan),
             outside=int(h.layer.below + h.layer.above),
-            channel_entropy=(h.channels.entropy(unit, "miller-madow")
+            channel_entropy=(h.channels.entropy(unit, "miller-madow").cpu()
                              if h.channels is not None else None))
     return out

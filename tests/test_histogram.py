@@ -325,3 +325,23 @@ def test_activation_entropy_tiny_llama(tiny_llama):
         assert 0.0 < e.entropy_plugin <= e.entropy <= math.log2(34) + 1e-9
         assert e.channel_entropy.shape == (l.in_features,)
         assert torch.isfinite(e.channel_entropy).all()
+
+
+def test_entropy_analysis_outputs(tiny_gpt2, tmp_path):
+    import argparse
+    import json
+
+    from physkern.analysis.entropy import entropy_analysis, plot_entropy, register_analysis
+    windows = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    res = entropy_analysis(tiny_gpt2, windows, bins=16)
+    assert len(res["layers"]) == 8 and res["max_bits"] == pytest.approx(math.log2(18))
+    for row in res["layers"]:
+        assert 0 < row["entropy_bits"] <= res["max_bits"] + 1e-9
+        assert row["channels"]["min"] <= row["channels"]["mean"] <= row["channels"]["max"]
+    json.dumps(res)
+    plot_entropy(res, tmp_path / "e.png")
+    assert (tmp_path / "e.png").stat().st_size > 0
+    parser = argparse.ArgumentParser()
+    register_analysis(parser.add_subparsers())
+    args = parser.parse_args(["entropy", "--windows", "3", "--bins", "64", "--out", "d"])
+    assert (args.windows, args.bins, args.out_dir, args.per_channel) == (3, 64, "d", True)
