@@ -208,7 +208,8 @@ def load_model(spec: Optional[str] = None, dtype: torch.dtype = torch.float32,
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(spec)
     else:
-        if os.path.sep in str(spec) or str(spec).startswith("."):
+        looks_like_path = str(spec).startswith(("/", ".", "~")) or str(spec).count("/") > 1
+        if looks_like_path:
             raise FileNotFoundError(f"model: path {spec!r} does not exist")
         try:
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)

@@ -22,23 +22,7 @@ from typing import Optional
 
 import torch
 
-try:  # TEMPORARY until physkern.ops lands
-    from ..ops import kmeans_assign
-except ImportError:
-    def kmeans_assign(blocks, centroids, importance=None):
-        w = importance.expand_as(blocks) if importance is not None else torch.ones_like(blocks)
-        best_d = best_i = None
-        for c0 in range(0, centroids.shape[1], 256):
-            c = centroids[:, c0:c0 + 256]
-            dist = (w[:, :, None, :] * (blocks[:, :, None, :] - c[:, None]).pow(2)).sum(-1)
-            dmin, imin = dist.min(-1)
-            if best_d is None:
-                best_d, best_i = dmin, imin
-            else:
-                better = dmin < best_d
-                best_d = torch.where(better, dmin, best_d)
-                best_i = torch.where(better, imin + c0, best_i)
-        return best_i, best_d
+from ..ops import kmeans_assign
 from .format import QuantizedWeight
 from .packing import index_bits, pack_indices
 

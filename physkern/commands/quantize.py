@@ -1,0 +1,98 @@
+"""`physkern quantize`: quantize a model's linear layers and save it."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ._common import add_model_corpus_args
+
+DEFAULT_CALIB_WINDOWS = 32
+DEFAULT_CALIB_WINDOW = 1024
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("recipe")
+    g.add_argument("--method", choices=["codebook", "rtn", "gptq"], default="codebook")
+    g.add_argument("--k", type=int, default=256, help="codebook entries (codebook method)")
+    g.add_argument("--block-dim", type=int, default=4, help="weights per vector d (1,2,4,8,16)")
+    g.add_argument("--scope", choices=["row", "group", "layer"], default="layer",
+                   help="codebook scope: one per row, per --group-size rows, or per layer")
+    g.add_argument("--group-size", type=int, default=None,
+                   help="rows per codebook (scope=group); columns per scale (rtn/gptq)")
+    g.add_argument("--stages", type=int, default=1, help="residual codebook stages")
+    g.add_argument("--scales", choices=["auto", "none", "row", "columns"], default="auto")
+    g.add_argument("--scale-group", type=int, default=None, help="columns per scale (scales=columns)")
+    g.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="weight k-means by E[x^2] from calibration text")
+    g.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ-style error feedback over vectors (needs --calibrate)")
+    g.add_argument("--bits", type=int, default=4, help="bits (rtn/gptq)")
+    g.add_argument("--symmetric", action="store_true", help="symmetric grid (rtn/gptq)")
+    g.add_argument("--act-order", action="store_true", help="GPTQ act-order")
+    g.add_argument("--iters", type=int, default=25, help="k-means iterations")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--layers", nargs="*", default=None,
+                   help="glob patterns of layer names to quantize (default: all decoder linears)")
+    g.add_argument("--calib-windows", type=int, default=DEFAULT_CALIB_WINDOWS,
+                   help=f"calibration windows (default {DEFAULT_CALIB_WINDOWS})")
+    g.add_argument("--calib-window", type=int, default=DEFAULT_CALIB_WINDOW,
+                   help=f"tokens per calibration window (default {DEFAULT_CALIB_WINDOW})")
+
+
+def config_from_args(args: argparse.Namespace):
+    from ..config import CodebookConfig, GPTQConfig, ScalarConfig
+    if args.method == "codebook":
+        calibrate = args.calibrate
+        return CodebookConfig(k=args.k, block_dim=args.block_dim, scope=args.scope,
+                              group_size=args.group_size if args.scope == "group" else None,
+                              stages=args.stages, scales=args.scales, scale_group=args.scale_group,
+                              calibrate=calibrate, error_feedback=args.error_feedback and calibrate,
+                              iters=args.iters, seed=args.seed, layers=args.layers)
+    if args.method == "rtn":
+        return ScalarConfig(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
+                            layers=args.layers)
+    return GPTQConfig(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
+                      act_order=args.act_order, layers=args.layers)
+
+
+def calibration_for(config, tokenizer, corpus, args):
+    from ..api import select_layers  # noqa: F401  (config validated before loading text)
+    from ..data import calibration_windows
+    needs = config.needs_calibration or any(c.needs_calibration for c in config.overrides.values())
+    if not needs:
+        return None
+    return calibration_windows(tokenizer, corpus, args.calib_windows, args.calib_window, args.seed)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model and save it",
+                       description="Quantize the decoder linear layers of a model with a codebook "
+                                   "(k-means) or scalar (RTN/GPTQ) recipe and save it with "
+                                   "safetensors. Calibration text is the calibration half of "
+                                   "--corpus (never the evaluation half).")
+    add_model_corpus_args(p)
+    add_recipe_args(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..api import quantize
+    from ..data import load_corpus
+    from ..models import load_model
+    from ..serialization import save_quantized
+    config = config_from_args(args)
+    model, tok = load_model(args.model, device=args.device)
+    corpus = load_corpus(args.corpus)
+    calib = calibration_for(config, tok, corpus, args)
+    report = quantize(model, config, calibration=calib)
+    save_quantized(model, args.out, tokenizer=tok,
+                   extra={"recipe": config.to_dict(), "calibration": {
+                       "corpus": corpus.describe(), "windows": args.calib_windows,
+                       "window": args.calib_window, "seed": args.seed} if calib is not None else None,
+                       "report": report.to_dict()})
+    print(report.table())
+    print(f"\nquantized layers: {report.quantized_bits_per_weight:.3f} bits/weight; whole model "
+          f"{report.model_bits_per_weight:.3f} bits/parameter; {report.total_bytes / 2**20:.2f} MiB;"
+          f" {report.seconds:.0f} s\nsaved to {args.out}")
+    return 0

@@ -1,0 +1,89 @@
+"""data.py: document splitting, disjoint calibration/evaluation parts, token windows."""
+import pytest
+import torch
+
+from physkern.data import (Corpus, calibration_windows, evaluation_tokens, load_corpus,
+                           split_calibration_evaluation, split_documents)
+
+WIKI = """<doc id="1" url="https://en.wikipedia.org/wiki?curid=1" title="Alpha">
+Alpha
+
+Alpha is the first letter.
+It has two lines.
+</doc>
+<doc id="2" url="https://en.wikipedia.org/wiki?curid=2" title="Beta">
+Beta
+Beta is second.
+</doc>
+<doc id="3" url="https://en.wikipedia.org/wiki?curid=3" title="Gamma">
+Gamma
+Gamma comes third.
+</doc>
+"""
+
+
+def test_wikiextractor_markup_stripped():
+    docs = split_documents(WIKI)
+    assert docs == ["Alpha\nAlpha is the first letter.\nIt has two lines.",
+                    "Beta\nBeta is second.", "Gamma\nGamma comes third."]
+    assert not any("curid" in d or "<doc" in d or "</doc>" in d for d in docs)
+
+
+def test_plain_text_documents():
+    assert split_documents("a b\nc\n\n\nd e\n\nf") == ["a b\nc", "d e", "f"]
+
+
+def test_split_is_disjoint_and_deterministic():
+    docs = [f"document number {i} " * 3 for i in range(11)]
+    calib, ev = split_calibration_evaluation(docs)
+    assert len(calib) == 5 and len(ev) == 6
+    assert set(calib).isdisjoint(ev) and calib + ev == docs
+    assert split_calibration_evaluation(docs) == (calib, ev)
+    with pytest.raises(ValueError, match="at least 2 documents"):
+        split_calibration_evaluation(["only one"])
+
+
+def test_user_text_file(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text(WIKI)
+    c = load_corpus(str(p))
+    assert c.calibration_documents == ["Alpha\nAlpha is the first letter.\nIt has two lines."]
+    assert c.evaluation_text == "Beta\nBeta is second.\n\nGamma\nGamma comes third."
+
+
+def test_bad_corpus_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="corpus"):
+        load_corpus(str(tmp_path / "missing.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="no text"):
+        load_corpus(str(empty))
+    with pytest.raises(ValueError, match="directory"):
+        load_corpus(str(tmp_path))
+
+
+class CharTokenizer:
+    """A deterministic stand-in tokenizer: one token per character."""
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 97 for c in text]}
+
+    def __len__(self):
+        return 97
+
+
+def test_tokens_and_windows_disjoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHYSKERN_CACHE", str(tmp_path / "cache"))
+    calib_docs = ["c" * 300, "d" * 300]
+    eval_docs = ["e" * 300, "f" * 300]
+    corpus = Corpus("t", "test", calib_docs, eval_docs)
+    tok = CharTokenizer()
+    ev = evaluation_tokens(tok, corpus, 500)
+    assert ev.numel() == 500
+    with pytest.raises(ValueError, match="has only 602"):
+        evaluation_tokens(tok, corpus, 10_000)
+    wins = calibration_windows(tok, corpus, n_windows=8, window=64, seed=3)
+    assert wins.shape == (8, 64)
+    calib_ids = set(tok(corpus.calibration_text)["input_ids"])
+    eval_only = set(tok(corpus.evaluation_text)["input_ids"]) - calib_ids
+    assert eval_only and not (set(wins.flatten().tolist()) & eval_only)
+    assert torch.equal(wins, calibration_windows(tok, corpus, n_windows=8, window=64, seed=3))
