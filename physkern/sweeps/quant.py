@@ -1,0 +1,337 @@
+"""`physkern sweep quant`: run a list of quantization recipes, record perplexity vs TRUE bits.
+
+Recipes file: a JSON list of objects
+    {"name": str,                       unique; the point's key in the results
+     "config": {...} | null,            physkern.config.config_from_dict input; null = full precision
+     "seeds": [int, ...],               optional (default [0])
+     "label": str}                      optional curve name in the plot (default: the method)
+Each seed s sets the k-means seed of every codebook config (base and overrides) and the draw of
+the calibration windows (from the calibration half of the corpus; never evaluation text). A
+recipe with no codebook config and no calibration (RTN, FP) is deterministic: only its first seed
+runs. Bits come from physkern.quant.accounting (quantized layers and whole model).
+
+Writes <out-dir>/<name>.json after every point (resumable: points already there with the same
+recipe config, seed and setup are skipped) and a PNG of perplexity vs true bits/weight: two
+panels (whole model, quantized layers), log y, one curve per label, mean with min-max spread over
+seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+from ..commands._common import add_eval_args, add_model_corpus_args, resolve_window
+
+DEFAULT_TOKENS = 131072  # 128 windows of 1024: 130,944 scored tokens (acceptance: >= 100k)
+DEFAULT_OUT_DIR = "bench/results"
+
+
+def register_sweep(kinds) -> None:
+    p = kinds.add_parser(
+        "quant", help="perplexity vs true bits/weight for a list of quantization recipes",
+        description="Quantizes the model with every recipe (and seed) of a JSON recipes file and "
+                    "records perplexity on the evaluation text and true bits (accounting). "
+                    "Resumable: points already in the output JSON are skipped.")
+    add_model_corpus_args(p)
+    add_eval_args(p, tokens_default=DEFAULT_TOKENS)
+    p.add_argument("--recipes", required=True, help="JSON list of {name, config, seeds, label}")
+    p.add_argument("--name", default=None,
+                   help="results name: writes <out-dir>/<name>.json and .png "
+                        "(default: the recipes file's stem)")
+    p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"default {DEFAULT_OUT_DIR}")
+    p.add_argument("--only", nargs="*", default=None, help="run only these recipe names")
+    p.add_argument("--calib-windows", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--calib-window", type=int, default=None,
+                   help="tokens per calibration window (default: the evaluation window)")
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore points already in the output JSON")
+    p.set_defaults(func=run)
+
+
+# ----------------------------------------------------------------------------------------------
+# recipes
+
+
+def load_recipes(path: str) -> list[dict]:
+    """Read and validate a recipes file; returns [{name, config (object or None), seeds, label}]."""
+    from ..config import config_from_dict
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"recipes: {path!r} is not a file")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"recipes: {path!r} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"recipes: {path!r} must hold a non-empty JSON list of recipe objects")
+    out, names = [], set()
+    for i, r in enumerate(raw):
+        if not isinstance(r, dict) or not isinstance(r.get("name"), str) or not r["name"]:
+            raise ValueError(f"recipes[{i}]: must be an object with a non-empty string 'name'")
+        unknown = set(r) - {"name", "config", "seeds", "label", "note"}
+        if unknown:
+            raise ValueError(f"recipes[{i}] ({r['name']}): unknown keys {sorted(unknown)}; "
+                             "valid: name, config, seeds, label, note")
+        if r["name"] in names:
+            raise ValueError(f"recipes: name {r['name']!r} appears twice")
+        names.add(r["name"])
+        seeds = r.get("seeds", [0])
+        if not isinstance(seeds, list) or not seeds or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+            raise ValueError(f"recipes[{i}] ({r['name']}): seeds must be a non-empty list of "
+                             f"non-negative integers, got {seeds!r}")
+        cfg = None if r.get("config") is None else config_from_dict(r["config"])
+        label = r.get("label") or ("FP" if cfg is None else cfg.method)
+        out.append({"name": r["name"], "config": cfg, "seeds": seeds, "label": label,
+                    "note": r.get("note", "")})
+    return out
+
+
+def _all_configs(cfg):
+    yield cfg
+    for c in (cfg.overrides or {}).values():
+        yield from _all_configs(c)
+
+
+def is_random(cfg) -> bool:
+    """A recipe varies with the seed when it fits codebooks (k-means init) or draws calibration."""
+    if cfg is None:
+        return False
+    return any(c.method == "codebook" or c.needs_calibration for c in _all_configs(cfg))
+
+
+def with_seed(cfg, seed: int):
+    """Copy of cfg with every codebook config's k-means seed set to `seed`."""
+    from dataclasses import replace
+    ov = {k: with_seed(v, seed) for k, v in (cfg.overrides or {}).items()}
+    if cfg.method == "codebook":
+        return replace(cfg, seed=seed, overrides=ov)
+    return replace(cfg, overrides=ov)
+
+
+def needs_calibration(cfg) -> bool:
+    return cfg is not None and any(c.needs_calibration for c in _all_configs(cfg))
+
+
+def _canon(obj) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+# ----------------------------------------------------------------------------------------------
+# run
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..api import quantize
+    from ..data import calibration_windows, evaluation_tokens, load_corpus
+    from ..eval import perplexity
+    from ..models import decoder_linear_layers, load_model, resolve_model_name
+    from ..provenance import provenance, write_json
+    from ..quant.accounting import bits_report
+
+    recipes = load_recipes(args.recipes)
+    if args.only:
+        missing = set(args.only) - {r["name"] for r in recipes}
+        if missing:
+            raise ValueError(f"only: {sorted(missing)} not in {args.recipes} (recipes: "
+                             f"{[r['name'] for r in recipes]})")
+        recipes = [r for r in recipes if r["name"] in args.only]
+    if args.tokens is not None and args.tokens < 0:
+        raise ValueError(f"tokens must be >= 0 (0 = all), got {args.tokens}")
+    if args.calib_windows <= 0:
+        raise ValueError(f"calib-windows must be positive, got {args.calib_windows}")
+    name = args.name or Path(args.recipes).stem
+    json_path = Path(args.out_dir) / f"{name}.json"
+
+    corpus = load_corpus(args.corpus)
+    model, tokenizer = load_model(args.model, device=args.device)
+    window = resolve_window(model, args.window)
+    calib_window = args.calib_window or window
+    resolve_window(model, calib_window)
+    tokens = evaluation_tokens(tokenizer, corpus, args.tokens or None)
+    model_name = resolve_model_name(args.model)
+    setup = {"model": model_name, "corpus": corpus.describe(),
+             "protocol": {"kind": "non-overlapping" if args.stride in (None, window) else "sliding",
+                          "window": window, "stride": args.stride or window,
+                          "tokens_input": int(tokens.numel()), "batch_size": args.batch_size,
+                          "dtype": "float32", "text": "evaluation part (second half of the "
+                          "documents)"},
+             "calibration": {"windows": args.calib_windows, "window": calib_window,
+                             "tokens": args.calib_windows * calib_window,
+                             "text": "calibration part (first half of the documents), windows at "
+                                     "offsets drawn with the point's seed",
+                             "disjoint_from_evaluation": True}}
+    points = []
+    if json_path.exists() and not args.fresh:
+        old = json.loads(json_path.read_text())
+        if _canon(old.get("setup")) != _canon(setup):
+            raise ValueError(f"{json_path} was made with another setup (model, corpus, tokens, "
+                             "window or calibration); pass --fresh to overwrite it or --name to "
+                             "write elsewhere")
+        points = old.get("points", [])
+    done = {(p["recipe"], p["seed"], _canon(p["config"])) for p in points}
+
+    def save():
+        payload = {"experiment": "quantization recipes: perplexity vs true bits/weight",
+                   "recipes_file": str(args.recipes), "setup": setup,
+                   "seeds": "per point (k-means init and calibration-window draw)",
+                   "points": points, "summary": summarize(points), **provenance(args.device)}
+        write_json(json_path, payload)
+
+    for r in recipes:
+        seeds = r["seeds"] if is_random(r["config"]) else r["seeds"][:1]
+        for seed in seeds:
+            cfg = None if r["config"] is None else with_seed(r["config"], seed)
+            cfg_dict = None if cfg is None else cfg.to_dict()
+            if (r["name"], seed, _canon(cfg_dict)) in done:
+                print(f"{r['name']} seed {seed}: already in {json_path}, skipped")
+                continue
+            t0 = time.perf_counter()
+            m, _ = load_model(args.model, device=args.device)
+            calib = None
+            if needs_calibration(cfg):
+                calib = calibration_windows(tokenizer, corpus, args.calib_windows, calib_window,
+                                            seed)
+            report = None
+            if cfg is not None:
+                report = quantize(m, cfg, calibration=calib)
+            t_q = time.perf_counter() - t0
+            rep = bits_report(m)
+            res = perplexity(m, tokens, window, args.stride, args.batch_size,
+                             model_name=model_name, corpus_name=corpus.name)
+            seeds_formula = None
+            if rep.layers:
+                seeds_formula = sum(l.get("seeds_formula_bits_per_weight", float("nan")) *
+                                    l["weights"] for l in rep.layers.values()) / rep.quantized_weights
+            fp_bits = None
+            if cfg is None:
+                ws = [l.weight() for l in decoder_linear_layers(m)]
+                fp_bits = ws[0].element_size() * 8
+            point = {"recipe": r["name"], "label": r["label"], "seed": seed,
+                     "deterministic": not is_random(r["config"]), "config": cfg_dict,
+                     "perplexity": res.perplexity, "mean_nll": res.mean_nll,
+                     "tokens_scored": res.tokens_scored, "windows": res.windows,
+                     "bits": {"quantized_bits_per_weight": rep.quantized_bits_per_weight
+                              if rep.layers else fp_bits,
+                              "model_bits_per_weight": rep.model_bits_per_weight,
+                              "total_bytes": rep.total_bytes,
+                              "quantized_weights": rep.quantized_weights,
+                              "quantized_layers": len(rep.layers),
+                              "seeds_formula_bits_per_weight": seeds_formula},
+                     "calibration": None if calib is None else {
+                         "windows": int(calib.shape[0]), "window": int(calib.shape[1]),
+                         "tokens": int(calib.numel()), "seed": seed},
+                     "seconds_quantize": t_q, "seconds_eval": res.seconds,
+                     "note": r["note"]}
+            if report is not None:
+                point["layers"] = [{"name": l.name, "bits_per_weight": l.bits_per_weight,
+                                    "relative_weight_error": l.relative_weight_error,
+                                    "relative_output_error": l.relative_output_error}
+                                   for l in report.layers]
+            points.append(point)
+            save()
+            q = point["bits"]["quantized_bits_per_weight"]
+            print(f"{r['name']} seed {seed}: perplexity {res.perplexity:.3f}; "
+                  f"{q:.3f} bits/weight (quantized layers), "
+                  f"{rep.model_bits_per_weight:.3f} (whole model); "
+                  f"quantize {t_q:.0f} s, eval {res.seconds:.0f} s")
+            del m
+    save()
+    print(f"wrote {json_path}")
+    png = json_path.with_suffix(".png")
+    plot(json.loads(json_path.read_text()), png)
+    print(f"wrote {png}")
+    print(markdown_table(json.loads(json_path.read_text())))
+    return 0
+
+
+def summarize(points: list[dict]) -> list[dict]:
+    """Per recipe: mean, std (sample, when >= 2 seeds), min, max of perplexity; bits (mean)."""
+    by = {}
+    for p in points:
+        by.setdefault(p["recipe"], []).append(p)
+    out = []
+    for name, ps in by.items():
+        ppl = [p["perplexity"] for p in ps]
+        mean = lambda key: statistics.fmean(p["bits"][key] for p in ps) \
+            if all(p["bits"][key] is not None for p in ps) else None
+        out.append({"recipe": name, "label": ps[0]["label"], "seeds": [p["seed"] for p in ps],
+                    "deterministic": ps[0]["deterministic"],
+                    "perplexity_mean": statistics.fmean(ppl),
+                    "perplexity_std": statistics.stdev(ppl) if len(ppl) > 1 else None,
+                    "perplexity_min": min(ppl), "perplexity_max": max(ppl),
+                    "quantized_bits_per_weight": mean("quantized_bits_per_weight"),
+                    "model_bits_per_weight": mean("model_bits_per_weight"),
+                    "seeds_formula_bits_per_weight": mean("seeds_formula_bits_per_weight"),
+                    "tokens_scored": ps[0]["tokens_scored"]})
+    return out
+
+
+def plot(payload: dict, path: Path) -> None:
+    """Two panels (whole-model and quantized-layer bits/weight), log y, one curve per label."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = payload["summary"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    fp = [s for s in summary if s["label"] == "FP"]
+    labels = []
+    for s in summary:
+        if s["label"] != "FP" and s["label"] not in labels:
+            labels.append(s["label"])
+    for ax, key, title in ((axes[0], "model_bits_per_weight", "whole model (bits/parameter)"),
+                           (axes[1], "quantized_bits_per_weight",
+                            "quantized layers (bits/weight)")):
+        for lab in labels:
+            pts = sorted((s for s in summary if s["label"] == lab), key=lambda s: s[key])
+            xs = [s[key] for s in pts]
+            ys = [s["perplexity_mean"] for s in pts]
+            lo = [s["perplexity_mean"] - s["perplexity_min"] for s in pts]
+            hi = [s["perplexity_max"] - s["perplexity_mean"] for s in pts]
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", capsize=3, label=lab)
+            for s in pts:
+                ax.annotate(s["recipe"], (s[key], s["perplexity_mean"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+        for s in fp:
+            ax.axhline(s["perplexity_mean"], color="gray", ls="--",
+                       label=f"FP ({s['perplexity_mean']:.2f})")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"true bits/weight: {title}")
+        ax.set_ylabel("perplexity")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    proto = payload["setup"]["protocol"]
+    fig.suptitle(f"{payload['setup']['model']}: {proto['tokens_input']} evaluation tokens, "
+                 f"{proto['kind']} windows of {proto['window']}; mean over seeds, bars min-max",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown_table(payload: dict) -> str:
+    """Pareto table: one row per recipe with true bits (both axes) and perplexity over seeds."""
+    proto = payload["setup"]["protocol"]
+    first = payload["points"][0] if payload["points"] else {}
+    lines = [f"{payload['setup']['model']}, {first.get('tokens_scored', '?')} evaluation tokens "
+             f"({proto['kind']} windows of {proto['window']}, fp32), calibration "
+             f"{payload['setup']['calibration']['windows']} x "
+             f"{payload['setup']['calibration']['window']} tokens from the disjoint calibration "
+             f"half. From `{payload['command']}`.", "",
+             "| recipe | method | bits/weight (quantized layers, true) | bits/parameter (whole "
+             "model, true) | perplexity (mean) | spread (min-max) | seeds |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for s in payload["summary"]:
+        fmt = lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+        spread = (f"{s['perplexity_min']:.2f}-{s['perplexity_max']:.2f}"
+                  if len(s["seeds"]) > 1 else "deterministic" if s["deterministic"] else "1 seed")
+        lines.append(f"| {s['recipe']} | {s['label']} | {fmt(s['quantized_bits_per_weight'])} | "
+                     f"{fmt(s['model_bits_per_weight'])} | {s['perplexity_mean']:.2f} | {spread} | "
+                     f"{','.join(map(str, s['seeds']))} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,127 @@
+"""`physkern sweep quant` end to end on a tiny model saved to disk, with a tiny text corpus."""
+import json
+import random
+
+import pytest
+import torch
+
+
+def _char_tokenizer(text: str):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = sorted(set(text))
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    root = tmp_path_factory.mktemp("sweepq")
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "theta", "kappa"]
+    docs = [" ".join(rng.choice(words) for _ in range(60)) + "." for _ in range(12)]
+    text = "\n\n".join(docs) + "\n"
+    (root / "corpus.txt").write_text(text)
+    tok = _char_tokenizer(text)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    recipes = [
+        {"name": "fp", "config": None},
+        {"name": "rtn4", "config": {"method": "rtn", "bits": 4, "group_size": 16},
+         "seeds": [0, 1, 2]},
+        {"name": "gptq3", "config": {"method": "gptq", "bits": 3, "group_size": 16},
+         "seeds": [0]},
+        {"name": "cb", "config": {"method": "codebook", "k": 16, "block_dim": 4,
+                                  "scope": "layer", "iters": 3}, "seeds": [0, 1, 2],
+         "label": "codebook d4"},
+    ]
+    (root / "recipes.json").write_text(json.dumps(recipes))
+    return root
+
+
+def _args(root, *extra):
+    return ["sweep", "quant", "--model", str(root / "model"), "--corpus",
+            str(root / "corpus.txt"), "--recipes", str(root / "recipes.json"),
+            "--out-dir", str(root / "out"), "--tokens", "192", "--window", "32",
+            "--calib-windows", "4", "--calib-window", "32", *extra]
+
+
+def test_sweep_quant_end_to_end_and_resume(tiny_setup, capsys):
+    from physkern.cli import main
+    root = tiny_setup
+    assert main(_args(root)) == 0
+    res = json.loads((root / "out" / "recipes.json").read_text())
+    assert (root / "out" / "recipes.png").stat().st_size > 0
+    pts = res["points"]
+    # RTN is deterministic: one seed; codebook: three
+    assert [p["seed"] for p in pts if p["recipe"] == "rtn4"] == [0]
+    assert [p["seed"] for p in pts if p["recipe"] == "cb"] == [0, 1, 2]
+    for p in pts:
+        assert p["tokens_scored"] == 186 and p["perplexity"] > 1
+        assert p["bits"]["model_bits_per_weight"] > 0
+    fp = next(p for p in pts if p["recipe"] == "fp")
+    assert fp["bits"]["model_bits_per_weight"] == pytest.approx(32.0)
+    rtn = next(p for p in pts if p["recipe"] == "rtn4")
+    # 4-bit indices + fp16 scale and offset per 16 columns = 6 bits/weight, plus each layer's
+    # 16-entry fp16 grid codebook (256 bits) over a block's 9216 weights in 7 layers
+    assert rtn["bits"]["quantized_bits_per_weight"] == pytest.approx(6 + 7 * 256 / 9216)
+    assert rtn["calibration"] is None
+    gq = next(p for p in pts if p["recipe"] == "gptq3")
+    assert gq["calibration"] == {"windows": 4, "window": 32, "tokens": 128, "seed": 0}
+    assert "versions" in res and "device" in res and res["setup"]["protocol"]["window"] == 32
+    summ = {s["recipe"]: s for s in res["summary"]}
+    assert summ["cb"]["perplexity_std"] is not None and summ["cb"]["label"] == "codebook d4"
+    assert "| cb | codebook d4 |" in capsys.readouterr().out
+    # resume: nothing recomputed
+    assert main(_args(root)) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 6
+    assert json.loads((root / "out" / "recipes.json").read_text())["points"] == pts
+
+
+def test_calibration_and_evaluation_windows_disjoint(tiny_setup):
+    from physkern.data import calibration_tokens, calibration_windows, evaluation_tokens, \
+        load_corpus
+    from physkern.models import load_model
+    root = tiny_setup
+    corpus = load_corpus(str(root / "corpus.txt"))
+    _, tok = load_model(str(root / "model"))
+    assert not set(corpus.calibration_documents) & set(corpus.evaluation_documents)
+    calib_text = corpus.calibration_text
+    dec = lambda ids: "".join(tok.convert_ids_to_tokens(ids.tolist()))  # char-level tokens
+    ev = evaluation_tokens(tok, corpus, 192)
+    ev_text = dec(ev)
+    assert ev_text not in calib_text
+    cal_ids = calibration_tokens(tok, corpus)
+    for seed in range(3):
+        w = calibration_windows(tok, corpus, 4, 32, seed)
+        for row in w:
+            # every calibration window is a contiguous slice of the calibration token stream
+            s = row.tolist()
+            ids = cal_ids.tolist()
+            assert any(ids[i:i + 32] == s for i in range(len(ids) - 31))
+            assert dec(row) in calib_text
+
+
+def test_bad_recipes(tmp_path):
+    from physkern.sweeps.quant import load_recipes
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps([{"name": "a", "config": {"method": "rtn", "bits": 9}}]))
+    with pytest.raises(ValueError, match="bits"):
+        load_recipes(str(p))
+    p.write_text(json.dumps([{"name": "a", "config": None}, {"name": "a", "config": None}]))
+    with pytest.raises(ValueError, match="twice"):
+        load_recipes(str(p))
+    p.write_text(json.dumps([{"name": "a", "config": None, "seeds": []}]))
+    with pytest.raises(ValueError, match="seeds"):
+        load_recipes(str(p))
+    with pytest.raises(FileNotFoundError):
+        load_recipes(str(tmp_path / "missing.json"))
