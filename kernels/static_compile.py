@@ -1,0 +1,188 @@
+"""Compile the production kernel configurations for a GPU that is not present, and read what
+ptxas says about them (registers, spills, shared memory, mma/wgmma use).
+
+The Triton interpreter accepts kernels the GPU compiler rejects and says nothing about register
+pressure; this module closes that gap without a GPU (Triton 3.x compiles to a cubin for any
+target). Used by tests/test_kernel_compile.py (fail on spills) and bench/gpu_static_report.py.
+Static compile information only: nothing here is a GPU measurement.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import triton
+
+from .codebook_matmul import MATMUL_CONFIGS, _codebook_matmul_kernel
+from .kmeans_assign import KMEANS_CONFIGS, SUPPORTED_BLOCK_DIMS, _kmeans_assign_kernel
+
+ARCHS = (80, 90)
+DTYPES = ("fp16", "bf16")
+
+# Codebook-matmul format variants worth compiling: (bits, d, stages, scales, offsets).
+# The first is the heaviest (straddling 3-bit indices, two residual stages, affine scales).
+MATMUL_VARIANTS = (
+    (3, 8, 2, True, True),
+    (8, 8, 1, False, False),
+    (4, 1, 1, True, True),     # scalar RTN grid: d = 1, per-group scale and offset
+    (16, 16, 1, True, False),  # K = 65536, d = 16
+)
+MATMUL_INT_ARGS = ("M", "N", "K_IN", "n_words", "codebook_rows", "scale_group", "k_per_split",
+                   "stride_xm", "stride_xk", "stride_ps", "stride_pn", "stride_pw",
+                   "stride_cs", "stride_cc", "stride_ck", "stride_cd", "stride_sn", "stride_sg",
+                   "stride_on", "stride_og", "stride_ysplit", "stride_ym", "stride_yn")
+KMEANS_INT_ARGS = ("n_blocks", "n_centroids", "stride_bs", "stride_bn", "stride_bd",
+                   "stride_cs", "stride_ck", "stride_cd", "stride_is", "stride_in", "stride_id")
+
+
+@dataclass
+class CompiledInfo:
+    kernel: str
+    config: str
+    arch: int
+    dtype: str
+    constexprs: dict
+    num_warps: int
+    registers: Optional[int] = None
+    spill_stores: Optional[int] = None
+    spill_loads: Optional[int] = None
+    stack_frame: Optional[int] = None
+    shared_bytes: Optional[int] = None
+    mma_instructions: int = 0
+    wgmma_instructions: int = 0
+    ptxas_log: str = field(default="", repr=False)
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        d.pop("ptxas_log")
+        return d
+
+
+def ptxas_path() -> Optional[str]:
+    """Triton's bundled ptxas, or None when this Triton has no NVIDIA backend tooling."""
+    try:
+        from triton import knobs
+        path = knobs.nvidia.ptxas.path
+        if path and os.path.exists(path):
+            return path
+    except Exception:  # noqa: BLE001 - any failure means: tooling unavailable
+        pass
+    return shutil.which("ptxas")
+
+
+def tooling_available() -> tuple[bool, str]:
+    """(available, reason): whether static GPU compilation can run on this machine."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        return False, f"triton lacks ASTSource/GPUTarget: {e}"
+    if ptxas_path() is None:
+        return False, "no ptxas found (Triton NVIDIA backend not installed)"
+    return True, ""
+
+
+def _parse_ptxas(log: str) -> dict:
+    out = {}
+    m = re.search(r"Used (\d+) registers", log)
+    if m:
+        out["registers"] = int(m.group(1))
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if m:
+        out["stack_frame"], out["spill_stores"], out["spill_loads"] = map(int, m.groups())
+    return out
+
+
+def _run_ptxas(ptx: str, arch: int) -> str:
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas_path(), "-v", f"--gpu-name={gpu}", src, "-o",
+                              os.path.join(tmp, "k.o")], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {gpu}:\n{res.stderr}")
+    return res.stderr + res.stdout
+
+
+def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int,
+                   num_stages: int = 2):
+    """triton.compile for GPUTarget('cuda', arch, 32); returns (compiled kernel, ptxas -v log)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    for k in constexprs:
+        sig[k] = "constexpr"
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    return kernel, _run_ptxas(kernel.asm["ptx"], arch)
+
+
+def _info(kernel_name, config, arch, dtype, constexprs, num_warps, kernel, log) -> CompiledInfo:
+    ptx = kernel.asm["ptx"]
+    info = CompiledInfo(kernel=kernel_name, config=config, arch=arch, dtype=dtype,
+                        constexprs=dict(constexprs), num_warps=num_warps,
+                        shared_bytes=int(kernel.metadata.shared), ptxas_log=log,
+                        mma_instructions=len(re.findall(r"\bmma\.sync", ptx)),
+                        wgmma_instructions=len(re.findall(r"\bwgmma\.mma_async", ptx)))
+    for k, v in _parse_ptxas(log).items():
+        setattr(info, k, v)
+    return info
+
+
+def matmul_jobs(full: bool = True):
+    """(config name, cfg, dtype, arch, variant) for every codebook-matmul production config.
+
+    full=False keeps the heaviest format variant only (what the test compiles, for time)."""
+    variants = MATMUL_VARIANTS if full else MATMUL_VARIANTS[:1]
+    for name, cfg in MATMUL_CONFIGS.items():
+        for dtype in DTYPES:
+            for arch in ARCHS:
+                for variant in variants:
+                    yield name, cfg, dtype, arch, variant
+
+
+def compile_matmul(config_name: str, cfg: dict, dtype: str, arch: int, variant) -> CompiledInfo:
+    bits, d, stages, has_scales, has_offsets = variant
+    sig = {"x_ptr": f"*{dtype}", "packed_ptr": "*i32", "codebooks_ptr": "*fp16",
+           "scales_ptr": "*fp16", "offsets_ptr": "*fp16", "bias_ptr": f"*{dtype}",
+           # the split-K (gemv) path writes fp32 partial sums
+           "y_ptr": "*fp32" if config_name == "gemv" else f"*{dtype}"}
+    sig.update({a: "i32" for a in MATMUL_INT_ARGS})
+    consts = dict(BITS=bits, D=d, STAGES=stages, HAS_SCALES=has_scales, HAS_OFFSETS=has_offsets,
+                  HAS_BIAS=True, SCALE_PER_BLOCK=True, SPLIT_OUTPUT=config_name == "gemv", FP32_IEEE=False,
+                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+    kernel, log = compile_kernel(_codebook_matmul_kernel, sig, consts, arch, cfg["num_warps"],
+                                 cfg.get("num_stages", 2))
+    return _info("codebook_matmul", config_name, arch, dtype, consts, cfg["num_warps"], kernel, log)
+
+
+def kmeans_jobs(full: bool = True):
+    """(dtype, arch, d, has_importance) for every k-means assignment production config."""
+    dims = SUPPORTED_BLOCK_DIMS if full else (1, 16)
+    for dtype in DTYPES + (("fp32",) if full else ()):
+        for arch in ARCHS:
+            for d in dims:
+                for has_imp in ((False, True) if full else (True,)):
+                    yield dtype, arch, d, has_imp
+
+
+def compile_kmeans(dtype: str, arch: int, d: int, has_importance: bool) -> CompiledInfo:
+    sig = {"blocks_ptr": f"*{dtype}", "centroids_ptr": f"*{dtype}", "importance_ptr": f"*{dtype}",
+           "idx_ptr": "*i64", "dist_ptr": "*fp32"}
+    sig.update({a: "i32" for a in KMEANS_INT_ARGS})
+    cfg = KMEANS_CONFIGS[d]
+    consts = dict(D=d, HAS_IMPORTANCE=has_importance, BLOCK_N=cfg["BLOCK_N"],
+                  BLOCK_K=cfg["BLOCK_K"])
+    kernel, log = compile_kernel(_kmeans_assign_kernel, sig, consts, arch, cfg["num_warps"])
+    return _info("kmeans_assign", f"d{d}", arch, dtype, consts, cfg["num_warps"], kernel, log)

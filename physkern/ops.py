@@ -1,0 +1,143 @@
+"""physkern's kernels as torch.library custom ops, dispatching per device.
+
+    physkern::kmeans_assign(blocks, centroids, importance?) -> (indices, distances)
+    physkern::codebook_matmul(x, packed, codebooks, scales?, offsets?, bias?,
+                              in_features, codebook_rows, scale_group) -> y
+
+CUDA tensors run the Triton kernels (kernels/kmeans_assign.py, kernels/codebook_matmul.py);
+CPU tensors run the vectorised torch paths beside them. Both ops have a register_fake, so they
+trace under torch.compile, and pass torch.library.opcheck. codebook_matmul has an autograd
+formula for x and bias (grad_x = grad_y @ W), so calibration passes can backpropagate through
+quantized layers; indices, codebooks and scales get no gradient.
+
+The Python wrappers `kmeans_assign` and `codebook_matmul` take `backend=`:
+"auto" (the op, per device), "triton" (the Triton launcher directly: CUDA, or CPU tensors under
+TRITON_INTERPRET=1, which tests use), "cpu" (the vectorised torch path on any device) or
+"reference" (the plain torch references).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, TYPE_CHECKING
+
+import torch
+
+from physkern.kernels.codebook_matmul import (codebook_matmul_cpu, codebook_matmul_reference,
+                                              codebook_matmul_triton, INDEX_CACHE)
+from physkern.kernels.kmeans_assign import (kmeans_assign_cpu, kmeans_assign_reference,
+                                            kmeans_assign_triton)
+
+if TYPE_CHECKING:
+    from physkern.quant.format import QuantizedWeight
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+
+
+# ---- physkern::kmeans_assign -------------------------------------------------------------
+
+@torch.library.custom_op("physkern::kmeans_assign", mutates_args=())
+def _kmeans_assign_op(blocks: torch.Tensor, centroids: torch.Tensor,
+                      importance: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    if blocks.device.type == "cuda":
+        return kmeans_assign_triton(blocks, centroids, importance)
+    return kmeans_assign_cpu(blocks, centroids, importance)
+
+
+@_kmeans_assign_op.register_fake
+def _(blocks, centroids, importance):
+    s, n = blocks.shape[0], blocks.shape[1]
+    return (blocks.new_empty(s, n, dtype=torch.int64), blocks.new_empty(s, n, dtype=torch.float32))
+
+
+def kmeans_assign(blocks: torch.Tensor, centroids: torch.Tensor,
+                  importance: Optional[torch.Tensor] = None,
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of every block within its scope's codebook, all scopes in one call.
+
+    blocks     [n_scopes, n_blocks, d]  (d in {1, 2, 4, 8, 16} for the Triton kernel)
+    centroids  [n_scopes, K, d]         (K >= 1)
+    importance broadcastable to [n_scopes, n_blocks, d] or None; distance is
+               sum_j importance_j * (w_j - c_j)^2 (None: plain squared distance)
+    returns    (indices int64 [n_scopes, n_blocks], distances float32 [n_scopes, n_blocks]);
+               ties go to the lowest index.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return _kmeans_assign_op(blocks, centroids, importance)
+    fn = {"triton": kmeans_assign_triton, "cpu": kmeans_assign_cpu,
+          "reference": kmeans_assign_reference}[backend]
+    return fn(blocks, centroids, importance)
+
+
+# ---- physkern::codebook_matmul -----------------------------------------------------------
+
+@torch.library.custom_op("physkern::codebook_matmul", mutates_args=())
+def _codebook_matmul_op(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor,
+                        scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
+                        bias: Optional[torch.Tensor], in_features: int, codebook_rows: int,
+                        scale_group: int) -> torch.Tensor:
+    fn = codebook_matmul_triton if x.device.type == "cuda" else codebook_matmul_cpu
+    return fn(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows,
+              scale_group)
+
+
+@_codebook_matmul_op.register_fake
+def _(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows, scale_group):
+    torch._check(x.shape[-1] == in_features)
+    return x.new_empty(*x.shape[:-1], packed.shape[1])
+
+
+def _cbmm_setup_context(ctx, inputs, output):
+    x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows, scale_group = inputs
+    ctx.save_for_backward(packed, codebooks, scales, offsets)
+    ctx.meta = (in_features, codebook_rows, scale_group, x.dtype, bias is not None)
+
+
+def _cbmm_backward(ctx, grad_y):
+    from physkern.quant.format import QuantizedWeight
+
+    packed, codebooks, scales, offsets = ctx.saved_tensors
+    in_features, codebook_rows, scale_group, x_dtype, has_bias = ctx.meta
+    qw = QuantizedWeight(packed, codebooks, scales, offsets, in_features, packed.shape[1],
+                         codebook_rows, scale_group)
+    w = qw.dequantize(torch.float32)
+    grad_x = (grad_y.float() @ w).to(x_dtype)
+    grad_bias = grad_y.float().reshape(-1, grad_y.shape[-1]).sum(0).to(grad_y.dtype) if has_bias else None
+    return grad_x, None, None, None, None, grad_bias, None, None, None
+
+
+_codebook_matmul_op.register_autograd(_cbmm_backward, setup_context=_cbmm_setup_context)
+
+
+def codebook_matmul(x: torch.Tensor, qw: "QuantizedWeight", bias: Optional[torch.Tensor] = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """y = x @ W^T + bias with W = qw.dequantize() rebuilt on the fly from packed indices.
+
+    x    [..., in_features] float32/float16/bfloat16
+    qw   QuantizedWeight (packed [S, out, words], codebooks [S, n_cb, K, d], scales/offsets)
+    bias [out_features] or None
+    returns y [..., out_features] in x.dtype (fp32 accumulation)
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    args = (x, qw.packed, qw.codebooks, qw.scales, qw.offsets, bias, qw.in_features,
+            qw.codebook_rows, qw.scale_group)
+    if qw.packed.shape[1] != qw.out_features:
+        raise ValueError(f"qw.packed has {qw.packed.shape[1]} rows, qw.out_features is "
+                         f"{qw.out_features}")
+    if backend == "auto":
+        return _codebook_matmul_op(*args)
+    fn = {"triton": codebook_matmul_triton, "cpu": codebook_matmul_cpu,
+          "reference": codebook_matmul_reference}[backend]
+    return fn(*args)
+
+
+def clear_index_cache() -> None:
+    """Drop the CPU path's cached unpacked indices (they are also freed with their tensors)."""
+    INDEX_CACHE.clear()
+
+
+def triton_interpreter_active() -> bool:
+    """True when TRITON_INTERPRET=1 (Triton kernels then run on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
