@@ -8,12 +8,12 @@ Static compile information only: nothing here is a GPU measurement.
 """
 from __future__ import annotations
 
-import contextlib
-import io
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -113,6 +113,13 @@ def _run_ptxas(ptx: str, arch: int) -> str:
     return res.stderr + res.stdout
 
 
+def _jit_function(fn):
+    """The compilable JITFunction: under TRITON_INTERPRET=1 @triton.jit gives an
+    InterpretedFunction, which triton.compile cannot take; rebuild one from the Python function."""
+    from triton.runtime.jit import JITFunction
+    return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
+
+
 def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int,
                    num_stages: int = 2):
     """triton.compile for GPUTarget('cuda', arch, 32); returns (compiled kernel, ptxas -v log)."""
@@ -122,7 +129,7 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: 
     sig = dict(signature)
     for k in constexprs:
         sig[k] = "constexpr"
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    src = ASTSource(fn=_jit_function(fn), signature=sig, constexprs=constexprs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
     return kernel, _run_ptxas(kernel.asm["ptx"], arch)
@@ -143,8 +150,8 @@ def _info(kernel_name, config, arch, dtype, constexprs, num_warps, kernel, log) 
 def matmul_jobs(full: bool = True):
     """(config name, cfg, dtype, arch, variant) for every codebook-matmul production config.
 
-    full=False keeps the heaviest format variant only (what the test compiles, for time)."""
-    variants = MATMUL_VARIANTS if full else MATMUL_VARIANTS[:1]
+    full=False keeps the heaviest codebook variant and the scalar d = 1 grid (the test's set)."""
+    variants = MATMUL_VARIANTS if full else (MATMUL_VARIANTS[0], MATMUL_VARIANTS[2])
     for name, cfg in MATMUL_CONFIGS.items():
         for dtype in DTYPES:
             for arch in ARCHS:
@@ -169,10 +176,9 @@ def compile_matmul(config_name: str, cfg: dict, dtype: str, arch: int, variant) 
 
 def kmeans_jobs(full: bool = True):
     """(dtype, arch, d, has_importance) for every k-means assignment production config."""
-    dims = SUPPORTED_BLOCK_DIMS if full else (1, 16)
     for dtype in DTYPES + (("fp32",) if full else ()):
         for arch in ARCHS:
-            for d in dims:
+            for d in SUPPORTED_BLOCK_DIMS:
                 for has_imp in ((False, True) if full else (True,)):
                     yield dtype, arch, d, has_imp
 
@@ -186,3 +192,28 @@ def compile_kmeans(dtype: str, arch: int, d: int, has_importance: bool) -> Compi
                   BLOCK_K=cfg["BLOCK_K"])
     kernel, log = compile_kernel(_kmeans_assign_kernel, sig, consts, arch, cfg["num_warps"])
     return _info("kmeans_assign", f"d{d}", arch, dtype, consts, cfg["num_warps"], kernel, log)
+
+
+def compile_all(full: bool = True) -> list[dict]:
+    """Compile every job in this process (TRITON_INTERPRET must be unset); JSON-able records."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compile_all needs TRITON_INTERPRET unset; use compile_all_subprocess")
+    out = [compile_matmul(*job).as_json() for job in matmul_jobs(full)]
+    out += [compile_kmeans(*job).as_json() for job in kmeans_jobs(full)]
+    return out
+
+
+def compile_all_subprocess(full: bool = True, timeout: float = 1800) -> list[dict]:
+    """compile_all in a child process without TRITON_INTERPRET (under the interpreter @triton.jit
+    kernels cannot be compiled for a GPU). Raises RuntimeError with the child's output on failure."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "physkern.kernels.static_compile"] + (["--full"] if full else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"static compile failed ({proc.returncode}):\n{proc.stdout[-4000:]}"
+                           f"\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_all(full="--full" in sys.argv)))
