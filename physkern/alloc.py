@@ -209,6 +209,34 @@ def fisher_diagonal(model: nn.Module, calibration: torch.Tensor,
     return acc
 
 
+def fisher_trace(model: nn.Module, calibration: torch.Tensor,
+                 layers: Optional[Iterable[str]] = None) -> dict[str, dict[str, float]]:
+    """trace and mean of each layer's empirical diagonal Fisher without storing F: equal to
+    fisher_sensitivity(fisher_diagonal(...), "sum" / "mean"), memory O(1) per layer.
+    Returns {name: {"sum": trace(F), "mean": trace(F) / (out * in)}}."""
+    _check_windows("calibration", calibration)
+    chosen = _select(model, layers)
+    params = [l.module.weight for l in chosen]
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    acc = {l.name: 0.0 for l in chosen}
+    try:
+        for b in range(calibration.shape[0]):
+            ids = calibration[b:b + 1].to(params[0].device)
+            lp = torch.log_softmax(model(input_ids=ids).logits.float()[:, :-1], -1)
+            loss = -lp.gather(-1, ids[:, 1:, None]).sum()
+            for l, g in zip(chosen, torch.autograd.grad(loss, params)):
+                acc[l.name] += float(g.double().pow(2).sum())
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+    return {l.name: {"sum": acc[l.name], "mean": acc[l.name] / (l.out_features * l.in_features)}
+            for l in chosen}
+
+
 def fisher_sensitivity(fisher: Mapping[str, torch.Tensor], reduce: str = "sum") -> dict[str, float]:
     """One number per layer from `fisher_diagonal`: trace (reduce="sum") or mean per weight."""
     if reduce not in ("sum", "mean"):

@@ -137,6 +137,9 @@ def test_fisher_matches_direct_autograd(fixture, request):
         torch.testing.assert_close(fisher[l.name], r, rtol=1e-4, atol=1e-10)
     sens = fisher_sensitivity(fisher)
     assert all(v > 0 for v in sens.values())
+    from physkern.alloc import fisher_trace
+    tr = fisher_trace(model, windows)
+    assert all(tr[n]["sum"] == pytest.approx(sens[n], rel=1e-6) for n in sens)
     assert all(p.requires_grad for p in model.parameters())  # flags restored
 
 

@@ -47,6 +47,9 @@ def register_sweep(kinds) -> None:
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--calib-window", type=int, default=None,
                    help="tokens per calibration window (default: the evaluation window)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="override the seeds of every random recipe (e.g. --seeds 0 for a quick "
+                        "single-seed pass); deterministic recipes still run once")
     p.add_argument("--fresh", action="store_true",
                    help="ignore points already in the output JSON")
     p.set_defaults(func=run)
@@ -142,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
         recipes = [r for r in recipes if r["name"] in args.only]
     if args.tokens is not None and args.tokens < 0:
         raise ValueError(f"tokens must be >= 0 (0 = all), got {args.tokens}")
+    if args.seeds is not None and any(s < 0 for s in args.seeds):
+        raise ValueError(f"seeds must be non-negative integers, got {args.seeds}")
     if args.calib_windows <= 0:
         raise ValueError(f"calib-windows must be positive, got {args.calib_windows}")
     name = args.name or Path(args.recipes).stem
@@ -183,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         write_json(json_path, payload)
 
     for r in recipes:
-        seeds = r["seeds"] if is_random(r["config"]) else r["seeds"][:1]
+        seeds = (args.seeds or r["seeds"]) if is_random(r["config"]) else r["seeds"][:1]
         for seed in seeds:
             cfg = None if r["config"] is None else with_seed(r["config"], seed)
             cfg_dict = None if cfg is None else cfg.to_dict()
