@@ -72,9 +72,10 @@ def plot_entropy(result: dict, path, title: str = "") -> None:
             ax.plot([x, x], [r["channels"]["min"], r["channels"]["max"]], color="k", lw=0.4,
                     alpha=0.5)
     ax.axhline(result["max_bits"], color="grey", ls="--", lw=0.8)
-    for t in types:
-        ax.bar([], [], color=colors[t], label=t)
-    ax.legend(fontsize=7, ncol=min(len(types), 4), loc="lower right")
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(color=colors[t], label=t) for t in types], fontsize=7,
+              ncol=min(len(types), 7), loc="upper center", bbox_to_anchor=(0.5, -0.12),
+              frameon=False)
     ax.set_xlabel("linear layer (model order)")
     ax.set_ylabel("input entropy (bits, Miller-Madow)")
     ax.set_title(title or "Activation entropy per linear layer (dashed: log2(bins + 2))",
