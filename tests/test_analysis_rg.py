@@ -62,8 +62,8 @@ def test_classify_thresholds():
 def test_rg_flow_on_tiny_llama(tiny_llama):
     import copy
     model = copy.deepcopy(tiny_llama)
-    s0 = [8.0, 4.0, 2.0]
-    rates = [0.5, 0.0, -0.5]  # 2 layers: gamma == slope == log ratio
+    s0 = [8.0, 4.0, 2.0] + list(np.linspace(1.0, 0.5, 29))  # full rank: no ln 0
+    rates = [0.5, 0.0, -0.5] + [0.0] * 29  # 2 layers: gamma == slope == log ratio
     mats = _stack(s0, rates, n_layers=2, out_f=32, in_f=32, seed=1)
     with torch.no_grad():
         for l, w in enumerate(mats):
@@ -71,8 +71,8 @@ def test_rg_flow_on_tiny_llama(tiny_llama):
     res = rg_flow(model, types=["q"])
     t = res["types"]["self_attn.q_proj"]
     assert res["layers"] == 2 and t["shape"] == [32, 32]
-    np.testing.assert_allclose(t["gamma"][:3], rates, atol=1e-4)
-    np.testing.assert_allclose(t["slope"][:3], rates, atol=1e-4)
+    np.testing.assert_allclose(t["gamma"], rates, atol=1e-4)
+    np.testing.assert_allclose(t["slope"], rates, atol=1e-4)
 
 
 def test_rg_flow_all_types_gpt2(tiny_gpt2):

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..provenance import provenance, write_json
-from ._common import (add_model_args, add_output_args, output_path, pyplot, resolve_types, short_type,
-                      weight_groups)
+from ._common import (add_model_args, add_output_args, output_path, pyplot, resolve_types,
+                      short_type, singular_values, weight_groups)
 
 DEFAULT_RELEVANT = 0.1
 DEFAULT_IRRELEVANT = -0.1
@@ -36,7 +36,7 @@ def singular_value_stack(weights: Sequence[torch.Tensor]) -> np.ndarray:
         raise ValueError(f"weights of one type must share a shape, got {sorted(shapes)}")
     if len(weights) < 2:
         raise ValueError(f"need at least 2 layers to measure a growth rate, got {len(weights)}")
-    return np.stack([torch.linalg.svdvals(w.detach().double().cpu()).numpy() for w in weights])
+    return np.stack([singular_values(w).numpy() for w in weights])
 
 
 def growth_rates(sigma: np.ndarray) -> dict[str, np.ndarray]:
