@@ -39,7 +39,7 @@ ext_modules, cmdclass = extension_modules()
 
 setup(
     packages=["physkern", "physkern.quant", "physkern.analysis", "physkern.commands",
-              "physkern.kernels"],
+              "physkern.kernels", "physkern.sweeps"],
     package_dir={"physkern.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -60,8 +60,8 @@ XiLike = Union[float, int, Sequence[float], torch.Tensor]
 # Production tile sizes per head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 # tests/test_lattice_compile.py compiles each for sm_80 and sm_90 and fails on register spills.
 PRODUCTION_CONFIGS = {
-    64: (64, 64, 4, 3),
-    128: (64, 64, 4, 2),
+    64: (128, 64, 8, 3),
+    128: (128, 64, 8, 2),
 }
 DEFAULT_BLOCK = 64  # key/query block of the plan when no kernel config applies
 
@@ -202,16 +202,16 @@ def lattice_plan(q: torch.Tensor, k: torch.Tensor, xi: XiLike, eps: Optional[flo
         return LatticePlan(start, end_block, dist, block_m, block_n, n_q, n_kv)
     if not (0.0 < float(eps) < 1.0):
         raise ValueError(f"eps must lie in (0, 1) (or be None for exact attention), got {eps}")
-    if score_range is not None:
-        if not score_range >= 0:
-            raise ValueError(f"score_range must be >= 0, got {score_range}")
-        r_blk = torch.full((bsz, hq, n_qb), float(score_range), dtype=torch.float64)
-    else:
-        rows = score_range_bound(q, k, scale).double().cpu()                 # [B, Hq, n_q]
-        pad = n_qb * block_m - n_q
-        rows = torch.nn.functional.pad(rows, (0, pad), value=0.0)
-        r_blk = rows.view(bsz, hq, n_qb, block_m).amax(dim=-1)
     eps = float(eps)
+    if score_range is None:
+        start = _blockwise_start(q, k, xi_h, eps, scale, block_m, block_n, q_first)
+        start = torch.minimum(start, (end_block - 1)[None, None, :]).to(torch.int32)
+        dist = (q_first[None, None, :] - start.long() * block_n).double()
+        dist = torch.where(start > 0, dist, torch.full_like(dist, math.inf))
+        return LatticePlan(start, end_block, dist, block_m, block_n, n_q, n_kv)
+    if not score_range >= 0:
+        raise ValueError(f"score_range must be >= 0, got {score_range}")
+    r_blk = torch.full((bsz, hq, n_qb), float(score_range), dtype=torch.float64)
     xi_b = xi_h[None, :, None]
     # D = ceil(xi * (R + ln(1/eps) + ln(1 + eps e^-R))) - 1, inf where xi is inf.
     dist = torch.ceil(xi_b * (r_blk + math.log(1.0 / eps) + torch.log1p(eps * torch.exp(-r_blk))))
@@ -221,6 +221,111 @@ def lattice_plan(q: torch.Tensor, k: torch.Tensor, xi: XiLike, eps: Optional[flo
     start = torch.div(lo, block_n, rounding_mode="floor")
     start = torch.minimum(start, (end_block - 1).double()[None, None, :]).to(torch.int32)
     return LatticePlan(start, end_block, dist, block_m, block_n, n_q, n_kv)
+
+
+def _pad_rows(t: torch.Tensor, block: int) -> torch.Tensor:
+    """Pad dim 2 to a multiple of `block` by repeating the last row (leaves block bounds intact)."""
+    n = t.shape[2]
+    total = max(1, -(-n // block)) * block
+    if total == n:
+        return t
+    idx = torch.clamp(torch.arange(total, device=t.device), max=n - 1)
+    return t[:, :, idx]
+
+
+def _local_log_mass(qf: torch.Tensor, kf: torch.Tensor, inv: torch.Tensor, scale: float,
+                    window: int, rows_per_step: int = 128) -> torch.Tensor:
+    """log sum_{p_i - window <= j <= p_i} exp(s_ij - (p_i - j) inv_h) per query row: the exact
+    mass of the keys just behind each query, which block skipping never drops (a lower bound on
+    the kept mass). qf [B, Hq, n_q, d], kf [B, Hkv, n_kv, d] -> [B, Hq, n_q]."""
+    bsz, hq, n_q, d = qf.shape
+    hkv, n_kv = kf.shape[1], kf.shape[2]
+    group = hq // hkv
+    off = n_kv - n_q
+    out = torch.empty(bsz, hq, n_q, device=qf.device)
+    for r0 in range(0, n_q, rows_per_step):
+        r1 = min(n_q, r0 + rows_per_step)
+        k0, k1 = max(0, r0 + off - window), r1 + off
+        qs = qf[:, :, r0:r1].view(bsz, hkv, group, r1 - r0, d)
+        s = scale * torch.matmul(qs, kf[:, :, None, k0:k1].transpose(-1, -2))
+        s = s.view(bsz, hq, r1 - r0, k1 - k0)
+        dist = ((torch.arange(r0, r1, device=qf.device) + off)[:, None]
+                - torch.arange(k0, k1, device=qf.device)[None, :])
+        s = s - dist.float()[None, None] * inv[None, :, None, None]
+        s = s.masked_fill(((dist < 0) | (dist > window))[None, None], float("-inf"))
+        out[:, :, r0:r1] = torch.logsumexp(s, dim=-1)
+    return out
+
+
+def _blockwise_start(q: torch.Tensor, k: torch.Tensor, xi_h: torch.Tensor, eps: float,
+                     scale: float, block_m: int, block_n: int, q_first: torch.Tensor,
+                     rows_per_step: int = 2048) -> torch.Tensor:
+    """First key block to load per (batch, head, query block), from a provable per-block bound.
+
+    Upper bound on scores. For query row i and key block kb, every score s_ij obeys both
+      ball: s_ij <= scale q_i . c_kb + |scale| ||q_i|| rho_kb   (c_kb the block's mean key,
+            rho_kb = max_j ||k_j - c_kb||; Cauchy-Schwarz), and
+      box:  s_ij <= scale (q_i+ . kmax_kb + q_i- . kmin_kb)   (per-coordinate key extremes of the
+            block, q+ / q- the positive / negative parts of scale * q_i),
+    so U_i,kb = min(ball, box) bounds them. Lower bound on the kept mass: the exact mass of the
+    row's own window of the last block_n keys, exp(W_i) = sum_{p_i - block_n <= j <= p_i}
+    exp(s_ij - (p_i - j)/xi); only blocks wholly behind that window may be skipped. Then the
+    skipped/kept ratio from blocks kb < start is at most
+        sum_{kb < start} exp(U_i,kb - W_i) * sum_{j in kb} r^(p_i - j),   r = exp(-1/xi).
+    We take the max over the rows of a query block for each kb (a sum of maxima bounds the max of
+    sums), accumulate over kb from the far end, and skip the longest prefix whose bound is
+    <= eps. As skipped/(kept + skipped) <= skipped/kept, < eps of each row's softmax mass is
+    dropped. Cost O(n_q * (n_kv_blocks + 2 block_n) * d): small next to the attention itself.
+    """
+    bsz, hq, n_q, d = q.shape
+    hkv, n_kv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    off = n_kv - n_q
+    n_qb = q_first.numel()
+    n_kb = max(1, -(-n_kv // block_n))
+    kf = _pad_rows(k.detach().float(), block_n).view(bsz, hkv, n_kb, block_n, d)
+    centre = kf.mean(dim=3)                                             # [B, Hkv, n_kb, d]
+    radius = (kf - centre[:, :, :, None]).norm(dim=-1).amax(dim=3)      # [B, Hkv, n_kb]
+    kmax, kmin = kf.amax(dim=3), kf.amin(dim=3)
+    if scale < 0:  # the box bound below is written for a positive scale
+        kmax, kmin = kmin, kmax
+    qf = q.detach().float()
+    inv = torch.where(torch.isinf(xi_h), torch.zeros_like(xi_h), 1.0 / xi_h).float()
+    inv = inv.to(q.device)
+    window = block_n
+    kept = _local_log_mass(qf, k.detach().float(), inv, scale, window)  # [B, Hq, n_q]
+    kb_last = (torch.arange(n_kb, device=q.device) * block_n + block_n - 1).float()
+    # log sum_{t < block_n} r^t, per head (r = 1 when xi = inf: log block_n)
+    r_pow = torch.exp(-inv * block_n)
+    log_geom = torch.where(inv > 0, torch.log((1 - r_pow) / (-torch.expm1(-inv)).clamp(min=1e-30)),
+                           torch.full_like(inv, math.log(block_n)))
+    # Rows padded to whole query blocks by repeating the last row (same bound, same position).
+    qp = _pad_rows(qf, block_m)
+    kept = _pad_rows(kept[:, :, :, None], block_m)[..., 0]
+    n_rows = qp.shape[2]
+    step = max(block_m, rows_per_step // block_m * block_m)
+    worst = torch.empty(bsz, hq, n_qb, n_kb, device=q.device)
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        qs = qp[:, :, r0:r1].view(bsz, hkv, group, r1 - r0, d)
+        ball = scale * torch.matmul(qs, centre[:, :, None].transpose(-1, -2)) \
+            + abs(scale) * qs.norm(dim=-1, keepdim=True) * radius[:, :, None, None, :]
+        box = scale * (torch.matmul(qs.clamp(min=0), kmax[:, :, None].transpose(-1, -2))
+                       + torch.matmul(qs.clamp(max=0), kmin[:, :, None].transpose(-1, -2)))
+        upper = torch.minimum(ball, box).view(bsz, hq, r1 - r0, n_kb)
+        pos = (torch.clamp(torch.arange(r0, r1, device=q.device), max=n_q - 1) + off).float()
+        decay = pos[:, None] - kb_last[None, :]                          # distance to kb's last
+        log_term = upper - kept[:, :, r0:r1, None] - decay[None, None] * inv[None, :, None, None] \
+            + log_geom[None, :, None, None]
+        behind = decay > window                           # kb wholly behind the row's window
+        log_term = log_term.masked_fill(~behind[None, None], float("inf"))
+        worst[:, :, r0 // block_m:r1 // block_m] = \
+            log_term.view(bsz, hq, (r1 - r0) // block_m, block_m, n_kb).amax(dim=3)
+    cum = torch.logcumsumexp(worst, dim=-1)                              # far blocks first
+    start = (cum <= math.log(eps)).long().sum(dim=-1)                    # a prefix (cum rises)
+    start = torch.where(torch.isinf(xi_h).to(q.device)[None, :, None], torch.zeros_like(start),
+                        start)
+    return start.cpu()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,27 +395,33 @@ def lattice_attention_banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}")
     if plan is None:
-        plan = lattice_plan(q, k, xi, eps, scale, chunk, chunk, score_range)
-    if plan.block_m != chunk or plan.block_n != chunk:
-        raise ValueError("plan: the banded path needs a plan with block_m == block_n == chunk")
+        plan = lattice_plan(q, k, xi, eps, scale, chunk, min(chunk, DEFAULT_BLOCK), score_range)
+    if plan.block_m != chunk:
+        raise ValueError("plan: the banded path needs a plan with block_m == chunk")
+    limits = band_limits(plan)
+    # One bias+mask tensor serves every chunk. Right-align each chunk's band on its last query:
+    # for row a of a full chunk and band column b of a band of L keys, i - j = a + L - chunk - b
+    # (a per-row constant shift of the bias would not change the softmax). So the bias of every
+    # chunk is a slice master[:, chunk - rows:, Lmax - L:] of one [Hq, chunk, Lmax] tensor.
+    l_max = max(k1 - k0 for k0, k1 in limits)
     xi_h = xi_per_head(xi, hq)
     inv = torch.where(torch.isinf(xi_h), torch.zeros_like(xi_h), 1.0 / xi_h)
-    inv = inv.to(q.device, torch.float32).view(1, hkv, group, 1, 1)
-    off = n_kv - n_q
+    inv = inv.to(q.device, torch.float32)
+    a = torch.arange(chunk, device=q.device)[:, None]
+    t = torch.arange(l_max, device=q.device)[None, :]
+    dist = (a + (l_max - chunk) - t).float()                                     # i - j
+    master = (-dist[None] * inv[:, None, None]).masked_fill((dist < 0)[None], float("-inf"))
+    work_dtype = torch.float32  # softmax statistics in float32 whatever the input dtype
     out = torch.empty_like(q)
-    qg = q.view(bsz, hkv, group, n_q, d)
-    for c, (k0, k1) in enumerate(band_limits(plan)):
+    for c, (k0, k1) in enumerate(limits):
         q0, q1 = c * chunk, min((c + 1) * chunk, n_q)
-        qc = qg[:, :, :, q0:q1].float()                                # [B, Hkv, G, C, d]
-        kc = k[:, :, None, k0:k1].float()                              # [B, Hkv, 1, L, d]
-        vc = v[:, :, None, k0:k1].float()
-        s = torch.matmul(qc, kc.transpose(-1, -2)) * scale            # [B, Hkv, G, C, L]
-        ipos = torch.arange(q0, q1, device=q.device)[:, None] + off
-        jpos = torch.arange(k0, k1, device=q.device)[None, :]
-        s = s - (ipos - jpos).float() * inv
-        s = s.masked_fill(jpos > ipos, float("-inf"))
-        p = torch.softmax(s, dim=-1)
-        out.view(bsz, hkv, group, n_q, d)[:, :, :, q0:q1] = torch.matmul(p, vc).to(q.dtype)
+        rows, band = q1 - q0, k1 - k0
+        mask = master[:, chunk - rows:, l_max - band:]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, q0:q1].to(work_dtype), k[:, :, k0:k1].to(work_dtype),
+            v[:, :, k0:k1].to(work_dtype), attn_mask=mask[None], scale=scale,
+            enable_gqa=group > 1)
+        out[:, :, q0:q1] = o.to(q.dtype)
     return out
 
 
@@ -320,18 +431,60 @@ def lattice_attention_banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 if HAS_TRITON:
     @triton.jit
+    def _lattice_block(acc, l_i, m_i, q, k_base, v_base, blk, ipos, slope, qk_scale_log2, n_kv,
+                       offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                       BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       MASKED: tl.constexpr, IEEE_FP32: tl.constexpr):
+        """One key block of the online softmax (base 2). MASKED: diagonal / ragged blocks."""
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED:
+            n_mask = offs_n < n_kv
+            kt = tl.load(k_ptrs, mask=n_mask[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            kt = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        else:
+            kt = tl.load(k_ptrs)
+        if IEEE_FP32:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        # bias -(i - j)/xi in log2 units
+        s = s * qk_scale_log2 - (ipos[:, None] - offs_n[None, :]).to(tl.float32) * slope
+        if MASKED:
+            s = tl.where((offs_n[None, :] <= ipos[:, None]) & n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            vb = tl.load(v_ptrs, mask=n_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            vb = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            vb = tl.load(v_ptrs)
+        acc = acc * alpha[:, None]
+        if IEEE_FP32:
+            acc = tl.dot(p.to(vb.dtype), vb, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(vb.dtype), vb, acc)
+        return acc, l_i, m_new
+
+    @triton.jit
     def _lattice_fwd_kernel(
         Q, K, V, Out, InvXi, StartBlock,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_on, stride_od,
-        n_q, n_kv, n_q_blocks, heads, group, head_dim, qk_scale_log2,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        IEEE_FP32: tl.constexpr,
+        n_q, n_kv, n_q_blocks, heads, group, qk_scale_log2,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, IEEE_FP32: tl.constexpr,
     ):
-        """One program = one block of BLOCK_M queries of one (batch, head). Online softmax in
-        base 2: scores are pre-multiplied by log2(e) (inside qk_scale_log2 and the bias)."""
+        """One program = BLOCK_M queries of one (batch, head). Key blocks [start, full_end) lie
+        wholly on or below the diagonal of every row and inside n_kv: no masks there. Blocks
+        [full_end, end) touch the diagonal or the end of the keys: masked."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // heads
@@ -340,52 +493,39 @@ if HAS_TRITON:
         off = n_kv - n_q
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < head_dim
         q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn \
             + offs_d[None, :] * stride_qd
-        q = tl.load(q_ptrs, mask=(offs_m[:, None] < n_q) & d_mask[None, :], other=0.0)
-        # bias slope in log2 units; 0 for xi = inf
-        slope = tl.load(InvXi + h) * 1.4426950408889634
-        ipos = offs_m + off
+        q = tl.load(q_ptrs, mask=(offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM),
+                    other=0.0)
+        slope = tl.load(InvXi + h) * 1.4426950408889634      # 0 for xi = inf
+        ipos = offs_m + off                                  # absolute query positions
         start = tl.load(StartBlock + pid_bh * n_q_blocks + pid_m)
+        q_first = pid_m * BLOCK_M + off
         last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, n_q - 1) + off
         end = last_row // BLOCK_N + 1
+        full_end = tl.maximum((q_first + 1) // BLOCK_N, start)
 
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         k_base = K + b * stride_kb + kvh * stride_kh
         v_base = V + b * stride_vb + kvh * stride_vh
-        for blk in range(start, end):
-            offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < n_kv
-            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-            if IEEE_FP32:
-                s = tl.dot(q, kt, input_precision="ieee")
-            else:
-                s = tl.dot(q, kt)
-            dist = (ipos[:, None] - offs_n[None, :]).to(tl.float32)
-            s = s * qk_scale_log2 - dist * slope
-            valid = (offs_n[None, :] <= ipos[:, None]) & n_mask[None, :]
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vb = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                         mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-            if IEEE_FP32:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
-            m_i = m_new
+        for blk in range(start, full_end):
+            acc, l_i, m_i = _lattice_block(acc, l_i, m_i, q, k_base, v_base, blk, ipos, slope,
+                                           qk_scale_log2, n_kv, offs_d, stride_kn, stride_kd,
+                                           stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                           False, IEEE_FP32)
+        for blk in range(full_end, end):
+            acc, l_i, m_i = _lattice_block(acc, l_i, m_i, q, k_base, v_base, blk, ipos, slope,
+                                           qk_scale_log2, n_kv, offs_d, stride_kn, stride_kd,
+                                           stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                           True, IEEE_FP32)
         l_i = tl.where(l_i > 0.0, l_i, 1.0)
         acc = acc / l_i[:, None]
         o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on \
             + offs_d[None, :] * stride_od
         tl.store(o_ptrs, acc.to(Out.dtype.element_ty),
-                 mask=(offs_m[:, None] < n_q) & d_mask[None, :])
+                 mask=(offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM))
 
 
 def kernel_config(head_dim: int) -> tuple[int, int, int, int]:
@@ -430,7 +570,7 @@ def lattice_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     _lattice_fwd_kernel[grid](
         q, k, v, out, inv_xi, start,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        n_q, n_kv, n_qb, hq, hq // hkv, d, float(scale) * 1.4426950408889634,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, IEEE_FP32=(q.dtype == torch.float32),
+        n_q, n_kv, n_qb, hq, hq // hkv, float(scale) * 1.4426950408889634,
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, IEEE_FP32=(q.dtype == torch.float32),
         num_warps=warps, num_stages=stages)
     return out

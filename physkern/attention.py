@@ -44,7 +44,10 @@ class LatticeWork:
     blocks_visited / blocks_causal: key blocks of `block` keys that a kernel with
     `block`-sized query and key tiles loads, with skipping / for plain causal attention.
     pairs_computed / pairs_causal: (query, key) scores the path that actually ran computed
-    (banded CPU path: whole bands of chunks; Triton: whole visited tiles) / n(n+1)/2-like causal count.
+    (banded CPU path: whole chunk x band rectangles; Triton: whole visited tiles) / the causal
+    count n(n+1)/2 (so exact mode reads a little above 1).
+    query_blocks_skipping / query_blocks: (batch, head, query block)s that skip at least one key
+    block; max_distance: the largest truncation distance among them.
     """
     block: int = DEFAULT_BLOCK
     calls: int = 0
@@ -53,6 +56,8 @@ class LatticeWork:
     pairs_computed: int = 0
     pairs_causal: int = 0
     max_distance: float = 0.0
+    query_blocks: int = 0
+    query_blocks_skipping: int = 0
     paths: dict = field(default_factory=dict)
 
     @property
@@ -69,6 +74,8 @@ class LatticeWork:
                 "fraction_blocks_visited": self.fraction_blocks_visited,
                 "pairs_computed": self.pairs_computed, "pairs_causal": self.pairs_causal,
                 "fraction_pairs_computed": self.fraction_pairs_computed,
+                "query_blocks": self.query_blocks,
+                "query_blocks_skipping": self.query_blocks_skipping,
                 "max_truncation_distance": self.max_distance, "paths": dict(self.paths)}
 
 
@@ -100,8 +107,11 @@ def _record(q, k, xi, eps, scale, score_range, path: str, plan_run) -> None:
         work.calls += 1
         work.blocks_visited += plan.blocks_visited
         work.blocks_causal += plan.blocks_causal
-        if plan.distance.numel():
-            work.max_distance = max(work.max_distance, float(plan.distance.max()))
+        finite = plan.distance[torch.isfinite(plan.distance)]
+        if finite.numel():
+            work.max_distance = max(work.max_distance, float(finite.max()))
+        work.query_blocks += plan.distance.numel()
+        work.query_blocks_skipping += finite.numel()
         work.pairs_causal += _causal_pairs(n_q, n_kv) * bsz * hq
         work.pairs_computed += _pairs_computed(plan_run, path)
         work.paths[path] = work.paths.get(path, 0) + 1
@@ -157,7 +167,7 @@ def lattice_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, xi: XiL
                                        block_n=bn)
         path = "triton"
     else:
-        plan = lattice_plan(q, k, xi, eps, scale, CPU_CHUNK, CPU_CHUNK, score_range)
+        plan = lattice_plan(q, k, xi, eps, scale, CPU_CHUNK, DEFAULT_BLOCK, score_range)
         out = lattice_attention_banded(q, k, v, xi, eps, scale, chunk=CPU_CHUNK, plan=plan)
         path = "banded"
     if _RECORDERS:

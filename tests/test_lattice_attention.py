@@ -131,7 +131,7 @@ def test_truncation_distance_formula():
 
 
 def test_user_dispatch_cpu_records_work():
-    q, k, v = _qkv(1, 2, 1, 300, 300, 16, scale_q=0.2)
+    q, k, v = _qkv(1, 2, 1, 1000, 1000, 16, scale_q=0.2)
     with record_work(block=16) as work:
         out = lattice_attention(q, k, v, 1.0, eps=1e-3)
     ref = lattice_attention_reference(q, k, v, 1.0)

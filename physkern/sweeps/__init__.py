@@ -1,0 +1,1 @@
+"""Sweep kinds for `physkern sweep KIND`: one module each, each with `register_sweep(subparsers)`."""

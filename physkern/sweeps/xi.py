@@ -1,0 +1,214 @@
+"""`physkern sweep xi`: perplexity and attention work vs the lattice correlation length xi.
+
+For each xi the model runs with lattice attention (bias -(i-j)/xi on the causal scores) through
+`physkern.enable_lattice`; the JSON records perplexity, and the fraction of key blocks a
+block-skipping kernel visits (and the (query, key) scores the path that ran actually computed)
+with the truncation distance derived for `--eps`. Also writes a PNG and, on request, a markdown
+table with the seeds' GPT-2 numbers beside ours (labelled as theirs).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+from ..commands._common import add_eval_args, add_model_corpus_args, resolve_window
+
+DEFAULT_XI = ["16", "32", "64", "128", "256", "512", "1024", "inf"]
+DEFAULT_JSON = "bench/results/xi_sweep.json"
+
+# Quoted from ../shared/seeds/000_*.txt, Direction 3: GPT-2 124M, their protocol (WikiText-2,
+# eager attention monkeypatched, vanilla 29.95). Theirs, not ours: shown beside our table only.
+SEEDS_GPT2_XI_PPL = {1024.0: 30.20, 512.0: 32.47, 256.0: 68.20, 128.0: 406.0, 64.0: 2391.0,
+                     16.0: 38678.0, math.inf: 29.95}
+
+
+def parse_xi(text: str) -> float:
+    """One --xi value: a positive number or 'inf'."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"xi must be a positive number or 'inf', got {text!r}")
+    if not value > 0 or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"xi must be > 0 (or 'inf'), got {text!r}")
+    return value
+
+
+def register_sweep(kinds) -> None:
+    p = kinds.add_parser(
+        "xi", help="perplexity and attention work vs lattice correlation length xi",
+        description="Runs the model with lattice attention (bias -(i-j)/xi) for each xi and "
+                    "records perplexity and the fraction of key blocks visited under the derived "
+                    "truncation distance. Offline on the packaged model and text by default.")
+    add_model_corpus_args(p)
+    add_eval_args(p)
+    p.add_argument("--xi", nargs="+", type=parse_xi, default=[float(x) for x in DEFAULT_XI],
+                   help="correlation lengths (tokens), 'inf' = plain causal "
+                        f"(default: {' '.join(DEFAULT_XI)})")
+    p.add_argument("--eps", type=float, default=1e-3,
+                   help="skipped softmax mass bound per query row (default 1e-3)")
+    p.add_argument("--exact", action="store_true", help="no skipping (eps = None)")
+    p.add_argument("--score-range", type=float, default=None,
+                   help="assert a bound on each row's score range instead of the provable "
+                        "data-derived one (then the eps guarantee is the caller's assumption)")
+    p.add_argument("--block", type=int, default=64,
+                   help="tile size used to count key blocks visited (default 64, the kernel's)")
+    p.add_argument("--json", default=DEFAULT_JSON, help=f"result JSON (default {DEFAULT_JSON})")
+    p.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
+    p.add_argument("--markdown", default=None,
+                   help="also write a markdown table (ours beside the seeds' GPT-2 numbers)")
+    p.set_defaults(func=run)
+
+
+def _xi_json(xi: float):
+    return "inf" if math.isinf(xi) else xi
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..attention import disable_lattice, enable_lattice, record_work
+    from ..data import evaluation_tokens, load_corpus
+    from ..eval import perplexity
+    from ..models import load_model, resolve_model_name
+    from ..provenance import provenance, write_json
+
+    eps = None if args.exact else args.eps
+    if eps is not None and not (0.0 < eps < 1.0):
+        raise ValueError(f"eps must lie in (0, 1), got {eps} (use --exact for no skipping)")
+    if args.tokens is not None and args.tokens < 0:
+        raise ValueError(f"tokens must be >= 0 (0 = all), got {args.tokens}")
+    if args.block <= 0:
+        raise ValueError(f"block must be positive, got {args.block}")
+    corpus = load_corpus(args.corpus)
+    model, tokenizer = load_model(args.model, device=args.device)
+    window = resolve_window(model, args.window)
+    tokens = evaluation_tokens(tokenizer, corpus, args.tokens or None)
+    model_name = resolve_model_name(args.model)
+    common = dict(model_name=model_name, corpus_name=corpus.name, batch_size=args.batch_size)
+
+    start = time.perf_counter()
+    base = perplexity(model, tokens, window, args.stride, **common)
+    print(f"baseline ({model.config._attn_implementation}): perplexity {base.perplexity:.4f}")
+    points = []
+    for xi in args.xi:
+        enable_lattice(model, xi, eps=eps, score_range=args.score_range)
+        with record_work(block=args.block) as work:
+            res = perplexity(model, tokens, window, args.stride, **common)
+        disable_lattice(model)
+        w = work.to_dict()
+        points.append({"xi": _xi_json(xi), "perplexity": res.perplexity, "mean_nll": res.mean_nll,
+                       "vs_baseline": res.perplexity / base.perplexity - 1.0,
+                       "seconds": res.seconds, "tokens_per_second": res.tokens_per_second,
+                       "work": w})
+        print(f"xi {_xi_json(xi):>6}: perplexity {res.perplexity:10.4f}  key blocks visited "
+              f"{w['fraction_blocks_visited']:.3f}  max D {w['max_truncation_distance']}  "
+              f"({res.seconds:.0f} s)")
+    payload = {
+        "experiment": "lattice attention xi sweep",
+        "model": model_name, "corpus": corpus.describe(),
+        "protocol": {"kind": base.protocol, "window": base.window, "stride": base.stride,
+                     "tokens_input": base.tokens_input, "tokens_scored": base.tokens_scored,
+                     "windows": base.windows, "dtype": base.dtype,
+                     "text": "evaluation part (second half of the articles)"},
+        "lattice": {"bias": "-(i-j)/xi on causal scores, every head and layer",
+                    "eps": eps, "score_range": args.score_range or "data-derived bound "
+                    "2*scale*||q_i||*max_j||k_j - mean k|| (provable)",
+                    "block": args.block,
+                    "truncation": "D = ceil(xi*(R + ln(1/eps) + ln(1 + eps*e^-R))) - 1 per query "
+                                  "block; key blocks wholly farther than D are skipped"},
+        "baseline": {"attn_implementation": model.config._attn_implementation,
+                     "perplexity": base.perplexity, "mean_nll": base.mean_nll},
+        "points": points,
+        "seeds_reference": {"source": "../shared/seeds/000_*.txt, Direction 3",
+                            "note": "theirs: GPT-2 124M, their protocol (WikiText-2 test, "
+                                    "monkeypatched eager attention); not measured here",
+                            "xi_perplexity": {str(_xi_json(k)): v
+                                              for k, v in SEEDS_GPT2_XI_PPL.items()}},
+        "seeds": "none (deterministic evaluation)",
+        "seconds_total": time.perf_counter() - start,
+        **provenance(args.device),
+    }
+    json_path = write_json(args.json, payload)
+    print(f"wrote {json_path}")
+    plot_path = Path(args.plot) if args.plot else json_path.with_suffix(".png")
+    plot(payload, plot_path)
+    print(f"wrote {plot_path}")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown_table(payload, json_path, plot_path))
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+def _float_xi(value) -> float:
+    return math.inf if value == "inf" else float(value)
+
+
+def plot(payload: dict, path: Path) -> None:
+    """Two panels: perplexity vs xi (log x, log y) and fraction of key blocks visited vs xi."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = payload["points"]
+    finite = [p for p in pts if not math.isinf(_float_xi(p["xi"]))]
+    infinite = [p for p in pts if math.isinf(_float_xi(p["xi"]))]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    xs = [_float_xi(p["xi"]) for p in finite]
+    ax1.plot(xs, [p["perplexity"] for p in finite], "o-", label="lattice attention")
+    ax1.axhline(payload["baseline"]["perplexity"], color="gray", ls="--",
+                label=f"no bias ({payload['baseline']['attn_implementation']})")
+    for p in infinite:
+        ax1.plot([], [], " ", label=f"xi = inf: {p['perplexity']:.2f}")
+    ax1.set_xscale("log", base=2)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("xi (tokens)")
+    ax1.set_ylabel("perplexity")
+    proto = payload["protocol"]
+    ax1.set_title(f"{payload['model']}: {proto['tokens_scored']} tokens, windows of "
+                  f"{proto['window']}", fontsize=9)
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3, which="both")
+    ax2.plot(xs, [p["work"]["fraction_blocks_visited"] for p in finite], "o-",
+             label=f"key blocks visited ({payload['lattice']['block']}-token tiles)")
+    ax2.plot(xs, [p["work"]["fraction_pairs_computed"] for p in finite], "s--", alpha=0.7,
+             label="scores computed by the CPU banded path")
+    ax2.set_xscale("log", base=2)
+    ax2.set_ylim(0, 1.15)
+    ax2.axhline(1.0, color="gray", ls=":")
+    ax2.set_xlabel("xi (tokens)")
+    ax2.set_ylabel("fraction of causal attention work")
+    ax2.set_title(f"work with the derived truncation, eps = {payload['lattice']['eps']}",
+                  fontsize=9)
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown_table(payload: dict, json_path, plot_path) -> str:
+    """README snippet: our sweep beside the seeds' GPT-2 numbers (labelled as theirs)."""
+    proto = payload["protocol"]
+    lines = [
+        f"Lattice attention xi sweep ({payload['model']}, {proto['tokens_scored']} evaluation "
+        f"tokens of {payload['corpus'].get('name', 'the corpus')}, {proto['kind']} windows of "
+        f"{proto['window']}; eps = {payload['lattice']['eps']}; from `{payload['command']}`, "
+        f"{payload['device']}). Fraction of key blocks visited: {payload['lattice']['block']}-token "
+        "tiles a block-skipping kernel loads, relative to plain causal attention.",
+        "",
+        "| xi | perplexity (ours) | vs no bias | key blocks visited | GPT-2 perplexity "
+        "(theirs: seeds, GPT-2 124M, their protocol) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for p in payload["points"]:
+        xi = _float_xi(p["xi"])
+        theirs = SEEDS_GPT2_XI_PPL.get(xi)
+        lines.append(f"| {p['xi']} | {p['perplexity']:.2f} | {100 * p['vs_baseline']:+.1f}% | "
+                     f"{p['work']['fraction_blocks_visited']:.3f} | "
+                     f"{'—' if theirs is None else f'{theirs:g}'} |")
+    lines += ["", f"No bias ({payload['baseline']['attn_implementation']}): perplexity "
+              f"{payload['baseline']['perplexity']:.2f}. Their xi = inf row is their vanilla "
+              "GPT-2. Data: `" + str(json_path) + "`, plot: `" + str(plot_path) + "`.", ""]
+    return "\n".join(lines)
