@@ -67,7 +67,7 @@ def quantize_weight(weight: torch.Tensor, cfg: AnyConfig, m2: Optional[torch.Ten
                       group_size=cfg.group_size, stages=cfg.stages,
                       scales=cfg.effective_scales(), scale_group=cfg.scale_group,
                       iters=cfg.iters, tol=cfg.tol, seed=cfg.seed, init=cfg.init,
-                      codebook_dtype=cfg.codebook_dtype)
+                      codebook_dtype=cfg.codebook_dtype, max_fit_blocks=cfg.max_fit_blocks)
         if cfg.error_feedback:
             return quantize_codebook_error_feedback(weight, gram, percdamp=cfg.percdamp, **common)
         return quantize_codebook(weight, input_importance=m2 if cfg.calibrate else None, **common)

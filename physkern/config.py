@@ -61,6 +61,8 @@ class CodebookConfig(_Selectable):
     calibrate:  weight k-means by E[x_j^2] of each input dimension (from calibration text)
     error_feedback: GPTQ-style error feedback over d-dim vectors (GPTVQ); needs calibration
     iters, tol: Lloyd iterations and relative tolerance on the objective
+    max_fit_blocks: fit centroids on a seeded sample of at most this many blocks per scope
+                (then assign all); None = all blocks
     init:       "kmeans++" (seeded D^2 sampling) or "random" (seeded sample of distinct blocks);
                 "auto" uses k-means++ up to k=1024 and random beyond (k-means++ is O(k) passes)
     """
@@ -76,6 +78,7 @@ class CodebookConfig(_Selectable):
     iters: int = 25
     tol: float = 1e-4
     init: str = "auto"
+    max_fit_blocks: Optional[int] = 65536
     seed: int = 0
     codebook_dtype: str = "float16"
     percdamp: float = 0.01
@@ -104,6 +107,8 @@ class CodebookConfig(_Selectable):
                 raise ValueError("scales='columns' needs scale_group (input columns per scale)")
             _check_int("scale_group", self.scale_group, 1)
         _check_int("iters", self.iters, 0)
+        if self.max_fit_blocks is not None:
+            _check_int("max_fit_blocks", self.max_fit_blocks, 1)
         if self.init not in ("auto", "kmeans++", "random"):
             raise ValueError(f"init must be 'auto', 'kmeans++' or 'random', got {self.init!r}")
         if self.codebook_dtype not in ("float16", "bfloat16", "float32"):

@@ -22,7 +22,15 @@ from typing import Optional
 
 import torch
 
-from ..ops import kmeans_assign
+from .. import ops
+
+
+def kmeans_assign(blocks, centroids, importance=None):
+    """Nearest-centroid assignment (physkern.ops); CPU tensors call the vectorised path directly,
+    skipping the custom-op dispatch, which costs more than the work for the small per-step
+    assignments of error feedback."""
+    backend = "cpu" if blocks.device.type == "cpu" else "auto"
+    return ops.kmeans_assign(blocks, centroids, importance, backend=backend)
 from .format import QuantizedWeight
 from .packing import index_bits, pack_indices
 
@@ -100,13 +108,16 @@ def _reseed_empty(cent: torch.Tensor, counts: torch.Tensor, blocks: torch.Tensor
 
 
 def kmeans(blocks: torch.Tensor, k: int, importance: Optional[torch.Tensor] = None,
-           iters: int = 25, tol: float = 1e-4, seed: int = 0, init: str = "auto") -> KMeansResult:
+           iters: int = 25, tol: float = 1e-4, seed: int = 0, init: str = "auto",
+           max_fit_blocks: Optional[int] = None) -> KMeansResult:
     """Batched weighted k-means: one codebook per scope.
 
     blocks:     [n_scopes, n, d] float32
     importance: None or broadcastable to blocks (per-dimension weights s >= 0)
+    max_fit_blocks: fit the centroids on a seeded random subset of this many blocks per scope
+                (as faiss does; None = all blocks), then assign every block once at the end.
     Returns centroids [n_scopes, k, d], indices [n_scopes, n] and the objective after each
-    assignment (non-increasing).
+    assignment on the fitted blocks (non-increasing).
     """
     if blocks.dim() != 3:
         raise ValueError(f"blocks must be [n_scopes, n, d], got {tuple(blocks.shape)}")
@@ -124,6 +135,12 @@ def kmeans(blocks: torch.Tensor, k: int, importance: Optional[torch.Tensor] = No
         if (importance < 0).any() or not torch.isfinite(importance).all():
             raise ValueError("importance must be finite and >= 0")
     gen = torch.Generator().manual_seed(seed)
+    all_blocks, all_importance = blocks, importance
+    if max_fit_blocks is not None and n > max(max_fit_blocks, k):
+        pick = torch.randperm(n, generator=gen)[:max(max_fit_blocks, k)].sort().values
+        blocks = blocks[:, pick]
+        if importance is not None:
+            importance = importance.expand_as(all_blocks)[:, pick]
     method = ("kmeans++" if k <= 1024 else "random") if init == "auto" else init
     cent = kmeans_init(blocks, k, importance, gen, method)
     idx, dist = kmeans_assign(blocks, cent, importance)
@@ -139,6 +156,8 @@ def kmeans(blocks: torch.Tensor, k: int, importance: Optional[torch.Tensor] = No
         history.append(obj)
         if history[-2] - obj <= tol * max(history[-2], 1e-30):
             break
+    if blocks is not all_blocks:
+        idx, _ = kmeans_assign(all_blocks, cent, all_importance)
     return KMeansResult(cent, idx, history)
 
 
@@ -188,7 +207,8 @@ def quantize_codebook(weight: torch.Tensor, k: int, block_dim: int, scope: str =
                       scale_group: Optional[int] = None,
                       input_importance: Optional[torch.Tensor] = None, iters: int = 25,
                       tol: float = 1e-4, seed: int = 0, init: str = "auto",
-                      codebook_dtype: str = "float16") -> QuantizedWeight:
+                      codebook_dtype: str = "float16",
+                      max_fit_blocks: Optional[int] = 65536) -> QuantizedWeight:
     """Fit codebooks to `weight` [out, in] and return its QuantizedWeight.
 
     input_importance: [in] E[x_j^2] (or None for plain k-means).
@@ -220,7 +240,8 @@ def quantize_codebook(weight: torch.Tensor, k: int, block_dim: int, scope: str =
     residual = to_blocks(normed, block_dim, rows)
     codebooks, all_idx = [], []
     for stage in range(stages):
-        res = kmeans(residual, k, imp, iters=iters, tol=tol, seed=seed + stage, init=init)
+        res = kmeans(residual, k, imp, iters=iters, tol=tol, seed=seed + stage, init=init,
+                     max_fit_blocks=max_fit_blocks)
         cent = res.centroids.to(cb_dtype).float()
         idx, _ = kmeans_assign(residual, cent, imp)   # nearest entry of the stored codebook
         recon = cent.gather(1, idx[..., None].expand(-1, -1, block_dim))
@@ -241,7 +262,8 @@ def quantize_codebook_error_feedback(weight: torch.Tensor, gram: torch.Tensor, k
                                      scales: str = "none", scale_group: Optional[int] = None,
                                      percdamp: float = 0.01, iters: int = 25, tol: float = 1e-4,
                                      seed: int = 0, init: str = "auto",
-                                     codebook_dtype: str = "float16") -> QuantizedWeight:
+                                     codebook_dtype: str = "float16",
+                                     max_fit_blocks: Optional[int] = 65536) -> QuantizedWeight:
     """Codebooks with GPTQ error feedback over d-dim vectors (in the manner of GPTVQ).
 
     1. Codebooks are fitted by weighted k-means with importance diag(X^T X) (as
@@ -262,7 +284,7 @@ def quantize_codebook_error_feedback(weight: torch.Tensor, gram: torch.Tensor, k
     init_qw = quantize_codebook(w, k, block_dim, scope, group_size, stages, scales, scale_group,
                                 input_importance=diag / diag.mean().clamp_min(1e-30),
                                 iters=iters, tol=tol, seed=seed, init=init,
-                                codebook_dtype=codebook_dtype)
+                                codebook_dtype=codebook_dtype, max_fit_blocks=max_fit_blocks)
     rows, d = init_qw.codebook_rows, block_dim
     n_cb = out // rows
     cbs = init_qw.codebooks.float()                                  # [S, C, K, d]
