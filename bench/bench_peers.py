@@ -121,16 +121,31 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             apply(m)
-            rep = bits_report(m)
+            try:
+                rep = bits_report(m)
+                layers_bits = rep.layers
+                how = "physkern.quant.accounting.bits_report over the peer's storage_bits hooks"
+            except RuntimeError:
+                # bits_report's whole-model pass cannot read tensor-subclass storages (torchao):
+                # sum the same per-layer hooks it would have summed.
+                layers_bits = {}
+                for n, mod in m.named_modules():
+                    if hasattr(mod, "storage_bits"):
+                        parts = mod.storage_bits()
+                        layers_bits[n] = {**parts, "weights": mod.weight_numel(),
+                                          "total_bits": sum(parts.values())}
+                how = "sum of the peer's storage_bits hooks (bits_report cannot read " \
+                      "tensor-subclass storages)"
             res = perplexity(m, tokens, 1024, progress=False, model_name=resolve_model_name(None))
-            q_bits = rep.quantized_bits
-            model_bits = fp_bits.model_bits - sum(fp_layer_bits[n] for n in rep.layers) + q_bits
+            q_bits = sum(v["total_bits"] for v in layers_bits.values())
+            q_weights = sum(v["weights"] for v in layers_bits.values())
+            model_bits = fp_bits.model_bits - sum(fp_layer_bits[n] for n in layers_bits) + q_bits
             r = {"peer": name, "description": desc, "ran": True, "perplexity": res.perplexity,
-                 "tokens_scored": res.tokens_scored,
-                 "true_bits_quantized": rep.quantized_bits_per_weight,
+                 "tokens_scored": res.tokens_scored, "bits_counted_by": how,
+                 "true_bits_quantized": q_bits / q_weights,
                  "true_bits_model": model_bits / fp_bits.model_parameters,
-                 "quantized_layers": len(rep.layers),
-                 "bits_parts_first_layer": next(iter(rep.layers.values())),
+                 "quantized_layers": len(layers_bits),
+                 "bits_parts_first_layer": next(iter(layers_bits.values())),
                  "seconds": time.perf_counter() - t0}
             print(f"{name}: ppl {res.perplexity:.3f}, {r['true_bits_quantized']:.3f} bits/w "
                   f"(quantized), {r['true_bits_model']:.3f} (model)", flush=True)
@@ -140,6 +155,12 @@ def main(argv=None) -> int:
                  "traceback_tail": traceback.format_exc()[-1500:]}
             print(f"{name}: could not run: {r['error'][:300]}", flush=True)
         results.append(r)
+    if Path(args.json).exists():  # keep other peers' earlier results (same protocol only)
+        import json
+        old = json.loads(Path(args.json).read_text())
+        if old.get("protocol", {}).get("tokens_input") == int(tokens.numel()):
+            ran = {r["peer"] for r in results}
+            results = [r for r in old["results"] if r["peer"] not in ran] + results
     import importlib.metadata as md
     vers = {}
     for p in ("hqq", "torchao"):
