@@ -21,14 +21,16 @@ and the skipped fraction of the softmax mass, skipped / (kept + skipped), is bel
 If a fraction delta <= eps of the mass is dropped and the rest renormalised, every output coordinate
 moves by at most 2 * delta * max_j |v_jc| (`error_bound`).
 
-R comes from the data and is provable (Cauchy-Schwarz): scores are shift-invariant per row, so
-with c the mean key of the head, s_ij - s_ij' = scale * q_i . ((k_j - c) - (k_j' - c)) and
-R_i = 2 * |scale| * ||q_i|| * max_j ||k_j - c||. A caller may instead assert a bound
-(`score_range=`), which is then its responsibility.
+A bound R on the score range is hard to know in advance and a global one is loose (on the
+packaged SmolLM2, the global Cauchy-Schwarz bound `score_range_bound` reaches ~200 nats). So by default the plan applies the same
+argument block by block with data-derived, provable quantities (`_blockwise_start`): an upper
+bound on the scores of each key tile (min of a Cauchy-Schwarz ball and a coordinate box around the
+tile's keys) against the exact mass of each query's last block_n keys, times the decay; it skips
+the longest prefix of far key tiles whose total is <= eps. A caller may instead assert a range
+(`score_range=R`); then D(xi, eps, R) above is used, and the guarantee holds if the assertion does.
 
-The plan (`lattice_plan`) computes, per (batch, head, query block), the first key block to load:
-blocks entirely farther than D from every query of the block are never loaded. eps=None is the
-exact mode: every causal block is visited.
+The plan (`lattice_plan`) gives, per (batch, head, query block), the first key tile to load: tiles
+before it are never loaded. eps=None is the exact mode: every causal tile is visited.
 
 Three implementations share the plan and are tested against each other:
   lattice_attention_reference  sdpa with the additive bias mask (O(n^2), the seeds' formulation)
@@ -183,9 +185,9 @@ def lattice_plan(q: torch.Tensor, k: torch.Tensor, xi: XiLike, eps: Optional[flo
                  score_range: Optional[float] = None) -> LatticePlan:
     """The block-skipping plan for q [B, Hq, n_q, d] against k [B, Hkv, n_kv, d].
 
-    Per query block, D = D(xi_h, eps, R) with R the largest row bound in the block
-    (`score_range_bound`, or the caller's `score_range`); key blocks wholly before
-    first_query_position - D are skipped. eps=None: exact (nothing skipped).
+    Default: the block-wise provable bound (`_blockwise_start`). With `score_range=R` asserted:
+    D = D(xi_h, eps, R) and key tiles wholly before first_query_position - D are skipped.
+    eps=None or xi=inf: exact (nothing skipped).
     """
     bsz, hq, n_q, _ = q.shape
     n_kv = k.shape[2]
@@ -234,7 +236,7 @@ def _pad_rows(t: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _local_log_mass(qf: torch.Tensor, kf: torch.Tensor, inv: torch.Tensor, scale: float,
-                    window: int, rows_per_step: int = 128) -> torch.Tensor:
+                    window: int, rows_per_step: int = 64) -> torch.Tensor:
     """log sum_{p_i - window <= j <= p_i} exp(s_ij - (p_i - j) inv_h) per query row: the exact
     mass of the keys just behind each query, which block skipping never drops (a lower bound on
     the kept mass). qf [B, Hq, n_q, d], kf [B, Hkv, n_kv, d] -> [B, Hq, n_q]."""

@@ -41,23 +41,31 @@ _PREVIOUS_KEY = "_lattice_previous_attn_implementation"
 class LatticeWork:
     """Attention work done inside a `record_work()` block, summed over calls.
 
-    blocks_visited / blocks_causal: key blocks of `block` keys that a kernel with
-    `block`-sized query and key tiles loads, with skipping / for plain causal attention.
+    blocks_visited / blocks_causal: key tiles that the Triton kernel's tiling (block_m x block_n;
+    None = the production config for the call's head dim) loads with skipping / for plain
+    causal attention. The same count whether the call ran on CUDA or on the CPU path.
+    oracle_blocks_visited (with oracle=True): tiles visited if the skip decision used the exact
+    attention weights (skip the far key tiles that hold <= eps of every row's mass): what a
+    perfect bound would do, for comparison; O(n^2) to compute, diagnostics only.
     pairs_computed / pairs_causal: (query, key) scores the path that actually ran computed
     (banded CPU path: whole chunk x band rectangles; Triton: whole visited tiles) / the causal
     count n(n+1)/2 (so exact mode reads a little above 1).
     query_blocks_skipping / query_blocks: (batch, head, query block)s that skip at least one key
-    block; max_distance: the largest truncation distance among them.
+    tile; max_distance: the largest truncation distance among them.
     """
-    block: int = DEFAULT_BLOCK
+    block_m: Optional[int] = None
+    block_n: Optional[int] = None
+    oracle: bool = False
     calls: int = 0
     blocks_visited: int = 0
     blocks_causal: int = 0
+    oracle_blocks_visited: int = 0
     pairs_computed: int = 0
     pairs_causal: int = 0
     max_distance: float = 0.0
     query_blocks: int = 0
     query_blocks_skipping: int = 0
+    tiles: set = field(default_factory=set)
     paths: dict = field(default_factory=dict)
 
     @property
@@ -65,13 +73,21 @@ class LatticeWork:
         return self.blocks_visited / self.blocks_causal if self.blocks_causal else float("nan")
 
     @property
+    def fraction_oracle_blocks_visited(self) -> float:
+        if not self.oracle or not self.blocks_causal:
+            return float("nan")
+        return self.oracle_blocks_visited / self.blocks_causal
+
+    @property
     def fraction_pairs_computed(self) -> float:
         return self.pairs_computed / self.pairs_causal if self.pairs_causal else float("nan")
 
     def to_dict(self) -> dict:
-        return {"block": self.block, "calls": self.calls, "blocks_visited": self.blocks_visited,
-                "blocks_causal": self.blocks_causal,
+        return {"tiles": sorted(self.tiles), "calls": self.calls,
+                "blocks_visited": self.blocks_visited, "blocks_causal": self.blocks_causal,
                 "fraction_blocks_visited": self.fraction_blocks_visited,
+                "oracle_blocks_visited": self.oracle_blocks_visited if self.oracle else None,
+                "fraction_oracle_blocks_visited": self.fraction_oracle_blocks_visited,
                 "pairs_computed": self.pairs_computed, "pairs_causal": self.pairs_causal,
                 "fraction_pairs_computed": self.fraction_pairs_computed,
                 "query_blocks": self.query_blocks,
@@ -83,9 +99,17 @@ _RECORDERS: list[LatticeWork] = []
 
 
 @contextlib.contextmanager
-def record_work(block: int = DEFAULT_BLOCK) -> Iterator[LatticeWork]:
-    """Collect the attention work of every lattice_attention call inside the block."""
-    work = LatticeWork(block=block)
+def record_work(block_m: Optional[int] = None, block_n: Optional[int] = None,
+                oracle: bool = False) -> Iterator[LatticeWork]:
+    """Collect the attention work of every lattice_attention call inside the block.
+
+    block_m / block_n: the tiling to count key tiles in (None: the Triton production config for
+    each call's head dim). oracle: also count the tiles exact attention weights would need.
+    """
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    work = LatticeWork(block_m=block_m, block_n=block_n, oracle=oracle)
     _RECORDERS.append(work)
     try:
         yield work
@@ -98,15 +122,53 @@ def _causal_pairs(n_q: int, n_kv: int) -> int:
     return n_q * (off + 1) + n_q * (n_q - 1) // 2
 
 
+def oracle_start_blocks(q, k, xi, eps: Optional[float], scale: float, block_m: int,
+                        block_n: int) -> torch.Tensor:
+    """First key tile per (batch, head, query block) if skipping used the exact attention
+    weights: the longest prefix of key tiles holding <= eps of every row's mass (the diagonal
+    tile never skipped). O(n^2): diagnostics only. Returns int64 [B, Hq, n_q_blocks]."""
+    plan = lattice_plan(q, k, xi, None, scale, block_m, block_n)
+    if eps is None:
+        return plan.start_block.long()
+    p = lattice_attention_probs(q, k, xi, scale)                      # [B, Hq, n_q, n_kv]
+    bsz, hq, n_q, n_kv = p.shape
+    n_kb = -(-n_kv // block_n)
+    pad = n_kb * block_n - n_kv
+    mass = torch.nn.functional.pad(p, (0, pad)).view(bsz, hq, n_q, n_kb, block_n).sum(-1)
+    before = torch.cumsum(mass, dim=-1)                               # mass of tiles <= kb
+    n_qb = plan.start_block.shape[-1]
+    rows_pad = n_qb * block_m - n_q
+    before = torch.nn.functional.pad(before, (0, 0, 0, rows_pad), value=0.0)
+    worst = before.view(bsz, hq, n_qb, block_m, n_kb).amax(dim=3)     # [B, Hq, n_qb, n_kb]
+    allowed = torch.arange(n_kb)[None, :] < (plan.end_block - 1)[:, None]   # not the last tile
+    ok = (worst <= eps) & allowed[None, None].to(worst.device)
+    return torch.cumprod(ok.long(), dim=-1).sum(dim=-1).cpu()
+
+
+def lattice_attention_probs(q, k, xi, scale: float) -> torch.Tensor:
+    """Exact attention weights with the lattice bias, float32 [B, Hq, n_q, n_kv]."""
+    hq = q.shape[1]
+    kk = k.float().repeat_interleave(hq // k.shape[1], dim=1)
+    s = torch.matmul(q.float(), kk.transpose(-1, -2)) * scale
+    s = s + lattice_bias(q.shape[2], k.shape[2], xi, hq, q.device, torch.float32)[None]
+    return torch.softmax(s, dim=-1)
+
+
 def _record(q, k, xi, eps, scale, score_range, path: str, plan_run) -> None:
-    bsz, hq, n_q, _ = q.shape
+    bsz, hq, n_q, d = q.shape
     n_kv = k.shape[2]
     for work in _RECORDERS:
-        plan = plan_run if (plan_run.block_m == work.block and plan_run.block_n == work.block) \
-            else lattice_plan(q, k, xi, eps, scale, work.block, work.block, score_range)
+        cfg_m, cfg_n, _, _ = kernel_config(d)
+        bm, bn = work.block_m or cfg_m, work.block_n or cfg_n
+        work.tiles.add((bm, bn))
+        plan = plan_run if (plan_run.block_m == bm and plan_run.block_n == bn) \
+            else lattice_plan(q, k, xi, eps, scale, bm, bn, score_range)
         work.calls += 1
         work.blocks_visited += plan.blocks_visited
         work.blocks_causal += plan.blocks_causal
+        if work.oracle:
+            start = oracle_start_blocks(q, k, xi, eps, scale, bm, bn)
+            work.oracle_blocks_visited += int((plan.end_block[None, None, :] - start).sum())
         finite = plan.distance[torch.isfinite(plan.distance)]
         if finite.numel():
             work.max_distance = max(work.max_distance, float(finite.max()))

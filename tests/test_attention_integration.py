@@ -90,7 +90,7 @@ def test_skipping_in_model_stays_close(model):
     physkern.enable_lattice(model, 1.0)
     exact = model(ids).logits
     physkern.enable_lattice(model, 1.0, eps=1e-4)
-    with record_work(block=16) as work:
+    with record_work(block_m=16, block_n=16) as work:
         approx = model(ids).logits
     assert work.fraction_blocks_visited < 1.0
     torch.testing.assert_close(approx, exact, atol=1e-2, rtol=0)

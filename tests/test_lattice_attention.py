@@ -119,6 +119,28 @@ def test_skipped_mass_below_eps_per_row():
             assert skipped <= eps
 
 
+@pytest.mark.parametrize("xi, scale_q", [(2.0, 0.5), (8.0, 0.3), (32.0, 0.1)])
+def test_blockwise_plan_skips_below_eps_per_row(xi, scale_q):
+    # The default (data-derived) plan: for every row, the exact softmax mass of the keys in the
+    # skipped tiles is <= eps. Keys with a structured outlier (a "sink" key far behind) included.
+    q, k, _ = _qkv(1, 4, 2, 500, 520, 16, scale_q=scale_q)
+    k[:, :, 3] *= 6.0
+    eps, scale = 1e-3, 0.25
+    plan = lattice_plan(q, k, xi, eps, scale, 32, 16)
+    assert plan.fraction_visited < 1.0
+    kk = k.repeat_interleave(2, dim=1).double()
+    s = torch.einsum("bhid,bhjd->bhij", q.double(), kk) * scale
+    p = torch.softmax(s + lattice_bias(500, 520, xi, 4, dtype=torch.float64)[None], -1)
+    cum = torch.cumsum(p, -1)                             # mass of keys <= j
+    for h in range(4):
+        for qb in range(plan.start_block.shape[-1]):
+            first = int(plan.start_block[0, h, qb]) * 16
+            if first == 0:
+                continue
+            rows = slice(qb * 32, min(500, qb * 32 + 32))
+            assert float(cum[0, h, rows, first - 1].max()) <= eps
+
+
 def test_truncation_distance_formula():
     # r^(D+1) <= eps / (e^R + eps) and D is the smallest such integer.
     for xi, eps, rng in [(16.0, 1e-3, 0.0), (64.0, 1e-2, 5.0), (1.5, 0.3, 2.0)]:
@@ -132,13 +154,23 @@ def test_truncation_distance_formula():
 
 def test_user_dispatch_cpu_records_work():
     q, k, v = _qkv(1, 2, 1, 1000, 1000, 16, scale_q=0.2)
-    with record_work(block=16) as work:
+    with record_work(block_m=16, block_n=16) as work:
         out = lattice_attention(q, k, v, 1.0, eps=1e-3)
     ref = lattice_attention_reference(q, k, v, 1.0)
     assert (out - ref).abs().max() <= error_bound(v, 1e-3).max() + 1e-6
     assert work.calls == 1 and work.paths == {"banded": 1}
     assert 0 < work.fraction_blocks_visited < 0.5
     assert work.pairs_computed < work.pairs_causal
+    assert work.tiles == {(16, 16)}
+
+
+def test_oracle_visits_no_more_than_the_bound():
+    # The provable plan may only visit more tiles than exact weights need, never fewer.
+    q, k, v = _qkv(1, 2, 1, 400, 400, 16, scale_q=0.5)
+    with record_work(block_m=32, block_n=16, oracle=True) as work:
+        lattice_attention(q, k, v, 4.0, eps=1e-3)
+    assert work.oracle_blocks_visited <= work.blocks_visited
+    assert work.fraction_oracle_blocks_visited < 1.0
 
 
 def test_low_precision_banded_path():

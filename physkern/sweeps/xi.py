@@ -52,8 +52,8 @@ def register_sweep(kinds) -> None:
     p.add_argument("--score-range", type=float, default=None,
                    help="assert a bound on each row's score range instead of the provable "
                         "data-derived one (then the eps guarantee is the caller's assumption)")
-    p.add_argument("--block", type=int, default=64,
-                   help="tile size used to count key blocks visited (default 64, the kernel's)")
+    p.add_argument("--no-oracle", action="store_true",
+                   help="skip counting the tiles exact attention weights would need (O(n^2))")
     p.add_argument("--json", default=DEFAULT_JSON, help=f"result JSON (default {DEFAULT_JSON})")
     p.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
     p.add_argument("--markdown", default=None,
@@ -77,8 +77,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"eps must lie in (0, 1), got {eps} (use --exact for no skipping)")
     if args.tokens is not None and args.tokens < 0:
         raise ValueError(f"tokens must be >= 0 (0 = all), got {args.tokens}")
-    if args.block <= 0:
-        raise ValueError(f"block must be positive, got {args.block}")
     corpus = load_corpus(args.corpus)
     model, tokenizer = load_model(args.model, device=args.device)
     window = resolve_window(model, args.window)
@@ -88,11 +86,12 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     base = perplexity(model, tokens, window, args.stride, **common)
-    print(f"baseline ({model.config._attn_implementation}): perplexity {base.perplexity:.4f}")
+    print(f"baseline ({model.config._attn_implementation}): perplexity {base.perplexity:.4f} "
+          f"({base.seconds:.0f} s)")
     points = []
     for xi in args.xi:
         enable_lattice(model, xi, eps=eps, score_range=args.score_range)
-        with record_work(block=args.block) as work:
+        with record_work(oracle=not args.no_oracle) as work:
             res = perplexity(model, tokens, window, args.stride, **common)
         disable_lattice(model)
         w = work.to_dict()
@@ -100,9 +99,9 @@ def run(args: argparse.Namespace) -> int:
                        "vs_baseline": res.perplexity / base.perplexity - 1.0,
                        "seconds": res.seconds, "tokens_per_second": res.tokens_per_second,
                        "work": w})
-        print(f"xi {_xi_json(xi):>6}: perplexity {res.perplexity:10.4f}  key blocks visited "
-              f"{w['fraction_blocks_visited']:.3f}  max D {w['max_truncation_distance']}  "
-              f"({res.seconds:.0f} s)")
+        print(f"xi {_xi_json(xi):>6}: perplexity {res.perplexity:10.4f}  key tiles visited "
+              f"{w['fraction_blocks_visited']:.3f} (exact-weights oracle "
+              f"{w['fraction_oracle_blocks_visited']:.3f})  ({res.seconds:.0f} s)")
     payload = {
         "experiment": "lattice attention xi sweep",
         "model": model_name, "corpus": corpus.describe(),
@@ -111,13 +110,17 @@ def run(args: argparse.Namespace) -> int:
                      "windows": base.windows, "dtype": base.dtype,
                      "text": "evaluation part (second half of the articles)"},
         "lattice": {"bias": "-(i-j)/xi on causal scores, every head and layer",
-                    "eps": eps, "score_range": args.score_range or "data-derived bound "
-                    "2*scale*||q_i||*max_j||k_j - mean k|| (provable)",
-                    "block": args.block,
-                    "truncation": "D = ceil(xi*(R + ln(1/eps) + ln(1 + eps*e^-R))) - 1 per query "
-                                  "block; key blocks wholly farther than D are skipped"},
+                    "eps": eps, "score_range": args.score_range or "none asserted: data-derived provable bound",
+                    "tiles": "Triton production config (block_m x block_n) for the head dim",
+                    "truncation": ("per (batch, head, query tile): skip the longest prefix of "
+                                   "far key tiles whose provable mass bound (score upper bound "
+                                   "min(ball, box) per key tile vs the exact mass of each row's "
+                                   "last block_n keys, times the decay) is <= eps; "
+                                   "with --score-range R: D = ceil(xi*(R + ln(1/eps) + "
+                                   "ln(1 + eps*e^-R))) - 1")},
         "baseline": {"attn_implementation": model.config._attn_implementation,
-                     "perplexity": base.perplexity, "mean_nll": base.mean_nll},
+                     "perplexity": base.perplexity, "mean_nll": base.mean_nll,
+                     "seconds": base.seconds},
         "points": points,
         "seeds_reference": {"source": "../shared/seeds/000_*.txt, Direction 3",
                             "note": "theirs: GPT-2 124M, their protocol (WikiText-2 test, "
@@ -169,8 +172,12 @@ def plot(payload: dict, path: Path) -> None:
                   f"{proto['window']}", fontsize=9)
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3, which="both")
+    tiles = finite[0]["work"]["tiles"] if finite else []
     ax2.plot(xs, [p["work"]["fraction_blocks_visited"] for p in finite], "o-",
-             label=f"key blocks visited ({payload['lattice']['block']}-token tiles)")
+             label=f"key tiles visited, provable bound (tiles {tiles})")
+    if finite and finite[0]["work"].get("oracle_blocks_visited") is not None:
+        ax2.plot(xs, [p["work"]["fraction_oracle_blocks_visited"] for p in finite], "^-",
+                 label="tiles needed by exact weights (oracle)")
     ax2.plot(xs, [p["work"]["fraction_pairs_computed"] for p in finite], "s--", alpha=0.7,
              label="scores computed by the CPU banded path")
     ax2.set_xscale("log", base=2)
@@ -195,18 +202,20 @@ def markdown_table(payload: dict, json_path, plot_path) -> str:
         f"Lattice attention xi sweep ({payload['model']}, {proto['tokens_scored']} evaluation "
         f"tokens of {payload['corpus'].get('name', 'the corpus')}, {proto['kind']} windows of "
         f"{proto['window']}; eps = {payload['lattice']['eps']}; from `{payload['command']}`, "
-        f"{payload['device']}). Fraction of key blocks visited: {payload['lattice']['block']}-token "
-        "tiles a block-skipping kernel loads, relative to plain causal attention.",
+        f"{payload['device']}). Key tiles visited: fraction of the causal key tiles the Triton "
+        "kernel's tiling loads under the provable skipping bound (oracle: if the skip decision "
+        "used the exact attention weights).",
         "",
-        "| xi | perplexity (ours) | vs no bias | key blocks visited | GPT-2 perplexity "
+        "| xi | perplexity (ours) | vs no bias | key tiles visited | oracle | GPT-2 perplexity "
         "(theirs: seeds, GPT-2 124M, their protocol) |",
-        "|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for p in payload["points"]:
         xi = _float_xi(p["xi"])
         theirs = SEEDS_GPT2_XI_PPL.get(xi)
         lines.append(f"| {p['xi']} | {p['perplexity']:.2f} | {100 * p['vs_baseline']:+.1f}% | "
                      f"{p['work']['fraction_blocks_visited']:.3f} | "
+                     f"{p['work']['fraction_oracle_blocks_visited']:.3f} | "
                      f"{'—' if theirs is None else f'{theirs:g}'} |")
     lines += ["", f"No bias ({payload['baseline']['attn_implementation']}): perplexity "
               f"{payload['baseline']['perplexity']:.2f}. Their xi = inf row is their vanilla "
