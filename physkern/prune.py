@@ -224,12 +224,14 @@ def ranks_for_target(groups: dict, types: Sequence[str], target_removed: int) ->
 
 def top_singular_triplets(weight: torch.Tensor, rank: int):
     """The `rank` leading singular triplets (u [out, rank], s [rank], vh [rank, in]), float64,
-    from an eigendecomposition of the smaller Gram matrix (several times faster than an SVD on
+    from an eigendecomposition of the smaller Gram matrix (much faster than an SVD on
     CPU). Accurate for singular values well above sqrt(1e-16) * sigma_max, which holds for every
     rank that saves bytes on real weights; `truncated_svd_factors` uses a full SVD instead."""
     w = weight.detach().double()
     tall = w.shape[0] >= w.shape[1]
-    evals, evecs = torch.linalg.eigh(w.T @ w if tall else w @ w.T)
+    import numpy as np  # numpy's LAPACK eigh is ~10x cheaper than torch's on this CPU build
+    evals, evecs = (torch.from_numpy(a) for a in np.linalg.eigh((w.T @ w if tall else w @ w.T)
+                                                                .cpu().numpy()))
     order = torch.argsort(evals, descending=True)[:rank]
     s = evals[order].clamp(min=0).sqrt()
     vecs = evecs[:, order]

@@ -45,7 +45,7 @@ def correlation_eigenvalues(weight: torch.Tensor) -> tuple[np.ndarray, int, int]
     if w.shape[0] < w.shape[1]:
         w = w.T
     n, m = w.shape
-    eigs = torch.linalg.eigvalsh(w.T @ w).clamp(min=0).numpy() / n
+    eigs = np.linalg.eigvalsh((w.T @ w).numpy()).clip(min=0) / n
     return np.sort(eigs), n, m
 
 
@@ -203,10 +203,13 @@ def plot_spectra(result: dict, path_esd, path_depth) -> None:
         eigs = d["eigenvalues"]
         top = max(d["lambda_plus"] * 1.6, np.quantile(eigs, 0.99))
         bins = np.linspace(0, top, 80)
-        ax.hist(eigs[eigs <= top], bins=bins, density=True, alpha=0.6, label="ESD")
-        xs = np.linspace(1e-9, top, 600)
-        # the fitted MP density carries all M eigenvalues' mass
+        # density over all M eigenvalues (those beyond the cut still count in the normalisation)
+        counts, _ = np.histogram(eigs, bins=bins)
+        dens = counts / (eigs.size * np.diff(bins))
+        ax.bar(bins[:-1], dens, width=np.diff(bins), align="edge", alpha=0.6, label="ESD")
+        xs = np.linspace(top / 2000, top, 600)
         ax.plot(xs, mp_density(xs, d["sigma2"], d["q"]), "r-", lw=1.2, label="MP fit")
+        ax.set_ylim(0, 1.3 * dens.max())  # the q = 1 MP density diverges at 0
         ax.axvline(d["lambda_plus"], color="r", ls="--", lw=0.8)
         ax.set_title(f"{short_type(t)} layer {li}: {d['outliers']} outliers, "
                      f"max {d['lambda_max']:.3g}", fontsize=9)
