@@ -345,7 +345,7 @@ class IndexCache:
 INDEX_CACHE = IndexCache()
 
 # LUT GEMV is used for x with at most this many rows (see codebook_matmul_cpu).
-LUT_MAX_M = 8
+LUT_MAX_M = 4
 
 
 def unpack_fast(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -372,15 +372,14 @@ def _row_codebook_index(packed: torch.Tensor, k: int, n_blocks: int, codebook_ro
 
 def _lut_index(packed: torch.Tensor, k: int, n_blocks: int, codebook_rows: int,
                n_codebooks: int) -> torch.Tensor:
-    """[out, S * n_blocks] rows of the LUT [(S, n_cb, nb, K), M] each output row sums."""
+    """[S * n_blocks, out] column of the LUT [M, S * n_blocks, n_cb * K] each (block, row) reads:
+    c(row) * K + idx[s, row, block]. Laid out block-major so one torch.gather along the last dim
+    reads, for every block, the table entry of every row."""
     stages, out = packed.shape[0], packed.shape[1]
     idx = unpack_fast(packed, index_bits(k), n_blocks)                   # [S, out, nb]
     cb = torch.arange(out, device=packed.device) // codebook_rows
-    stage = torch.arange(stages, device=packed.device)
-    blk = torch.arange(n_blocks, device=packed.device)
-    flat = ((stage[:, None, None] * n_codebooks + cb[None, :, None]) * n_blocks
-            + blk[None, None, :]) * k + idx
-    return flat.permute(1, 0, 2).reshape(out, stages * n_blocks).contiguous()
+    col = cb[None, :, None] * k + idx
+    return col.permute(0, 2, 1).reshape(stages * n_blocks, out).contiguous()
 
 
 def lut_eligible(m: int, stages: int, n_codebooks: int, k: int, d: int, out: int,
@@ -389,8 +388,11 @@ def lut_eligible(m: int, stages: int, n_codebooks: int, k: int, d: int, out: int
 
     Building the LUT costs M * in * S * n_cb * K multiply-adds (dense: M * in * out), the gather
     M * out * S * in / d lookups; scales must be constant over a block (scale_group % d == 0).
+    The dequant path instead pays out * in gathered values once plus a dense matmul, so the LUT
+    wins only for small M (LUT_MAX_M, measured on 2 cores: bench/bench_kernels.py).
     """
-    return (m <= LUT_MAX_M and 4 * stages * n_codebooks * k <= out and d >= 2 * stages
+    max_m = LUT_MAX_M if d > 1 else LUT_MAX_M // 2  # d = 1: one lookup per weight
+    return (m <= max_m and 2 * stages * n_codebooks * k <= out
             and (not has_scales or scale_group % d == 0))
 
 
@@ -424,40 +426,55 @@ def codebook_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.
     if m == 0:
         y = x2.new_zeros(0, out)
     elif method == "lut":
-        lut_idx = INDEX_CACHE.get(packed, ("lut", k, nb, codebook_rows),
+        lut_col = INDEX_CACHE.get(packed, ("lut", k, nb, codebook_rows),
                                   lambda: _lut_index(packed, k, nb, codebook_rows, n_cb))
-        # lut[(s, c, b, kk), m] = x[m, block b] . C[s, c, kk]
-        lut = (x2.reshape(m * nb, d) @ cbf.T).reshape(m, nb, stages * n_cb, k)
-        lut = lut.permute(2, 1, 3, 0).reshape(stages * n_cb * nb * k, m)
-        psw = None
+        # lut[m, (s, b), (c, kk)] = x[m, block b] . C[s, c, kk]: M * in * S * n_cb * K MACs.
+        lut = (x2.reshape(m * nb, d) @ cbf.T).reshape(m, nb, stages, n_cb * k)
+        if stages > 1:
+            lut = lut.transpose(1, 2)
+        lut = lut.reshape(m, stages * nb, n_cb * k)
+        # One gather: every (block, row) picks its entry; [m, S * nb, out].
+        picked = torch.gather(lut, 2, lut_col.expand(m, -1, -1))
         if scales is not None:
-            col = (torch.arange(nb, device=x.device) * d) // scale_group
-            psw = scales.float().index_select(1, col)                  # [out, nb]
+            # Sum the blocks of each scale group, then weight the group sums by their scales.
+            per_group = scale_group // d
+            n_groups = in_features // scale_group
+            picked = picked.reshape(m, stages * n_groups, per_group, out).sum(2)
+            sc_t = scales.float().T                                       # [n_groups, out]
             if stages > 1:
-                psw = psw.repeat(1, stages)
-        y = F.embedding_bag(lut_idx, lut, mode="sum", per_sample_weights=psw).T  # [m, out]
+                sc_t = sc_t.repeat(stages, 1)
+            y = (picked * sc_t).sum(1)                                    # [m, out]
+        else:
+            y = picked.sum(1)
         if offsets is not None:
             xg = x2.reshape(m, in_features // scale_group, scale_group).sum(-1)
-            y = y + xg @ offsets.float().T
+            y = torch.addmm(y, xg, offsets.float().T)
         if bias is not None:
             y = y + bias.float()
-        y = y.contiguous()
     else:
         flat = INDEX_CACHE.get(packed, ("rows", k, nb, codebook_rows),
                                lambda: _row_codebook_index(packed, k, nb, codebook_rows, n_cb))
-        if stages == 1:
+        # Fastest gather per case on CPU (measured): take for scalar grids (d = 1), embedding_bag
+        # with per-sample weights (scale folded into the gather) from d = 8, else embedding.
+        per_block_scales = scales is not None and scale_group % d == 0 and d >= 8
+        if per_block_scales:
+            col = (torch.arange(nb, device=x.device) * d) // scale_group
+            psw = scales.float().index_select(1, col).reshape(out * nb, 1).expand(-1, stages)
+            w = F.embedding_bag(flat, cbf, mode="sum", per_sample_weights=psw.contiguous())
+        elif stages == 1 and d == 1:
+            w = torch.take(cbf.reshape(-1), flat.reshape(-1))
+        elif stages == 1:
             w = F.embedding(flat[:, 0], cbf)                             # [out * nb, d]
         else:
             w = F.embedding_bag(flat, cbf, mode="sum")
-        w = w.reshape(out, in_features)
         if scales is not None:
             g = in_features // scale_group
             w = w.reshape(out, g, scale_group)
+            if not per_block_scales:
+                w = w.mul_(scales.float()[..., None])
             if offsets is not None:
-                w = torch.addcmul(offsets.float()[..., None], w, scales.float()[..., None])
-            else:
-                w = w * scales.float()[..., None]
-            w = w.reshape(out, in_features)
+                w = w.add_(offsets.float()[..., None])
+        w = w.reshape(out, in_features)
         if bias is not None:
             y = torch.addmm(bias.float(), x2, w.T)
         else:
