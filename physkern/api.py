@@ -62,14 +62,16 @@ def quantize_weight(weight: torch.Tensor, cfg: AnyConfig, m2: Optional[torch.Ten
     gram: [in, in] X^T X of the layer's input (GPTQ / codebook error feedback)
     """
     if cfg.method == "codebook":
-        from .quant.codebook import quantize_codebook, quantize_codebook_error_feedback
+        from .quant.codebook import (quantize_codebook, quantize_codebook_error_feedback,
+                                     refine_codebooks)
         common = dict(k=cfg.k, block_dim=cfg.block_dim, scope=cfg.scope,
                       group_size=cfg.group_size, stages=cfg.stages,
                       scales=cfg.effective_scales(), scale_group=cfg.scale_group,
                       iters=cfg.iters, tol=cfg.tol, seed=cfg.seed, init=cfg.init,
                       codebook_dtype=cfg.codebook_dtype, max_fit_blocks=cfg.max_fit_blocks)
         if cfg.error_feedback:
-            return quantize_codebook_error_feedback(weight, gram, percdamp=cfg.percdamp, **common)
+            qw = quantize_codebook_error_feedback(weight, gram, percdamp=cfg.percdamp, **common)
+            return refine_codebooks(qw, weight, gram, cfg.refine_steps)
         return quantize_codebook(weight, input_importance=m2 if cfg.calibrate else None, **common)
     if cfg.method == "rtn":
         from .quant.scalar import rtn_quantize

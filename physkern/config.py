@@ -63,6 +63,8 @@ class CodebookConfig(_Selectable):
     iters, tol: Lloyd iterations and relative tolerance on the objective
     max_fit_blocks: fit centroids on a seeded sample of at most this many blocks per scope
                 (then assign all); None = all blocks
+    refine_steps: Adam steps re-fitting codebooks and scales on the layer's output loss after
+                error feedback (indices fixed; kept only if the loss falls); 0 = off
     init:       "kmeans++" (seeded D^2 sampling) or "random" (seeded sample of distinct blocks);
                 "auto" uses k-means++ up to k=1024 and random beyond (k-means++ is O(k) passes)
     """
@@ -82,6 +84,7 @@ class CodebookConfig(_Selectable):
     seed: int = 0
     codebook_dtype: str = "float16"
     percdamp: float = 0.01
+    refine_steps: int = 0
     layers: Optional[Sequence[str]] = None
     overrides: dict = field(default_factory=dict)
 
@@ -118,6 +121,9 @@ class CodebookConfig(_Selectable):
             raise ValueError("error_feedback=True needs calibrate=True (it uses the Hessian X^T X)")
         if not 0 < self.percdamp < 1:
             raise ValueError(f"percdamp must be in (0, 1), got {self.percdamp}")
+        _check_int("refine_steps", self.refine_steps, 0)
+        if self.refine_steps and not self.error_feedback:
+            raise ValueError("refine_steps needs error_feedback=True (it uses X^T X)")
 
     @property
     def needs_calibration(self) -> bool:

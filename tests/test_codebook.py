@@ -164,3 +164,18 @@ def test_config_validation():
     assert config_from_dict(GPTQConfig(bits=3).to_dict()) == GPTQConfig(bits=3)
     with pytest.raises(ValueError, match="unknown codebook config keys"):
         config_from_dict({"method": "codebook", "kk": 3})
+
+
+def test_refine_codebooks_lowers_output_loss_and_keeps_indices():
+    from physkern.quant.codebook import refine_codebooks
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 48, generator=g)
+    x = torch.randn(1024, 8, generator=g) @ torch.randn(8, 48, generator=g) \
+        + 0.3 * torch.randn(1024, 48, generator=g)
+    gram = x.T @ x
+    loss = lambda q: float(((q.dequantize() - w) @ x.T).pow(2).sum())
+    qw = quantize_codebook_error_feedback(w, gram, 16, 2, "layer", scales="row")
+    ref = refine_codebooks(qw, w, gram, steps=60, lr=1e-2)
+    assert loss(ref) < loss(qw)
+    assert torch.equal(ref.packed, qw.packed)
+    assert refine_codebooks(qw, w, gram, steps=0) is qw

@@ -312,3 +312,45 @@ def quantize_codebook_error_feedback(weight: torch.Tensor, gram: torch.Tensor, k
         raise RuntimeError("internal error: packed codebook result differs from the "
                            "error-feedback loop's values")
     return qw
+
+
+def refine_codebooks(qw: QuantizedWeight, weight: torch.Tensor, gram: torch.Tensor,
+                     steps: int = 100, lr: float = 1e-3) -> QuantizedWeight:
+    """Re-fit codebook entries and scales with the indices fixed, on the layer's output loss.
+
+    Minimises tr((W - Q) H (W - Q)^T) with H = X^T X (GPTVQ's codebook update, done here with
+    Adam in float32). The result is stored in the codebook's dtype; it is kept only if the loss
+    after rounding is lower than before, so refining never makes a layer worse on H.
+    weight: [out, in]; gram: [in, in].
+    """
+    if steps <= 0:
+        return qw
+    w = weight.detach().float().cpu()
+    h = gram.detach().float().cpu()
+    h = h / torch.diagonal(h).mean().clamp_min(1e-30)
+    idx = qw.indices()                                               # [S, out, nb]
+    row_cb = torch.arange(qw.out_features) // qw.codebook_rows
+    loss_of = lambda q: float((((w - q) @ h) * (w - q)).sum())
+
+    def rebuild(cbs, scales):
+        rec = sum(cbs[s][row_cb[:, None], idx[s]] for s in range(qw.stages))
+        rec = rec.reshape(qw.out_features, qw.in_features)
+        if scales is not None:
+            rec = rec * scales.repeat_interleave(qw.scale_group, dim=1)
+        return rec
+
+    cbs = qw.codebooks.float().clone().requires_grad_(True)
+    scales = qw.scales.float().clone().requires_grad_(True) if qw.scales is not None else None
+    params = [cbs] + ([scales] if scales is not None else [])
+    opt = torch.optim.Adam(params, lr=lr * float(qw.codebooks.float().abs().mean().clamp_min(1e-8)))
+    before = loss_of(qw.dequantize())
+    for _ in range(steps):
+        opt.zero_grad()
+        e = w - rebuild(cbs, scales)
+        ((e @ h) * e).sum().backward()
+        opt.step()
+    new = QuantizedWeight(qw.packed, cbs.detach().to(qw.codebooks.dtype),
+                          None if scales is None else scales.detach().to(qw.scales.dtype),
+                          qw.offsets, qw.in_features, qw.out_features, qw.codebook_rows,
+                          qw.scale_group)
+    return new if loss_of(new.dequantize()) < before else qw
