@@ -14,8 +14,8 @@ q, k, v standard normal float32 on CPU (fp16 on CUDA), seed 0. For each n and xi
 Work ratio: (query, key) scores the lattice path computed / causal pairs n(n+1)/2, and the fraction
 of the Triton tiling's key tiles visited; time ratio: lattice time / full causal sdpa time. The goal
 is time falling in proportion to the work. Each method: one warm-up, then the minimum and median
-over --repeats timed calls, methods interleaved. Writes bench/results/lattice_attention_<device>.json
-with provenance (device, threads, versions, command).
+over --repeats timed calls, methods interleaved. Writes
+bench/results/lattice_attention_<device>.json with provenance (device, threads, versions, command).
 """
 from __future__ import annotations
 
@@ -90,8 +90,8 @@ def bench_case(n: int, xis: list[float], eps: float, repeats: int, device, dtype
                "max_abs_error_vs_exact": err, "error_bound": bound}
         rows.append(row)
         print(f"n {n:6d} xi {xi:5.0f}: full sdpa {base * 1e3:9.1f} ms | lattice eps "
-              f"{timing['lattice_eps']['min_s'] * 1e3:9.1f} ms (x{row['time_ratio_eps_vs_full']:.3f}"
-              f", work x{row['work_ratio_pairs']:.3f}, tiles {row['fraction_tiles_visited']:.3f})"
+              f"{timing['lattice_eps']['min_s'] * 1e3:9.1f} ms "
+              f"(x{row['time_ratio_eps_vs_full']:.3f}, work x{row['work_ratio_pairs']:.3f}, tiles {row['fraction_tiles_visited']:.3f})"
               f" | exact {timing['lattice_exact']['min_s'] * 1e3:9.1f} ms"
               + (f" | sdpa+mask {timing['sdpa_bias_mask']['min_s'] * 1e3:9.1f} ms"
                  if "sdpa_bias_mask" in timing else "")

@@ -22,8 +22,8 @@ If a fraction delta <= eps of the mass is dropped and the rest renormalised, eve
 moves by at most 2 * delta * max_j |v_jc| (`error_bound`).
 
 A bound R on the score range is hard to know in advance and a global one is loose (on the
-packaged SmolLM2, the global Cauchy-Schwarz bound `score_range_bound` reaches ~200 nats). So by default the plan applies the same
-argument block by block with data-derived, provable quantities (`_blockwise_start`): an upper
+packaged SmolLM2 the global Cauchy-Schwarz bound `score_range_bound` reaches ~200 nats). So by
+default the plan applies the same argument block by block with data-derived, provable quantities (`_blockwise_start`): an upper
 bound on the scores of each key tile (min of a Cauchy-Schwarz ball and a coordinate box around the
 tile's keys) against the exact mass of each query's last block_n keys, times the decay; it skips
 the longest prefix of far key tiles whose total is <= eps. A caller may instead assert a range

@@ -15,7 +15,6 @@ through `ALL_ATTENTION_FUNCTIONS` (GPT-2, LLaMA and most decoder models in trans
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -326,7 +325,8 @@ def enable_lattice(model: nn.Module, xi: XiLike, eps: Optional[float] = None,
     xi/eps; disable_lattice restores the previous implementation.
     """
     if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
-        raise ValueError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
+        raise ValueError("model: expected a transformers PreTrainedModel, got "
+                         f"{type(model).__name__}")
     heads = getattr(model.config, "num_attention_heads", None)
     if heads is None:
         raise ValueError("model: its config has no num_attention_heads")

@@ -146,3 +146,75 @@ def test_training_with_dropout_is_refused(model):
     physkern.enable_lattice(model, 4.0)
     with pytest.raises(ValueError, match="dropout"):
         model(_ids(8))
+
+
+# ------------------------------------------------------------------------------------------------
+# `physkern sweep xi` end to end on a tiny LLaMA saved to disk
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved_tiny_llama(tmp_path_factory):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    root = tmp_path_factory.mktemp("sweepxi")
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    gen = torch.Generator().manual_seed(0)
+    docs = [" ".join(words[int(i)] for i in torch.randint(0, 6, (50,), generator=gen)) + "."
+            for _ in range(10)]
+    text = "\n\n".join(docs) + "\n"
+    (root / "corpus.txt").write_text(text)
+    chars = sorted(set(text))
+    tok = Tokenizer(models.WordLevel(vocab={"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}},
+                                     unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True)).eval()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return root
+
+
+def test_sweep_xi_cli(saved_tiny_llama, capsys):
+    import json
+    from physkern.cli import main
+    root = saved_tiny_llama
+    out = root / "xi.json"
+    rc = main(["sweep", "xi", "--model", str(root / "model"), "--corpus", str(root / "corpus.txt"),
+               "--tokens", "256", "--window", "64", "--xi", "2", "16", "inf", "--json", str(out),
+               "--markdown", str(root / "xi.md")])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    assert [p["xi"] for p in d["points"]] == [2.0, 16.0, "inf"]
+    for key in ("model", "corpus", "protocol", "lattice", "baseline", "device", "versions",
+                "command", "seeds_reference"):
+        assert key in d, key
+    inf_point = d["points"][-1]
+    assert abs(inf_point["perplexity"] - d["baseline"]["perplexity"]) < 1e-3 * d["baseline"][
+        "perplexity"]
+    assert inf_point["work"]["fraction_blocks_visited"] == 1.0
+    for p in d["points"]:
+        assert 0 < p["work"]["fraction_blocks_visited"] <= 1.0
+        assert p["work"]["oracle_blocks_visited"] <= p["work"]["blocks_visited"]
+    assert (root / "xi.png").stat().st_size > 0
+    md = (root / "xi.md").read_text()
+    assert "theirs" in md and "| inf |" in md
+
+
+@pytest.mark.parametrize("argv, code", [(["--xi", "0"], 2), (["--xi", "abc"], 2),
+                                        (["--eps", "1.5"], 2)])
+def test_sweep_xi_bad_arguments(saved_tiny_llama, argv, code, capsys):
+    from physkern.cli import main
+    root = saved_tiny_llama
+    base = ["sweep", "xi", "--model", str(root / "model"), "--corpus", str(root / "corpus.txt"),
+            "--tokens", "128", "--window", "64", "--json", str(root / "bad.json")]
+    try:
+        rc = main(base + argv)
+    except SystemExit as exc:  # argparse rejects the value
+        rc = exc.code
+    assert rc == code
+    err = capsys.readouterr().err
+    assert ("xi" in err) or ("eps" in err)

@@ -10,8 +10,8 @@ import torch
 
 from physkern.attention import lattice_attention, record_work
 from physkern.kernels.lattice_attention import (
-    error_bound, lattice_attention_banded, lattice_attention_reference, lattice_attention_triton,
-    lattice_bias, lattice_plan, score_range_bound, truncation_distance)
+    error_bound, kernel_config, lattice_attention_banded, lattice_attention_reference,
+    lattice_attention_triton, lattice_bias, lattice_plan, score_range_bound, truncation_distance)
 
 INF = float("inf")
 
@@ -219,3 +219,27 @@ def test_bad_shapes():
                           torch.randn(1, 2, 8, 16), 4.0)
     with pytest.raises(ValueError, match="dtype"):
         lattice_attention(q.half(), k[:, :2], k[:, :2], 4.0)
+
+
+def test_triton_production_tiles_interpreter():
+    # The production tiling (kernel_config for head_dim 64), fp32 in the interpreter, with
+    # skipping, GQA and a ragged last block.
+    q, k, v = _qkv(1, 2, 1, 300, 300, 64, scale_q=0.3)
+    ref = lattice_attention_reference(q, k, v, 4.0)
+    plan = lattice_plan(q, k, 4.0, 1e-3, 0.125, *kernel_config(64)[:2])
+    assert plan.fraction_visited < 1.0
+    out = lattice_attention_triton(q, k, v, 4.0, eps=1e-3)
+    bound = error_bound(v, 1e-3).repeat_interleave(2, dim=1)
+    assert ((out - ref).abs() <= bound + 1e-6).all()
+    torch.testing.assert_close(lattice_attention_triton(q, k, v, 4.0), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_cuda_low_precision(dtype, head_dim):
+    q, k, v = (t.cuda() for t in _qkv(2, 8, 2, 1000, 1000, head_dim))
+    ref = lattice_attention_reference(q, k, v, 64.0)
+    out = lattice_attention(q.to(dtype), k.to(dtype), v.to(dtype), 64.0)
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)

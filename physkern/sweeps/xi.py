@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
                      "windows": base.windows, "dtype": base.dtype,
                      "text": "evaluation part (second half of the articles)"},
         "lattice": {"bias": "-(i-j)/xi on causal scores, every head and layer",
-                    "eps": eps, "score_range": args.score_range or "none asserted: data-derived provable bound",
+                    "eps": eps,
+                    "score_range": args.score_range or "none asserted: data-derived bound",
                     "tiles": "Triton production config (block_m x block_n) for the head dim",
                     "truncation": ("per (batch, head, query tile): skip the longest prefix of "
                                    "far key tiles whose provable mass bound (score upper bound "
