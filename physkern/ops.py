@@ -24,8 +24,8 @@ import torch
 
 from physkern.kernels.codebook_matmul import (codebook_matmul_cpu, codebook_matmul_reference,
                                               codebook_matmul_triton, INDEX_CACHE)
-from physkern.kernels.kmeans_assign import (kmeans_assign_cpu, kmeans_assign_reference,
-                                            kmeans_assign_triton)
+from physkern.kernels.kmeans_assign import (SUPPORTED_BLOCK_DIMS, kmeans_assign_cpu,
+                                            kmeans_assign_reference, kmeans_assign_triton)
 
 if TYPE_CHECKING:
     from physkern.quant.format import QuantizedWeight
@@ -38,8 +38,10 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 @torch.library.custom_op("physkern::kmeans_assign", mutates_args=())
 def _kmeans_assign_op(blocks: torch.Tensor, centroids: torch.Tensor,
                       importance: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    if blocks.device.type == "cuda":
+    if blocks.device.type == "cuda" and blocks.shape[-1] in SUPPORTED_BLOCK_DIMS:
         return kmeans_assign_triton(blocks, centroids, importance)
+    # CPU tensors, or a block dim the Triton kernel does not specialise: the vectorised torch
+    # path (valid on any device).
     return kmeans_assign_cpu(blocks, centroids, importance)
 
 
@@ -54,7 +56,8 @@ def kmeans_assign(blocks: torch.Tensor, centroids: torch.Tensor,
                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of every block within its scope's codebook, all scopes in one call.
 
-    blocks     [n_scopes, n_blocks, d]  (d in {1, 2, 4, 8, 16} for the Triton kernel)
+    blocks     [n_scopes, n_blocks, d]  (the Triton kernel takes d in {1, 2, 4, 8, 16}; other d
+               run the vectorised torch path on any device)
     centroids  [n_scopes, K, d]         (K >= 1)
     importance broadcastable to [n_scopes, n_blocks, d] or None; distance is
                sum_j importance_j * (w_j - c_j)^2 (None: plain squared distance)
