@@ -245,16 +245,24 @@ def _local_log_mass(qf: torch.Tensor, kf: torch.Tensor, inv: torch.Tensor, scale
     group = hq // hkv
     off = n_kv - n_q
     out = torch.empty(bsz, hq, n_q, device=qf.device)
+
+    def bias(rows0: int, rows1: int, keys0: int, keys1: int) -> torch.Tensor:
+        dist = ((torch.arange(rows0, rows1, device=qf.device) + off)[:, None]
+                - torch.arange(keys0, keys1, device=qf.device)[None, :])
+        b = -dist.float()[None] * inv[:, None, None]
+        return b.masked_fill(((dist < 0) | (dist > window))[None], float("-inf"))
+
+    # Interior steps share one bias pattern (distances depend on row - key only).
+    common = bias(window - off, window - off + rows_per_step, 0, rows_per_step + window) \
+        if n_q >= rows_per_step else None
     for r0 in range(0, n_q, rows_per_step):
         r1 = min(n_q, r0 + rows_per_step)
         k0, k1 = max(0, r0 + off - window), r1 + off
         qs = qf[:, :, r0:r1].view(bsz, hkv, group, r1 - r0, d)
-        s = scale * torch.matmul(qs, kf[:, :, None, k0:k1].transpose(-1, -2))
+        s = torch.matmul(qs * scale, kf[:, :, None, k0:k1].transpose(-1, -2))
         s = s.view(bsz, hq, r1 - r0, k1 - k0)
-        dist = ((torch.arange(r0, r1, device=qf.device) + off)[:, None]
-                - torch.arange(k0, k1, device=qf.device)[None, :])
-        s = s - dist.float()[None, None] * inv[None, :, None, None]
-        s = s.masked_fill(((dist < 0) | (dist > window))[None, None], float("-inf"))
+        full = common is not None and r1 - r0 == rows_per_step and k1 - k0 == rows_per_step + window
+        s.add_(common if full else bias(r0, r1, k0, k1))
         out[:, :, r0:r1] = torch.logsumexp(s, dim=-1)
     return out
 
@@ -289,42 +297,47 @@ def _blockwise_start(q: torch.Tensor, k: torch.Tensor, xi_h: torch.Tensor, eps: 
     centre = kf.mean(dim=3)                                             # [B, Hkv, n_kb, d]
     radius = (kf - centre[:, :, :, None]).norm(dim=-1).amax(dim=3)      # [B, Hkv, n_kb]
     kmax, kmin = kf.amax(dim=3), kf.amin(dim=3)
-    if scale < 0:  # the box bound below is written for a positive scale
-        kmax, kmin = kmin, kmax
-    qf = q.detach().float()
     inv = torch.where(torch.isinf(xi_h), torch.zeros_like(xi_h), 1.0 / xi_h).float()
     inv = inv.to(q.device)
     window = block_n
+    qf = q.detach().float()
     kept = _local_log_mass(qf, k.detach().float(), inv, scale, window)  # [B, Hq, n_q]
     kb_last = (torch.arange(n_kb, device=q.device) * block_n + block_n - 1).float()
     # log sum_{t < block_n} r^t, per head (r = 1 when xi = inf: log block_n)
     r_pow = torch.exp(-inv * block_n)
     log_geom = torch.where(inv > 0, torch.log((1 - r_pow) / (-torch.expm1(-inv)).clamp(min=1e-30)),
                            torch.full_like(inv, math.log(block_n)))
+    # log term(i, kb) = U_i,kb - W_i - (p_i - kb_last)/xi + log_geom
+    #                 = U_i,kb + row_term_i + kb_term_kb
+    pos = (torch.arange(n_q, device=q.device) + off).float()
+    row_term = -(kept + pos[None, None, :] * inv[None, :, None])          # [B, Hq, n_q]
+    kb_term = kb_last[None, :] * inv[:, None] + log_geom[:, None]        # [Hq, n_kb]
     # Rows padded to whole query blocks by repeating the last row (same bound, same position).
-    qp = _pad_rows(qf, block_m)
-    kept = _pad_rows(kept[:, :, :, None], block_m)[..., 0]
+    qp = _pad_rows(qf * scale, block_m)                    # scale folded in: any sign of scale
+    row_term = _pad_rows(row_term[:, :, :, None], block_m)[..., 0]
     n_rows = qp.shape[2]
     step = max(block_m, rows_per_step // block_m * block_m)
     worst = torch.empty(bsz, hq, n_qb, n_kb, device=q.device)
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
         qs = qp[:, :, r0:r1].view(bsz, hkv, group, r1 - r0, d)
-        ball = scale * torch.matmul(qs, centre[:, :, None].transpose(-1, -2)) \
-            + abs(scale) * qs.norm(dim=-1, keepdim=True) * radius[:, :, None, None, :]
-        box = scale * (torch.matmul(qs.clamp(min=0), kmax[:, :, None].transpose(-1, -2))
-                       + torch.matmul(qs.clamp(max=0), kmin[:, :, None].transpose(-1, -2)))
-        upper = torch.minimum(ball, box).view(bsz, hq, r1 - r0, n_kb)
-        pos = (torch.clamp(torch.arange(r0, r1, device=q.device), max=n_q - 1) + off).float()
-        decay = pos[:, None] - kb_last[None, :]                          # distance to kb's last
-        log_term = upper - kept[:, :, r0:r1, None] - decay[None, None] * inv[None, :, None, None] \
-            + log_geom[None, :, None, None]
-        behind = decay > window                           # kb wholly behind the row's window
-        log_term = log_term.masked_fill(~behind[None, None], float("inf"))
+        # ball: (s q).c + ||s q|| rho; box: relu(s q).kmax + min(s q, 0).kmin; in place
+        upper = torch.matmul(qs, centre[:, :, None].transpose(-1, -2))     # [B,Hkv,G,R,kb]
+        upper.addcmul_(qs.norm(dim=-1, keepdim=True), radius[:, :, None, None, :])
+        box = torch.matmul(qs.clamp(min=0), kmax[:, :, None].transpose(-1, -2))
+        box.add_(torch.matmul(qs.clamp(max=0), kmin[:, :, None].transpose(-1, -2)))
+        torch.minimum(upper, box, out=upper)
+        upper = upper.view(bsz, hq, r1 - r0, n_kb)
+        upper.add_(row_term[:, :, r0:r1, None]).add_(kb_term[None, :, None, :])
         worst[:, :, r0 // block_m:r1 // block_m] = \
-            log_term.view(bsz, hq, (r1 - r0) // block_m, block_m, n_kb).amax(dim=3)
-    cum = torch.logcumsumexp(worst, dim=-1)                              # far blocks first
-    start = (cum <= math.log(eps)).long().sum(dim=-1)                    # a prefix (cum rises)
+            upper.view(bsz, hq, (r1 - r0) // block_m, block_m, n_kb).amax(dim=3)
+    # Only tiles wholly behind every row's window may be skipped; the block's first row is the
+    # most restrictive one.
+    behind = (q_first.to(q.device).float()[:, None] - kb_last[None, :]) > window
+    worst.masked_fill_(~behind[None, None], float("inf"))
+    cum = torch.logcumsumexp(worst, dim=-1)                              # far tiles first
+    # A small margin absorbs float32 rounding of the terms above.
+    start = (cum <= math.log(eps) - 1e-3).long().sum(dim=-1)             # a prefix (cum rises)
     start = torch.where(torch.isinf(xi_h).to(q.device)[None, :, None], torch.zeros_like(start),
                         start)
     return start.cpu()
