@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -298,11 +298,13 @@ def prune_model(model: nn.Module, groups: dict, ranks: dict[str, int],
 
 def compare_rules(model: nn.Module, tokens: torch.Tensor, window: int,
                   removed_fractions: Sequence[float], rules: Sequence[str] = RULES,
-                  batch_size: int = 1, progress: bool = False) -> dict:
+                  batch_size: int = 1, progress: bool = False,
+                  log: Optional[Callable[[str], None]] = None) -> dict:
     """Perplexity of each rule at each fraction of decoder linear parameters removed.
 
     model is not modified (each configuration prunes a deep copy). tokens: 1-D evaluation
-    stream; non-overlapping windows of `window`. Returns {"baseline": ppl, "total_parameters",
+    stream; non-overlapping windows of `window`. log: called with a line after each run.
+    Returns {"baseline": ppl, "total_parameters",
     "runs": [{rule, target_fraction, removed, removed_fraction, fraction, ranks, perplexity,
     layers_factorised}]}.
     """
@@ -311,6 +313,8 @@ def compare_rules(model: nn.Module, tokens: torch.Tensor, window: int,
     groups = weight_groups(model)
     total = total_parameters(groups)
     base = perplexity(model, tokens, window, batch_size=batch_size, progress=progress)
+    if log:
+        log(f"unpruned: perplexity {base.perplexity:.3f}")
     cache = SVDCache()
     runs = []
     for frac in removed_fractions:
@@ -327,6 +331,9 @@ def compare_rules(model: nn.Module, tokens: torch.Tensor, window: int,
                          "relative_rank": plan["fraction"], "ranks": plan["ranks"],
                          "layers_factorised": sum(r["factorised"] for r in records),
                          "perplexity": res.perplexity})
+            if log:
+                log(f"{rule} at {frac:g}: removed {plan['removed']:,}, perplexity "
+                    f"{res.perplexity:.3f}")
             del pruned
     return {"baseline_perplexity": base.perplexity, "total_parameters": total,
             "tokens_scored": base.tokens_scored, "window": window, "runs": runs}

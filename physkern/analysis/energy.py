@@ -106,8 +106,8 @@ def plot_energy(example: dict, summary: dict, path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for ax, (label, terms) in zip(axes[:2], example.items()):
         x = np.arange(terms["E"].size)
-        for key in ("K", "V", "E"):
-            ax.plot(x, terms[key], lw=0.9, label=key)
+        for key, style in (("K", "-"), ("V", "-"), ("E", "k--")):
+            ax.plot(x, terms[key], style, lw=0.9, label=key)
         ax.set_yscale("symlog", linthresh=1.0)
         ax.set_title(f"{label}: one text")
         ax.set_xlabel("position t")
@@ -178,16 +178,16 @@ def run(args: argparse.Namespace) -> int:
         if len(example) == 1:
             example[name] = energy_terms(rnd, texts[0], **opts)
         del rnd
-    print(f"{'model':<16}{'CV(E)':>9}{'CV(K)':>9}{'CV(V)':>9}{'mean K':>11}{'mean V':>9}"
-          f"{'K/V':>9}   (skip_first={args.skip_first})")
+    print(f"{'model':<16}{'CV(E)':>9}{'CV(K)':>9}{'CV(V)':>9}{'mean K':>12}{'mean V':>9}"
+          f"{'K/V':>12}   (skip_first={args.skip_first})")
     for name, r in results.items():
         m = r["mean"]
-        print(f"{name:<16}{m['cv_E']:>9.3f}{m['cv_K']:>9.3f}{m['cv_V']:>9.3f}{m['mean_K']:>11.3f}"
-              f"{m['mean_V']:>9.3f}{m['kinetic_over_potential']:>9.3f}")
+        print(f"{name:<16}{m['cv_E']:>9.3f}{m['cv_K']:>9.3f}{m['cv_V']:>9.3f}{m['mean_K']:>12.5g}"
+              f"{m['mean_V']:>9.3f}{m['kinetic_over_potential']:>12.5g}")
     print(f"with skip_first={alt_skip}:")
     for name, m in alt.items():
-        print(f"{name:<16}{m['cv_E']:>9.3f}{m['cv_K']:>9.3f}{m['cv_V']:>9.3f}{m['mean_K']:>11.3f}"
-              f"{m['mean_V']:>9.3f}{m['kinetic_over_potential']:>9.3f}")
+        print(f"{name:<16}{m['cv_E']:>9.3f}{m['cv_K']:>9.3f}{m['cv_V']:>9.3f}{m['mean_K']:>12.5g}"
+              f"{m['mean_V']:>9.3f}{m['kinetic_over_potential']:>12.5g}")
     payload = {"analysis": "energy", "model": resolve_model_name(args.model),
                "corpus": corpus.describe(), "texts": args.texts, "length": args.length,
                "definition": {"K": "0.5*||h_{t+1}-h_t||^2" + (" / hidden_size"

@@ -120,19 +120,26 @@ def steering_delta(model: nn.Module, input_ids: torch.Tensor, layer: int, target
         goal = f0 + gain
         first = gain * g0 / g0.double().norm().pow(2).float()
 
-        # iterated minimal-norm projection onto the linearised constraint
+        # iterated minimal-norm projection onto the linearised constraint, damped: a step that
+        # lands further from the goal than where it started is halved (up to 6 times)
         delta, f, its = first.clone(), None, 0
+        f, g = _value_and_grad(model, ids, layer, target_id, delta)
         for its in range(1, iterations + 1):
-            f, g = _value_and_grad(model, ids, layer, target_id, delta)
             if abs(f - goal) <= tol:
                 break
             gg = float(g.double().norm().pow(2))
             if gg == 0:
                 break
             coef = (goal - f + float((g.double() * delta.double()).sum())) / gg
-            delta = (coef * g).float()
-        else:
-            f = float(target_logprob(model, ids, layer, target_id, delta))
+            step = (coef * g).float() - delta
+            for _ in range(7):
+                f_new, g_new = _value_and_grad(model, ids, layer, target_id, delta + step)
+                if abs(f_new - goal) < abs(f - goal):
+                    break
+                step = step / 2
+            else:
+                break  # no step brings it closer: give up on this route
+            delta, f, g = delta + step, f_new, g_new
         iterated_ok = abs(f - goal) <= tol
 
         # gradient-direction solution: f(s u) = goal, u = g0 / ||g0||, by bisection on s

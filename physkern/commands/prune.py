@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     window = resolve_window(model, args.window)
     tokens = evaluation_tokens(tok, corpus, args.tokens or None)
     result = compare_rules(model, tokens, window, args.removed, args.rules,
-                           batch_size=args.batch_size, progress=False)
+                           batch_size=args.batch_size, progress=False,
+                           log=lambda line: print(line, flush=True))
     print(f"unpruned perplexity {result['baseline_perplexity']:.3f} "
           f"({result['tokens_scored']} tokens, windows of {window})")
     print(f"{'rule':<10}{'target':>8}{'removed':>10}{'rel.rank':>10}{'layers':>8}{'ppl':>12}")
