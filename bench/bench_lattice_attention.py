@@ -20,6 +20,7 @@ bench/results/lattice_attention_<device>.json with provenance (device, threads, 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -130,6 +131,7 @@ def main(argv=None) -> int:
         "dtype": str(dtype).replace("torch.", ""), "inputs": "standard normal q, k, v, seed 0",
         "timing": f"min and median of {args.repeats} interleaved calls after one warm-up",
         "threads": torch.get_num_threads(), "results": rows,
+        "load_average_1_5_15_min_at_end": list(os.getloadavg()),
         "seconds_total": time.perf_counter() - start, **provenance(device)})
     print(f"wrote {out}")
     return 0
