@@ -179,3 +179,15 @@ def test_refine_codebooks_lowers_output_loss_and_keeps_indices():
     assert loss(ref) < loss(qw)
     assert torch.equal(ref.packed, qw.packed)
     assert refine_codebooks(qw, w, gram, steps=0) is qw
+
+
+def test_subsampled_fit_keeps_rare_outlier_blocks():
+    """A rare block of huge weighted energy must shape the codebook even when k-means fits on a
+    sample (it dominates the output error; a uniform sample usually misses it)."""
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randn(1, 20000, 2, generator=g)
+    blocks[0, 12345] = torch.tensor([40.0, -40.0])
+    res = kmeans(blocks, 8, None, max_fit_blocks=1000, seed=0)
+    rec = res.centroids[0, res.indices[0, 12345]]
+    assert torch.allclose(rec, blocks[0, 12345], atol=1.0)
+    assert res.indices.shape == (1, 20000)

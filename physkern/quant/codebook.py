@@ -114,8 +114,9 @@ def kmeans(blocks: torch.Tensor, k: int, importance: Optional[torch.Tensor] = No
 
     blocks:     [n_scopes, n, d] float32
     importance: None or broadcastable to blocks (per-dimension weights s >= 0)
-    max_fit_blocks: fit the centroids on a seeded random subset of this many blocks per scope
-                (as faiss does; None = all blocks), then assign every block once at the end.
+    max_fit_blocks: fit the centroids on a subset of this many blocks per scope (as faiss
+                does; None = all blocks): the quarter with the largest weighted energy plus a
+                seeded random sample of the rest; every block is assigned once at the end.
     Returns centroids [n_scopes, k, d], indices [n_scopes, n] and the objective after each
     assignment on the fitted blocks (non-increasing).
     """
@@ -137,7 +138,19 @@ def kmeans(blocks: torch.Tensor, k: int, importance: Optional[torch.Tensor] = No
     gen = torch.Generator().manual_seed(seed)
     all_blocks, all_importance = blocks, importance
     if max_fit_blocks is not None and n > max(max_fit_blocks, k):
-        pick = torch.randperm(n, generator=gen)[:max(max_fit_blocks, k)].sort().values
+        # A quarter of the sample: the blocks of largest weighted energy in every scope, so rare
+        # outlier blocks (which dominate a layer's output error) always shape the codebook;
+        # the rest: a seeded uniform sample of the others.
+        m = max(max_fit_blocks, k)
+        energy = blocks.pow(2)
+        energy = (energy * importance.expand_as(blocks)).sum(-1) if importance is not None \
+            else energy.sum(-1)
+        top = energy.sum(0).topk(m // 4).indices
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[top] = False
+        others = rest.nonzero().squeeze(1)
+        others = others[torch.randperm(others.numel(), generator=gen)[:m - top.numel()]]
+        pick = torch.cat([top, others]).sort().values
         blocks = blocks[:, pick]
         if importance is not None:
             importance = importance.expand_as(all_blocks)[:, pick]
