@@ -21,8 +21,11 @@ run: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
+# CPU microbenchmarks; each writes JSON (with device and versions) into bench/results/.
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q bench
+	$(PY) bench/bench_histogram.py
+	$(PY) bench/bench_kernels.py
+	$(PY) bench/bench_lattice_attention.py
 
 clean:
 	rm -rf build *.egg-info physkern/_C*.so
