@@ -11,7 +11,11 @@ included), codebooks, scales and offsets at their dtype. Two figures:
 
 Compressed modules other than QuantizedLinear (e.g. low-rank factors) join by exposing
 `weight_numel()` (how many weights they stand for) and `storage_bits()` (a dict of named bit
-counts of the tensors that replace those weights).
+counts of the tensors that replace those weights). They count in the first figure beside the
+quantized layers (their bits over the out*in weights they replace) and in the whole-model figure
+(their tensors at their dtype; the parameters of the original model keep out*in for them). Each
+entry of `BitsReport.layers` carries a `kind` ("quantized" for QuantizedLinear, else the module's
+class name, e.g. "LowRankLinear"); `BitsReport.by_kind()` splits the first figure by kind.
 """
 from __future__ import annotations
 
@@ -57,6 +61,19 @@ class BitsReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def by_kind(self) -> dict:
+        """{kind: {"layers", "weights", "bits", "bits_per_weight"}} over the compressed layers,
+        kind "quantized" (QuantizedLinear) or a compressed module's class name."""
+        out: dict = {}
+        for info in self.layers.values():
+            d = out.setdefault(info["kind"], {"layers": 0, "weights": 0, "bits": 0})
+            d["layers"] += 1
+            d["weights"] += info["weights"]
+            d["bits"] += info["total_bits"]
+        for d in out.values():
+            d["bits_per_weight"] = d["bits"] / d["weights"]
+        return out
+
     def summary(self) -> str:
         return (f"{self.quantized_bits_per_weight:.3f} bits/weight over {len(self.layers)} "
                 f"quantized layers ({self.quantized_weights:,} weights); "
@@ -71,12 +88,12 @@ def bits_report(model: nn.Module) -> BitsReport:
     compressed_prefixes = []
     for name, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
-            info = layer_bits(m)
+            info = {**layer_bits(m), "kind": "quantized"}
         elif _is_compressed(m):
             parts = m.storage_bits()
             n = m.weight_numel()
             info = {**parts, "weights": n, "total_bits": sum(parts.values()),
-                    "bits_per_weight": sum(parts.values()) / n}
+                    "bits_per_weight": sum(parts.values()) / n, "kind": type(m).__name__}
         else:
             continue
         layers[name] = info

@@ -3,17 +3,48 @@
 Recipes file: a JSON list of objects
     {"name": str,                       unique; the point's key in the results
      "config": {...} | null,            physkern.config.config_from_dict input; null = full precision
+     "prune": {...} | null,             optional RG pruning by truncated SVD (below)
+     "lattice": {...} | null,           optional lattice attention for the evaluation (below)
      "seeds": [int, ...],               optional (default [0])
-     "label": str}                      optional curve name in the plot (default: the method)
+     "label": str,                      optional curve name in the plot (default: the method, with
+                                        "+prune" / "+lattice" appended; "FP" when none applies)
+     "note": str}                       optional, copied into every point
 Each seed s sets the k-means seed of every codebook config (base and overrides) and the draw of
 the calibration windows (from the calibration half of the corpus; never evaluation text). A
 recipe with no codebook config and no calibration (RTN, FP) is deterministic: only its first seed
-runs. Bits come from physkern.quant.accounting (quantized layers and whole model).
+runs. Pruning and lattice attention are deterministic. Bits come from physkern.quant.accounting
+(quantized layers and whole model).
+
+Combined recipes (the seeds' "combined compression" table): for one point the steps run in this
+order on a freshly loaded model:
+  1. "prune": {"rule": "seeds" | "opposite" | "uniform",
+               and exactly one of
+               "removed_fraction": f in (0, 1)  remove about f of the decoder linear parameters
+                                                (physkern.prune.ranks_for_target: one relative rank
+                                                for the compressed types; same meaning as
+                                                `physkern prune --removed`), or
+               "relative_rank": f in (0, 1]     rank floor(f * min(out, in)) for every compressed
+                                                type (physkern.prune.ranks_at_fraction)}
+     The rule picks the types (physkern.prune.compressed_types: "seeds" compresses the input
+     projections and keeps the output projections, "opposite" the reverse, "uniform" all). Every
+     layer of those types becomes a LowRankLinear (rank-r truncated SVD of its full-precision
+     weight) where the two factors are smaller than the dense weight; elsewhere it stays dense.
+  2. "config": quantization of the decoder linear layers that are still nn.Linear / Conv1D. The
+     factorised (LowRankLinear) layers are NOT quantized: their two factors stay at the model's
+     dtype (float32) and are counted so. Calibration statistics are taken on the pruned model.
+  3. "lattice": {"xi": number > 0 or "inf", "eps": number in (0, 1) or null (default null =
+     exact)}: physkern.attention.enable_lattice for the evaluation (decay bias -(i - j)/xi).
+Bits of a point: "quantized_bits_per_weight" is accounting's compressed-layer figure, i.e. over
+the quantized AND the factorised layers (factors at their dtype, over the out*in weights they
+replace; FP and lattice-only points: the dense width); "by_kind" splits it (kind "quantized" /
+"LowRankLinear"); "model_bits_per_weight" counts every stored tensor over the original model's
+parameters. Points also record the prune settings and outcome (ranks per type, layers
+factorised, parameters removed) and the lattice settings.
 
 Writes <out-dir>/<name>.json after every point (resumable: points already there with the same
-recipe config, seed and setup are skipped) and a PNG of perplexity vs true bits/weight: two
-panels (whole model, quantized layers), log y, one curve per label, mean with min-max spread over
-seeds.
+recipe config, prune and lattice settings, seed and setup are skipped) and a PNG of perplexity vs
+true bits/weight: two panels (whole model, quantized layers), log y, one curve per label, mean
+with min-max spread over seeds.
 """
 from __future__ import annotations
 
@@ -38,7 +69,8 @@ def register_sweep(kinds) -> None:
                     "Resumable: points already in the output JSON are skipped.")
     add_model_corpus_args(p)
     add_eval_args(p, tokens_default=DEFAULT_TOKENS)
-    p.add_argument("--recipes", required=True, help="JSON list of {name, config, seeds, label}")
+    p.add_argument("--recipes", required=True,
+                   help="JSON list of {name, config, prune, lattice, seeds, label, note}")
     p.add_argument("--name", default=None,
                    help="results name: writes <out-dir>/<name>.json and .png "
                         "(default: the recipes file's stem)")
@@ -59,8 +91,78 @@ def register_sweep(kinds) -> None:
 # recipes
 
 
+PRUNE_RULES = ("seeds", "opposite", "uniform")  # physkern.prune.RULES (checked in tests)
+PRUNE_AMOUNTS = ("removed_fraction", "relative_rank")
+LATTICE_KEYS = ("xi", "eps")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def parse_prune(spec, where: str = "prune") -> dict | None:
+    """Validate a recipe's "prune" object; returns {"rule", <amount key>: float} or None."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: must be an object {{rule, removed_fraction | relative_rank}} "
+                         f"or null, got {spec!r}")
+    unknown = set(spec) - {"rule", *PRUNE_AMOUNTS}
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: rule, "
+                         f"{', '.join(PRUNE_AMOUNTS)}")
+    rule = spec.get("rule")
+    if rule not in PRUNE_RULES:
+        raise ValueError(f"{where}.rule must be one of {', '.join(PRUNE_RULES)}, got {rule!r}")
+    given = [k for k in PRUNE_AMOUNTS if k in spec]
+    if len(given) != 1:
+        raise ValueError(f"{where}: give exactly one of {', '.join(PRUNE_AMOUNTS)}, got "
+                         f"{given or 'none'}")
+    key, value = given[0], spec[given[0]]
+    if key == "removed_fraction" and not (_number(value) and 0 < value < 1):
+        raise ValueError(f"{where}.removed_fraction must be a number in (0, 1) (fraction of the "
+                         f"decoder linear parameters removed), got {value!r}")
+    if key == "relative_rank" and not (_number(value) and 0 < value <= 1):
+        raise ValueError(f"{where}.relative_rank must be a number in (0, 1] (rank / min(out, in) "
+                         f"of every compressed type), got {value!r}")
+    return {"rule": rule, key: float(value)}
+
+
+def parse_lattice(spec, where: str = "lattice") -> dict | None:
+    """Validate a recipe's "lattice" object; returns {"xi": float or "inf", "eps": float or None}
+    or None."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: must be an object {{xi, eps}} or null, got {spec!r}")
+    unknown = set(spec) - set(LATTICE_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: xi, eps")
+    if "xi" not in spec:
+        raise ValueError(f"{where}.xi is required: a number > 0 or \"inf\"")
+    xi = spec["xi"]
+    if xi == "inf" or (_number(xi) and math.isinf(xi) and xi > 0):
+        xi = "inf"
+    elif not (_number(xi) and xi > 0):
+        raise ValueError(f"{where}.xi must be a number > 0 or \"inf\", got {xi!r}")
+    else:
+        xi = float(xi)
+    eps = spec.get("eps")
+    if eps is not None and not (_number(eps) and 0 < eps < 1):
+        raise ValueError(f"{where}.eps must be a number in (0, 1) or null (exact), got {eps!r}")
+    return {"xi": xi, "eps": None if eps is None else float(eps)}
+
+
+def default_label(cfg, prune: dict | None, lattice: dict | None) -> str:
+    """"FP" for a plain model, else the parts that apply joined by "+" (e.g. codebook+prune)."""
+    parts = ([cfg.method] if cfg is not None else []) + (["prune"] if prune else []) + \
+        (["lattice"] if lattice else [])
+    return "+".join(parts) or "FP"
+
+
 def load_recipes(path: str) -> list[dict]:
-    """Read and validate a recipes file; returns [{name, config (object or None), seeds, label}]."""
+    """Read and validate a recipes file; returns [{name, config (object or None), prune (dict or
+    None), lattice (dict or None), seeds, label, note}]."""
     from ..config import config_from_dict
     p = Path(path)
     if not p.is_file():
@@ -75,10 +177,10 @@ def load_recipes(path: str) -> list[dict]:
     for i, r in enumerate(raw):
         if not isinstance(r, dict) or not isinstance(r.get("name"), str) or not r["name"]:
             raise ValueError(f"recipes[{i}]: must be an object with a non-empty string 'name'")
-        unknown = set(r) - {"name", "config", "seeds", "label", "note"}
+        unknown = set(r) - {"name", "config", "prune", "lattice", "seeds", "label", "note"}
         if unknown:
             raise ValueError(f"recipes[{i}] ({r['name']}): unknown keys {sorted(unknown)}; "
-                             "valid: name, config, seeds, label, note")
+                             "valid: name, config, prune, lattice, seeds, label, note")
         if r["name"] in names:
             raise ValueError(f"recipes: name {r['name']!r} appears twice")
         names.add(r["name"])
@@ -88,9 +190,12 @@ def load_recipes(path: str) -> list[dict]:
             raise ValueError(f"recipes[{i}] ({r['name']}): seeds must be a non-empty list of "
                              f"non-negative integers, got {seeds!r}")
         cfg = None if r.get("config") is None else config_from_dict(r["config"])
-        label = r.get("label") or ("FP" if cfg is None else cfg.method)
-        out.append({"name": r["name"], "config": cfg, "seeds": seeds, "label": label,
-                    "note": r.get("note", "")})
+        where = f"recipes[{i}] ({r['name']})"
+        prune = parse_prune(r.get("prune"), f"{where}: prune")
+        lattice = parse_lattice(r.get("lattice"), f"{where}: lattice")
+        label = r.get("label") or default_label(cfg, prune, lattice)
+        out.append({"name": r["name"], "config": cfg, "prune": prune, "lattice": lattice,
+                    "seeds": seeds, "label": label, "note": r.get("note", "")})
     return out
 
 
@@ -124,12 +229,52 @@ def _canon(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
+def point_key(recipe: str, seed: int, config: dict | None, prune: dict | None,
+              lattice: dict | None) -> tuple:
+    """What makes a point the same point when resuming."""
+    return (recipe, seed, _canon(config), _canon(prune), _canon(lattice))
+
+
+def _key_of(point: dict) -> tuple:
+    # points written before prune/lattice existed have neither key: None, as for plain recipes
+    return point_key(point["recipe"], point["seed"], point["config"],
+                     (point.get("prune") or {}).get("spec"), point.get("lattice"))
+
+
+def apply_prune(model, spec: dict) -> dict:
+    """RG pruning of `model` in place by the validated spec (see module docstring).
+
+    Returns {"spec", "compressed_types", "relative_rank", "ranks" {type: rank},
+    "layers_factorised", "layers_considered", "parameters_removed", "decoder_linear_parameters",
+    "removed_fraction"}; parameters are counted by physkern.prune (both factors).
+    """
+    from ..analysis._common import weight_groups
+    from ..prune import (compressed_types, prune_model, ranks_at_fraction, ranks_for_target,
+                         total_parameters)
+    groups = weight_groups(model)
+    types = compressed_types(list(groups), spec["rule"])
+    total = total_parameters(groups)
+    if "relative_rank" in spec:
+        relative = spec["relative_rank"]
+        ranks = ranks_at_fraction(groups, types, relative)
+    else:
+        plan = ranks_for_target(groups, types, int(round(spec["removed_fraction"] * total)))
+        relative, ranks = plan["fraction"], plan["ranks"]
+    records = prune_model(model, groups, ranks)
+    removed = sum(r["dense_parameters"] - r["parameters"] for r in records)
+    return {"spec": spec, "compressed_types": types, "relative_rank": relative, "ranks": ranks,
+            "layers_factorised": sum(r["factorised"] for r in records),
+            "layers_considered": len(records), "parameters_removed": removed,
+            "decoder_linear_parameters": total, "removed_fraction": removed / total}
+
+
 # ----------------------------------------------------------------------------------------------
 # run
 
 
 def run(args: argparse.Namespace) -> int:
     from ..api import quantize
+    from ..attention import enable_lattice
     from ..data import calibration_windows, evaluation_tokens, load_corpus
     from ..eval import perplexity
     from ..models import decoder_linear_layers, load_model, resolve_model_name
@@ -178,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
                              "window or calibration); pass --fresh to overwrite it or --name to "
                              "write elsewhere")
         points = old.get("points", [])
-    done = {(p["recipe"], p["seed"], _canon(p["config"])) for p in points}
+    done = {_key_of(p) for p in points}
 
     def save():
         payload = {"experiment": "quantization recipes: perplexity vs true bits/weight",
@@ -192,32 +337,41 @@ def run(args: argparse.Namespace) -> int:
         for seed in seeds:
             cfg = None if r["config"] is None else with_seed(r["config"], seed)
             cfg_dict = None if cfg is None else cfg.to_dict()
-            if (r["name"], seed, _canon(cfg_dict)) in done:
+            if point_key(r["name"], seed, cfg_dict, r["prune"], r["lattice"]) in done:
                 print(f"{r['name']} seed {seed}: already in {json_path}, skipped")
                 continue
             t0 = time.perf_counter()
             m, _ = load_model(args.model, device=args.device)
+            pruned = None
+            if r["prune"] is not None:   # 1. RG pruning (SVD of the full-precision weights)
+                pruned = apply_prune(m, r["prune"])
+                pruned["seconds"] = time.perf_counter() - t0
             calib = None
             if needs_calibration(cfg):
                 calib = calibration_windows(tokenizer, corpus, args.calib_windows, calib_window,
                                             seed)
             report = None
-            if cfg is not None:
+            if cfg is not None:          # 2. quantization of the layers still dense
                 report = quantize(m, cfg, calibration=calib)
             t_q = time.perf_counter() - t0
+            if r["lattice"] is not None:  # 3. lattice attention for the evaluation
+                enable_lattice(m, float(r["lattice"]["xi"]), eps=r["lattice"]["eps"])
             rep = bits_report(m)
             res = perplexity(m, tokens, window, args.stride, args.batch_size,
                              model_name=model_name, corpus_name=corpus.name)
+            kinds = rep.by_kind()
             seeds_formula = None
-            if rep.layers:
-                seeds_formula = sum(l.get("seeds_formula_bits_per_weight", float("nan")) *
-                                    l["weights"] for l in rep.layers.values()) / rep.quantized_weights
+            quant = [l for l in rep.layers.values() if l["kind"] == "quantized"]
+            if quant:
+                seeds_formula = sum(l["seeds_formula_bits_per_weight"] * l["weights"]
+                                    for l in quant) / sum(l["weights"] for l in quant)
             fp_bits = None
-            if cfg is None:
+            if not rep.layers:
                 ws = [l.weight() for l in decoder_linear_layers(m)]
                 fp_bits = ws[0].element_size() * 8
             point = {"recipe": r["name"], "label": r["label"], "seed": seed,
                      "deterministic": not is_random(r["config"]), "config": cfg_dict,
+                     "prune": pruned, "lattice": r["lattice"],
                      "perplexity": res.perplexity, "mean_nll": res.mean_nll,
                      "tokens_scored": res.tokens_scored, "windows": res.windows,
                      "bits": {"quantized_bits_per_weight": rep.quantized_bits_per_weight
@@ -226,6 +380,7 @@ def run(args: argparse.Namespace) -> int:
                               "total_bytes": rep.total_bytes,
                               "quantized_weights": rep.quantized_weights,
                               "quantized_layers": len(rep.layers),
+                              "by_kind": kinds,
                               "seeds_formula_bits_per_weight": seeds_formula},
                      "calibration": None if calib is None else {
                          "windows": int(calib.shape[0]), "window": int(calib.shape[1]),
@@ -240,8 +395,13 @@ def run(args: argparse.Namespace) -> int:
             points.append(point)
             save()
             q = point["bits"]["quantized_bits_per_weight"]
+            what = "quantized layers" if pruned is None else "quantized + factorised layers"
+            if pruned is not None:
+                print(f"{r['name']}: pruned {pruned['layers_factorised']} layers "
+                      f"({pruned['removed_fraction']:.2%} of decoder linear parameters), ranks "
+                      f"{pruned['ranks']}")
             print(f"{r['name']} seed {seed}: perplexity {res.perplexity:.3f}; "
-                  f"{q:.3f} bits/weight (quantized layers), "
+                  f"{q:.3f} bits/weight ({what}), "
                   f"{rep.model_bits_per_weight:.3f} (whole model); "
                   f"quantize {t_q:.0f} s, eval {res.seconds:.0f} s")
             del m
@@ -255,7 +415,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summarize(points: list[dict]) -> list[dict]:
-    """Per recipe: mean, std (sample, when >= 2 seeds), min, max of perplexity; bits (mean)."""
+    """Per recipe: mean, std (sample, when >= 2 seeds), min, max of perplexity; bits (mean);
+    prune (rule, ranks, parameters removed) and lattice settings when the recipe has them."""
     by = {}
     for p in points:
         by.setdefault(p["recipe"], []).append(p)
@@ -272,7 +433,11 @@ def summarize(points: list[dict]) -> list[dict]:
                     "quantized_bits_per_weight": mean("quantized_bits_per_weight"),
                     "model_bits_per_weight": mean("model_bits_per_weight"),
                     "seeds_formula_bits_per_weight": mean("seeds_formula_bits_per_weight"),
-                    "tokens_scored": ps[0]["tokens_scored"]})
+                    "tokens_scored": ps[0]["tokens_scored"],
+                    **({"prune": {k: ps[0]["prune"][k] for k in
+                                  ("spec", "ranks", "parameters_removed", "removed_fraction")}}
+                       if ps[0].get("prune") else {}),
+                    **({"lattice": ps[0]["lattice"]} if ps[0].get("lattice") else {})})
     return out
 
 
@@ -339,4 +504,18 @@ def markdown_table(payload: dict) -> str:
         lines.append(f"| {s['recipe']} | {s['label']} | {fmt(s['quantized_bits_per_weight'])} | "
                      f"{fmt(s['model_bits_per_weight'])} | {s['perplexity_mean']:.2f} | {spread} | "
                      f"{','.join(map(str, s['seeds']))} |")
+    if any("prune" in s for s in payload["summary"]):
+        lines += ["", "Pruned recipes: the layer column covers the quantized and the factorised "
+                  "(LowRankLinear, both factors at their dtype, not quantized) layers over the "
+                  "weights they replace."]
+        for s in payload["summary"]:
+            if "prune" in s:
+                lines.append(f"- {s['recipe']}: rule {s['prune']['spec']['rule']}, "
+                             f"{s['prune']['parameters_removed']:,} decoder linear parameters "
+                             f"removed ({s['prune']['removed_fraction']:.2%}), ranks "
+                             f"{s['prune']['ranks']}")
+    lat = [s for s in payload["summary"] if "lattice" in s]
+    if lat:
+        lines += ["", "Lattice attention: " + "; ".join(
+            f"{s['recipe']} xi = {s['lattice']['xi']}, eps = {s['lattice']['eps']}" for s in lat)]
     return "\n".join(lines) + "\n"
