@@ -6,9 +6,9 @@ d-dimensional block n of that scope:
     idx[s, n]  = argmin_k  sum_j imp[s, n, j] * (blocks[s, n, j] - centroids[s, k, j])**2
     dist[s, n] = the minimum itself
 
-Ties go to the lowest centroid index (all three implementations agree on exact ties).
+Ties go to the lowest centroid index (all implementations agree on exact ties).
 
-Three implementations, one contract:
+Implementations, one contract:
 - `kmeans_assign_triton`: one Triton launch for all scopes. Each program holds a tile of
   BLOCK_N blocks of one scope and loops over the scope's centroids in tiles of BLOCK_K, keeping a
   running (min, argmin). The distance is a direct difference summed over the block dimension
@@ -16,14 +16,19 @@ Three implementations, one contract:
   with d so the [BLOCK_N, BLOCK_K, d] difference tile fits in registers.
 - `kmeans_assign_reference`: the same direct-difference formula in torch, chunked over centroids
   so K = 65536 does not materialise [scopes, blocks, K, d].
-- `kmeans_assign_cpu`: the fast CPU path. It ranks centroids with the expanded form
-  -2 (s w).c + s.c^2 (the per-block constant s.w^2 does not change the argmin) as one batched
-  matmul per chunk, then recomputes the exact distance of the chosen centroid. Near-ties that
-  differ by fp32 rounding of the expanded form may pick a different (equally near) centroid.
+- `kmeans_assign_cpu`: the fast CPU path. CPU tensors run the fused C++ op
+  `physkern::kmeans_assign_cpu` (csrc/kmeans_assign.cpp, in physkern._C: blocks vectorised over
+  SIMD lanes, centroids swept with a running per-lane (min, argmin), threads over tiles); other
+  devices, or a build without physkern._C, run `kmeans_assign_torch`. Both rank centroids with
+  the expanded form -2 (s w).c + s.c^2 (the per-block constant s.w^2 does not change the argmin)
+  and then recompute the exact distance of the chosen centroid (the C++ op in the reference's
+  order and rounding). Near-ties that differ by fp32 rounding of the expanded form may pick a
+  different (equally near) centroid.
+- `kmeans_assign_torch`: the pure-torch fallback of the CPU path: one batched matmul per chunk.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -122,6 +127,26 @@ def check_assign_inputs(blocks: torch.Tensor, centroids: torch.Tensor,
                          f"{tuple(blocks.shape)}") from e
 
 
+class AssignInputs(NamedTuple):
+    """Validated float32 operands: w [S, N, d], c [S, K, d], imp [S, N, d] (a view) or None."""
+    w: torch.Tensor
+    c: torch.Tensor
+    imp: Optional[torch.Tensor]
+    s: int
+    n: int
+    d: int
+    k: int
+
+
+def prepare_assign_inputs(blocks: torch.Tensor, centroids: torch.Tensor,
+                          importance: Optional[torch.Tensor]) -> AssignInputs:
+    """check_assign_inputs, then everything as float32 (no copy when already float32)."""
+    imp = check_assign_inputs(blocks, centroids, importance)
+    s, n, d = blocks.shape
+    return AssignInputs(blocks.float(), centroids.float(),
+                        imp.float() if imp is not None else None, s, n, d, centroids.shape[1])
+
+
 def kmeans_assign_triton(blocks: torch.Tensor, centroids: torch.Tensor,
                          importance: Optional[torch.Tensor] = None,
                          block_n: Optional[int] = None, block_k: Optional[int] = None,
@@ -166,12 +191,7 @@ def kmeans_assign_reference(blocks: torch.Tensor, centroids: torch.Tensor,
 
     Same contract as kmeans_assign_triton. Memory stays near chunk_elements floats whatever K is.
     """
-    imp = check_assign_inputs(blocks, centroids, importance)
-    s, n, d = blocks.shape
-    k = centroids.shape[1]
-    w = blocks.float()
-    c = centroids.float()
-    imp = imp.float() if imp is not None else None
+    w, c, imp, s, n, d, k = prepare_assign_inputs(blocks, centroids, importance)
     idx = torch.zeros(s, n, dtype=torch.int64, device=blocks.device)
     dist = torch.full((s, n), float("inf"), dtype=torch.float32, device=blocks.device)
     kc = _chunk(k, max(1, n), chunk_elements)
@@ -192,21 +212,16 @@ def kmeans_assign_reference(blocks: torch.Tensor, centroids: torch.Tensor,
     return idx, dist
 
 
-def kmeans_assign_cpu(blocks: torch.Tensor, centroids: torch.Tensor,
-                      importance: Optional[torch.Tensor] = None,
-                      chunk_elements: int = 1 << 19) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fast vectorised path (CPU, also valid on any device): batched matmul ranking + exact distance.
+def kmeans_assign_torch(blocks: torch.Tensor, centroids: torch.Tensor,
+                        importance: Optional[torch.Tensor] = None,
+                        chunk_elements: int = 1 << 19) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch CPU path (valid on any device): batched matmul ranking + exact distance.
 
     Same contract as kmeans_assign_triton. Scores -2 (s w).c + s.c^2 are computed chunk by chunk
     (chunk_elements floats of [scopes, blocks, centroids] at a time, sized to stay in cache);
     the returned distances are recomputed exactly for the chosen centroids.
     """
-    imp = check_assign_inputs(blocks, centroids, importance)
-    s, n, d = blocks.shape
-    k = centroids.shape[1]
-    w = blocks.float()
-    c = centroids.float()
-    imp = imp.float() if imp is not None else None
+    w, c, imp, s, n, d, k = prepare_assign_inputs(blocks, centroids, importance)
     idx = torch.empty(s, n, dtype=torch.int64, device=blocks.device)
     if s == 0 or n == 0:
         return idx, torch.empty(s, n, device=blocks.device)
@@ -256,3 +271,33 @@ def kmeans_assign_cpu(blocks: torch.Tensor, centroids: torch.Tensor,
     sq = diff * diff
     dist = (sq * imp).sum(-1) if imp is not None else sq.sum(-1)
     return idx, dist
+
+
+_NATIVE_OP = "physkern::kmeans_assign_cpu"
+_native: Optional[bool] = None
+
+
+def native_kmeans_available() -> bool:
+    """Whether physkern._C is importable and registers a CPU kernel for physkern::kmeans_assign_cpu
+    (False for a build without the extension, or a stale one from before the op existed)."""
+    global _native
+    if _native is None:
+        try:
+            import physkern._C  # noqa: F401  (registers the physkern ops)
+            _native = torch._C._dispatch_has_kernel_for_dispatch_key(_NATIVE_OP, "CPU")
+        except (ImportError, RuntimeError):
+            _native = False
+    return _native
+
+
+def kmeans_assign_cpu(blocks: torch.Tensor, centroids: torch.Tensor,
+                      importance: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast CPU path: the fused C++ op for CPU tensors, else kmeans_assign_torch (any device).
+
+    Same contract as kmeans_assign_triton: blocks [S, N, d], centroids [S, K, d], importance
+    broadcastable to [S, N, d] or None -> (indices int64 [S, N], distances float32 [S, N]).
+    """
+    imp = check_assign_inputs(blocks, centroids, importance)
+    if blocks.device.type == "cpu" and native_kmeans_available():
+        return torch.ops.physkern.kmeans_assign_cpu(blocks, centroids, imp)
+    return kmeans_assign_torch(blocks, centroids, importance)

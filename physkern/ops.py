@@ -5,14 +5,16 @@
                               in_features, codebook_rows, scale_group) -> y
 
 CUDA tensors run the Triton kernels (kernels/kmeans_assign.py, kernels/codebook_matmul.py);
-CPU tensors run the vectorised torch paths beside them. Both ops have a register_fake, so they
+CPU tensors run the CPU paths beside them (k-means assignment: the fused C++ op
+physkern::kmeans_assign_cpu from physkern._C, or its pure-torch fallback without the extension). Both ops have a register_fake, so they
 trace under torch.compile, and pass torch.library.opcheck. codebook_matmul has an autograd
 formula for x and bias (grad_x = grad_y @ W), so calibration passes can backpropagate through
 quantized layers; indices, codebooks and scales get no gradient.
 
 The Python wrappers `kmeans_assign` and `codebook_matmul` take `backend=`:
 "auto" (the op, per device), "triton" (the Triton launcher directly: CUDA, or CPU tensors under
-TRITON_INTERPRET=1, which tests use), "cpu" (the vectorised torch path on any device) or
+TRITON_INTERPRET=1, which tests use), "cpu" (the fast CPU path: C++ on CPU tensors, the
+vectorised torch path on other devices) or
 "reference" (the plain torch references).
 """
 from __future__ import annotations
@@ -40,8 +42,8 @@ def _kmeans_assign_op(blocks: torch.Tensor, centroids: torch.Tensor,
                       importance: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     if blocks.device.type == "cuda" and blocks.shape[-1] in SUPPORTED_BLOCK_DIMS:
         return kmeans_assign_triton(blocks, centroids, importance)
-    # CPU tensors, or a block dim the Triton kernel does not specialise: the vectorised torch
-    # path (valid on any device).
+    # CPU tensors (the C++ op), or a block dim the Triton kernel does not specialise (the
+    # vectorised torch path, valid on any device).
     return kmeans_assign_cpu(blocks, centroids, importance)
 
 

@@ -26,9 +26,10 @@ from .. import ops
 
 
 def kmeans_assign(blocks, centroids, importance=None):
-    """Nearest-centroid assignment (physkern.ops); CPU tensors call the vectorised path directly,
-    skipping the custom-op dispatch, which costs more than the work for the small per-step
-    assignments of error feedback."""
+    """Nearest-centroid assignment (physkern.ops); CPU tensors call the fast CPU path directly
+    (the fused C++ op physkern::kmeans_assign_cpu, or its pure-torch fallback without
+    physkern._C), skipping the custom-op dispatch, which costs more than the work for the small
+    per-step assignments of error feedback."""
     backend = "cpu" if blocks.device.type == "cpu" else "auto"
     return ops.kmeans_assign(blocks, centroids, importance, backend=backend)
 from .format import QuantizedWeight
