@@ -3,6 +3,7 @@
 Recipes file: a JSON list of objects
     {"name": str,                       unique; the point's key in the results
      "config": {...} | null,            physkern.config.config_from_dict input; null = full precision
+     "smooth": {"alpha": a} | null,     optional SmoothQuant-style scale migration (below)
      "prune": {...} | null,             optional RG pruning by truncated SVD (below)
      "lattice": {...} | null,           optional lattice attention for the evaluation (below)
      "seeds": [int, ...],               optional (default [0])
@@ -17,6 +18,10 @@ runs. Pruning and lattice attention are deterministic. Bits come from physkern.q
 
 Combined recipes (the seeds' "combined compression" table): for one point the steps run in this
 order on a freshly loaded model:
+  0. "smooth": {"alpha": a in [0, 1]}: physkern.smoothquant.smooth_model with max |x_j| from the
+     point's calibration windows (calibration half, drawn with the point's seed); per-input-channel
+     scales s_j = max|x_j|^a / max|W_:,j|^(1-a) multiply the weight columns and divide the
+     preceding norm, so the model is unchanged before quantization (the alpha sweep of issue 8).
   1. "prune": {"rule": "seeds" | "opposite" | "uniform",
                and exactly one of
                "removed_fraction": f in (0, 1)  remove about f of the decoder linear parameters
@@ -128,6 +133,19 @@ def parse_prune(spec, where: str = "prune") -> dict | None:
     return {"rule": rule, key: float(value)}
 
 
+def parse_smooth(spec, where: str = "smooth") -> dict | None:
+    """Validate a recipe's "smooth" object; returns {"alpha": float} or None."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or set(spec) != {"alpha"}:
+        raise ValueError(f"{where}: must be an object {{\"alpha\": a}} with a in [0, 1], or null, "
+                         f"got {spec!r}")
+    a = spec["alpha"]
+    if not (_number(a) and 0.0 <= a <= 1.0):
+        raise ValueError(f"{where}.alpha must be a number in [0, 1] (migration strength), got {a!r}")
+    return {"alpha": float(a)}
+
+
 def parse_lattice(spec, where: str = "lattice") -> dict | None:
     """Validate a recipe's "lattice" object; returns {"xi": float or "inf", "eps": float or None}
     or None."""
@@ -153,10 +171,11 @@ def parse_lattice(spec, where: str = "lattice") -> dict | None:
     return {"xi": xi, "eps": None if eps is None else float(eps)}
 
 
-def default_label(cfg, prune: dict | None, lattice: dict | None) -> str:
+def default_label(cfg, prune: dict | None, lattice: dict | None,
+                  smooth: dict | None = None) -> str:
     """"FP" for a plain model, else the parts that apply joined by "+" (e.g. codebook+prune)."""
-    parts = ([cfg.method] if cfg is not None else []) + (["prune"] if prune else []) + \
-        (["lattice"] if lattice else [])
+    parts = (["smooth"] if smooth else []) + ([cfg.method] if cfg is not None else []) + \
+        (["prune"] if prune else []) + (["lattice"] if lattice else [])
     return "+".join(parts) or "FP"
 
 
@@ -177,10 +196,11 @@ def load_recipes(path: str) -> list[dict]:
     for i, r in enumerate(raw):
         if not isinstance(r, dict) or not isinstance(r.get("name"), str) or not r["name"]:
             raise ValueError(f"recipes[{i}]: must be an object with a non-empty string 'name'")
-        unknown = set(r) - {"name", "config", "prune", "lattice", "seeds", "label", "note"}
+        unknown = set(r) - {"name", "config", "smooth", "prune", "lattice", "seeds", "label",
+                            "note"}
         if unknown:
             raise ValueError(f"recipes[{i}] ({r['name']}): unknown keys {sorted(unknown)}; "
-                             "valid: name, config, prune, lattice, seeds, label, note")
+                             "valid: name, config, smooth, prune, lattice, seeds, label, note")
         if r["name"] in names:
             raise ValueError(f"recipes: name {r['name']!r} appears twice")
         names.add(r["name"])
@@ -191,10 +211,12 @@ def load_recipes(path: str) -> list[dict]:
                              f"non-negative integers, got {seeds!r}")
         cfg = None if r.get("config") is None else config_from_dict(r["config"])
         where = f"recipes[{i}] ({r['name']})"
+        smooth = parse_smooth(r.get("smooth"), f"{where}: smooth")
         prune = parse_prune(r.get("prune"), f"{where}: prune")
         lattice = parse_lattice(r.get("lattice"), f"{where}: lattice")
-        label = r.get("label") or default_label(cfg, prune, lattice)
-        out.append({"name": r["name"], "config": cfg, "prune": prune, "lattice": lattice,
+        label = r.get("label") or default_label(cfg, prune, lattice, smooth)
+        out.append({"name": r["name"], "config": cfg, "smooth": smooth, "prune": prune,
+                    "lattice": lattice,
                     "seeds": seeds, "label": label, "note": r.get("note", "")})
     return out
 
@@ -230,15 +252,16 @@ def _canon(obj) -> str:
 
 
 def point_key(recipe: str, seed: int, config: dict | None, prune: dict | None,
-              lattice: dict | None) -> tuple:
+              lattice: dict | None, smooth: dict | None = None) -> tuple:
     """What makes a point the same point when resuming."""
-    return (recipe, seed, _canon(config), _canon(prune), _canon(lattice))
+    return (recipe, seed, _canon(config), _canon(prune), _canon(lattice), _canon(smooth))
 
 
 def _key_of(point: dict) -> tuple:
-    # points written before prune/lattice existed have neither key: None, as for plain recipes
+    # points written before smooth/prune/lattice existed lack the keys: None, as for plain recipes
     return point_key(point["recipe"], point["seed"], point["config"],
-                     (point.get("prune") or {}).get("spec"), point.get("lattice"))
+                     (point.get("prune") or {}).get("spec"), point.get("lattice"),
+                     point.get("smooth"))
 
 
 def apply_prune(model, spec: dict) -> dict:
@@ -280,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models import decoder_linear_layers, load_model, resolve_model_name
     from ..provenance import provenance, write_json
     from ..quant.accounting import bits_report
+    from ..smoothquant import smooth_model
 
     recipes = load_recipes(args.recipes)
     if args.only:
@@ -337,22 +361,25 @@ def run(args: argparse.Namespace) -> int:
         for seed in seeds:
             cfg = None if r["config"] is None else with_seed(r["config"], seed)
             cfg_dict = None if cfg is None else cfg.to_dict()
-            if point_key(r["name"], seed, cfg_dict, r["prune"], r["lattice"]) in done:
+            if point_key(r["name"], seed, cfg_dict, r["prune"], r["lattice"],
+                         r["smooth"]) in done:
                 print(f"{r['name']} seed {seed}: already in {json_path}, skipped")
                 continue
             t0 = time.perf_counter()
             m, _ = load_model(args.model, device=args.device)
+            calib = None
+            if needs_calibration(cfg) or r["smooth"] is not None:
+                calib = calibration_windows(tokenizer, corpus, args.calib_windows, calib_window,
+                                            seed)
+            if r["smooth"] is not None:  # 0. scale migration (model unchanged before quantizing)
+                smooth_model(m, calib, r["smooth"]["alpha"], args.batch_size)
             pruned = None
             if r["prune"] is not None:   # 1. RG pruning (SVD of the full-precision weights)
                 pruned = apply_prune(m, r["prune"])
                 pruned["seconds"] = time.perf_counter() - t0
-            calib = None
-            if needs_calibration(cfg):
-                calib = calibration_windows(tokenizer, corpus, args.calib_windows, calib_window,
-                                            seed)
             report = None
             if cfg is not None:          # 2. quantization of the layers still dense
-                report = quantize(m, cfg, calibration=calib)
+                report = quantize(m, cfg, calibration=calib if needs_calibration(cfg) else None)
             t_q = time.perf_counter() - t0
             if r["lattice"] is not None:  # 3. lattice attention for the evaluation
                 enable_lattice(m, float(r["lattice"]["xi"]), eps=r["lattice"]["eps"])
@@ -371,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
                 fp_bits = ws[0].element_size() * 8
             point = {"recipe": r["name"], "label": r["label"], "seed": seed,
                      "deterministic": not is_random(r["config"]), "config": cfg_dict,
-                     "prune": pruned, "lattice": r["lattice"],
+                     "smooth": r["smooth"], "prune": pruned, "lattice": r["lattice"],
                      "perplexity": res.perplexity, "mean_nll": res.mean_nll,
                      "tokens_scored": res.tokens_scored, "windows": res.windows,
                      "bits": {"quantized_bits_per_weight": rep.quantized_bits_per_weight
@@ -437,7 +464,8 @@ def summarize(points: list[dict]) -> list[dict]:
                     **({"prune": {k: ps[0]["prune"][k] for k in
                                   ("spec", "ranks", "parameters_removed", "removed_fraction")}}
                        if ps[0].get("prune") else {}),
-                    **({"lattice": ps[0]["lattice"]} if ps[0].get("lattice") else {})})
+                    **({"lattice": ps[0]["lattice"]} if ps[0].get("lattice") else {}),
+                    **({"smooth": ps[0]["smooth"]} if ps[0].get("smooth") else {})})
     return out
 
 
