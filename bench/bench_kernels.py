@@ -13,7 +13,9 @@
    within a row, so the C++ op's product is 2d wide there.
 2. codebook matmul, CPU path (physkern.ops.codebook_matmul) vs dense fp32 x @ W^T + b with the same
    shape, M in {1, 16, 512}, for several storage recipes and shapes (3072x768 and the packaged
-   model's 1536x576 / 576x1536).
+   model's 1536x576 / 576x1536). For M <= NATIVE_MAX_M that path is the fused C++ op
+   physkern::codebook_matmul_cpu ("direct" method); warm rows also time its "lut" method (per-row
+   lookup tables, where the recipe allows it) to document which method "auto" runs.
 
 Timings are the minimum over repeats (the machine is shared; the load average is recorded).
 --only runs one part and merges it into the existing results file, keeping the other part; each
@@ -33,6 +35,8 @@ from pathlib import Path
 import torch
 
 from physkern import ops
+from physkern.kernels.codebook_matmul import (NATIVE_MAX_M, codebook_matmul_native, native_isa,
+                                              native_matmul_available)
 from physkern.kernels.kmeans_assign import kmeans_assign_torch, native_kmeans_available
 from physkern.provenance import provenance, write_json
 from physkern.quant.format import QuantizedWeight
@@ -181,16 +185,32 @@ def bench_matmul(repeats: int, shapes, ms, streaming: bool) -> list:
                 y = ops.codebook_matmul(x, qw, bias)
                 ref = ops.codebook_matmul(x, qw, bias, backend="reference")
                 err = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+                native = native_matmul_available() and m <= NATIVE_MAX_M
                 rec = {"out_features": out_f, "in_features": in_f, "recipe": name,
                        "cache": "streaming" if streaming else "warm", "copies": copies,
                        "threads": torch.get_num_threads(),
                        "block_dim": d, "k": k, "scope": scope, "stages": stages,
-                       "scale_group": group, "m": m, "dense_fp32_seconds": t_dense,
+                       "scale_group": group, "m": m,
+                       "cpu_path": ("physkern::codebook_matmul_cpu direct (C++)" if native
+                                    else "torch (dequantize gather + matmul, or torch LUT)"),
+                       "dense_fp32_seconds": t_dense,
                        "codebook_cpu_seconds": t_q, "ratio_vs_dense": t_q / t_dense,
                        "max_rel_error_vs_reference": err}
+                lut_ok = group is None or group % d == 0
+                if native and not streaming and lut_ok:
+                    # The C++ op's other method, timed against dense in the same interleaved way.
+                    a = (x, qw.packed, qw.codebooks, qw.scales, qw.offsets, bias, in_f,
+                         qw.codebook_rows, qw.scale_group)
+                    t_dense2, t_lut = timeit_pair(
+                        [lambda: torch.addmm(bias, x, ws[0].T),
+                         lambda: codebook_matmul_native(*a, method="lut")], repeats, inner)
+                    rec["native_lut_seconds"] = t_lut
+                    rec["native_lut_ratio_vs_dense"] = t_lut / t_dense2
                 rows.append(rec)
+                extra = (f", lut method {rec['native_lut_ratio_vs_dense']:5.2f}"
+                         if "native_lut_seconds" in rec else "")
                 print(f"[{rec['cache']:9s} t={rec['threads']}] {out_f}x{in_f} {name:34s} M={m:4d}: dense {t_dense * 1e6:9.1f} us, "
-                      f"codebook {t_q * 1e6:9.1f} us, ratio {t_q / t_dense:5.2f}", flush=True)
+                      f"codebook {t_q * 1e6:9.1f} us, ratio {t_q / t_dense:5.2f}{extra}", flush=True)
     return rows
 
 
@@ -253,6 +273,10 @@ def main(argv=None) -> None:
         payload.update({"benchmark": "kernels_cpu", "provenance": provenance("cpu"),
                         "load_average_before_after": [load_before, os.getloadavg()],
                         "note": note,
+                        "codebook_matmul_native": {
+                            "op": "physkern::codebook_matmul_cpu (csrc/codebook_matmul.cpp)",
+                            "available": native_matmul_available(),
+                            "instruction_set": native_isa(), "max_m": NATIVE_MAX_M},
                         "timing": "minimum over repeats of the mean of `inner` calls",
                         "codebook_matmul": matmul, "codebook_matmul_goals": goals})
     payload.setdefault("benchmark", "kernels_cpu")

@@ -15,9 +15,12 @@ Implementations, one contract (`x [..., in] -> y [..., out]`, y in x's dtype):
   input dimension write fp32 partial sums that are added afterwards) and a tiled path for
   prefill.
 - `codebook_matmul_reference`: dequantize (fp32) + matmul. The independent reference for tests.
-- The CPU path lives in `codebook_matmul_cpu`: vectorised torch (a LUT GEMV for shared codebooks
-  and small M, otherwise one gather + one matmul), with the unpacked indices cached per packed
-  tensor (see `IndexCache`).
+- The CPU path lives in `codebook_matmul_cpu`. For x with at most NATIVE_MAX_M rows (decode)
+  it runs the fused C++ op `physkern::codebook_matmul_cpu` (csrc/codebook_matmul.cpp, in
+  physkern._C): the packed indices are decoded row by row and the centroids FMA'd straight into
+  the output, the dense W never exists. Otherwise (more rows, no physkern._C, other devices)
+  vectorised torch: a LUT GEMV for shared codebooks and small M, else one gather + one matmul,
+  with the unpacked indices cached per packed tensor (see `IndexCache`).
 """
 from __future__ import annotations
 
@@ -347,6 +350,66 @@ INDEX_CACHE = IndexCache()
 # LUT GEMV is used for x with at most this many rows (see codebook_matmul_cpu).
 LUT_MAX_M = 4
 
+# The fused C++ op serves x with at most this many rows. Measured on Zen 5 (1 thread, the five
+# bench/bench_kernels.py recipes, three shapes): at M = 16 it ran at 0.9-1.3x the time of a dense
+# fp32 matmul where the torch path took 2-4x; at M = 32, 1.5-1.8x vs the torch path's 1.6-2.8x.
+# Beyond that the torch path's one dequantisation is amortised over more rows.
+NATIVE_MAX_M = 32
+
+_NATIVE_OP = "physkern::codebook_matmul_cpu"
+_native: Optional[bool] = None
+
+
+def native_matmul_available() -> bool:
+    """Whether physkern._C is importable and registers a CPU kernel for
+    physkern::codebook_matmul_cpu (False without the extension, or with a stale build)."""
+    global _native
+    if _native is None:
+        try:
+            import physkern._C  # noqa: F401  (registers the physkern ops)
+            _native = torch._C._dispatch_has_kernel_for_dispatch_key(_NATIVE_OP, "CPU")
+        except (ImportError, RuntimeError):
+            _native = False
+        if _native:
+            _register_native_fake()
+    return _native
+
+
+def _register_native_fake() -> None:
+    """Shape function of the C++ op, so that it also traces (FakeTensor, torch.compile)."""
+    try:
+        @torch.library.register_fake(_NATIVE_OP)
+        def _(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows,
+              scale_group, method="auto"):
+            return x.new_empty(*x.shape[:-1], packed.shape[1])
+    except RuntimeError:  # already registered (module reloaded)
+        pass
+
+
+def native_isa() -> Optional[str]:
+    """Instruction set the C++ op's kernels run with ("avx512", "avx2", "baseline"), or None."""
+    return torch.ops.physkern.codebook_matmul_cpu_isa() if native_matmul_available() else None
+
+
+def codebook_matmul_native(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor,
+                           scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], in_features: int, codebook_rows: int,
+                           scale_group: int, method: str = "direct") -> torch.Tensor:
+    """The fused C++ op physkern::codebook_matmul_cpu (CPU tensors; needs physkern._C).
+
+    Same contract as codebook_matmul_triton: x [..., in] -> y [..., out] in x.dtype, fp32
+    accumulation. method: "direct" (decode-and-dot, any scope; what "auto" runs) or "lut" (per-row
+    lookup tables of x-block . centroid products; shared codebooks, scale_group % d == 0).
+    Bad arguments raise ValueError from the op itself.
+    """
+    if method not in ("auto", "direct", "lut"):
+        raise ValueError(f"method must be 'auto', 'direct' or 'lut', got {method!r}")
+    if not native_matmul_available():
+        raise RuntimeError("physkern._C with physkern::codebook_matmul_cpu is not available "
+                           "(run `make install`)")
+    return torch.ops.physkern.codebook_matmul_cpu(x, packed, codebooks, scales, offsets, bias,
+                                                 in_features, codebook_rows, scale_group, method)
+
 
 def unpack_fast(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """unpack_indices, with a shift-and-mask fast path when bits divides 32 (no straddling)."""
@@ -400,14 +463,25 @@ def codebook_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.
                         scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
                         bias: Optional[torch.Tensor], in_features: int, codebook_rows: int,
                         scale_group: int, method: str = "auto") -> torch.Tensor:
-    """Vectorised torch codebook matmul (the path for CPU tensors); fp32 arithmetic.
+    """The CPU path: the fused C++ op for small M, else vectorised torch; fp32 arithmetic.
 
-    Same contract as codebook_matmul_triton. method: "auto", "lut" (gather-sum over a table of
-    x-block . centroid products, AQLM-style; shared codebooks, small M) or "dequant" (one gather
-    rebuilds W, one matmul).
+    Same contract as codebook_matmul_triton. method: "auto" (the C++ op when x is a CPU tensor
+    with at most NATIVE_MAX_M rows and physkern._C has it, else "lut" or "dequant" as below),
+    "native" (the C++ op's direct method, any M), "native_lut" (its lookup-table method),
+    "lut" (torch: gather-sum over a table of x-block . centroid products, AQLM-style; shared
+    codebooks, small M) or "dequant" (torch: one gather rebuilds W, one matmul).
     """
     check_matmul_inputs(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows,
                         scale_group)
+    if method in ("native", "native_lut"):
+        return codebook_matmul_native(x, packed, codebooks, scales, offsets, bias, in_features,
+                                      codebook_rows, scale_group,
+                                      "lut" if method == "native_lut" else "direct")
+    if (method == "auto" and x.device.type == "cpu" and x.numel() <= NATIVE_MAX_M * in_features
+            and native_matmul_available()):
+        return torch.ops.physkern.codebook_matmul_cpu(x, packed, codebooks, scales, offsets, bias,
+                                                     in_features, codebook_rows, scale_group,
+                                                     "direct")
     stages, out = packed.shape[0], packed.shape[1]
     _, n_cb, k, d = codebooks.shape
     nb = in_features // d
@@ -418,7 +492,8 @@ def codebook_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.
         method = "lut" if lut_eligible(m, stages, n_cb, k, d, out, scale_group,
                                        scales is not None) else "dequant"
     if method not in ("lut", "dequant"):
-        raise ValueError(f"method must be 'auto', 'lut' or 'dequant', got {method!r}")
+        raise ValueError(f"method must be 'auto', 'native', 'native_lut', 'lut' or 'dequant', "
+                         f"got {method!r}")
     if method == "lut" and scales is not None and scale_group % d:
         raise ValueError(f"method='lut' needs scale_group ({scale_group}) to be a multiple of "
                          f"block_dim ({d})")

@@ -6,10 +6,17 @@
 
 CUDA tensors run the Triton kernels (kernels/kmeans_assign.py, kernels/codebook_matmul.py);
 CPU tensors run the CPU paths beside them (k-means assignment: the fused C++ op
-physkern::kmeans_assign_cpu from physkern._C, or its pure-torch fallback without the extension). Both ops have a register_fake, so they
-trace under torch.compile, and pass torch.library.opcheck. codebook_matmul has an autograd
-formula for x and bias (grad_x = grad_y @ W), so calibration passes can backpropagate through
-quantized layers; indices, codebooks and scales get no gradient.
+physkern::kmeans_assign_cpu from physkern._C, or its pure-torch fallback without the extension;
+codebook matmul: for x with at most NATIVE_MAX_M rows the fused C++ op
+physkern::codebook_matmul_cpu, which never builds the dense W, else the vectorised torch path).
+Both ops have a register_fake, so they trace under torch.compile, and pass torch.library.opcheck.
+codebook_matmul has an autograd formula for x and bias (grad_x = grad_y @ W), so calibration
+passes can backpropagate through quantized layers; indices, codebooks and scales get no gradient.
+
+Decode fast path: `codebook_matmul(backend="auto")` on CPU tensors with few rows, outside
+torch.compile and with no gradient to track, calls the C++ op directly instead of going through
+the Python custom op (whose dispatch costs ~7 us a call, a tenth of a small layer's GEMV); the
+result is the same op's.
 
 The Python wrappers `kmeans_assign` and `codebook_matmul` take `backend=`:
 "auto" (the op, per device), "triton" (the Triton launcher directly: CUDA, or CPU tensors under
@@ -24,8 +31,9 @@ from typing import Optional, TYPE_CHECKING
 
 import torch
 
-from physkern.kernels.codebook_matmul import (codebook_matmul_cpu, codebook_matmul_reference,
-                                              codebook_matmul_triton, INDEX_CACHE)
+from physkern.kernels.codebook_matmul import (NATIVE_MAX_M, codebook_matmul_cpu,
+                                              codebook_matmul_reference, codebook_matmul_triton,
+                                              INDEX_CACHE, native_matmul_available)
 from physkern.kernels.kmeans_assign import (SUPPORTED_BLOCK_DIMS, kmeans_assign_cpu,
                                             kmeans_assign_reference, kmeans_assign_triton)
 
@@ -132,10 +140,24 @@ def codebook_matmul(x: torch.Tensor, qw: "QuantizedWeight", bias: Optional[torch
         raise ValueError(f"qw.packed has {qw.packed.shape[1]} rows, qw.out_features is "
                          f"{qw.out_features}")
     if backend == "auto":
+        if _eager_native_ok(x, bias, qw.in_features):
+            return torch.ops.physkern.codebook_matmul_cpu(*args, "direct")
         return _codebook_matmul_op(*args)
     fn = {"triton": codebook_matmul_triton, "cpu": codebook_matmul_cpu,
           "reference": codebook_matmul_reference}[backend]
     return fn(*args)
+
+
+def _eager_native_ok(x: torch.Tensor, bias: Optional[torch.Tensor], in_features: int) -> bool:
+    """Whether the custom op's CPU path would run the C++ op and nothing needs the custom op
+    around it: CPU tensor, at most NATIVE_MAX_M rows, not tracing, no gradient to record."""
+    if x.device.type != "cpu" or x.numel() > NATIVE_MAX_M * in_features:
+        return False
+    if torch.compiler.is_compiling() or not native_matmul_available():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    return True
 
 
 def clear_index_cache() -> None:

@@ -113,16 +113,19 @@ def test_cpu_path_half_inputs(dtype):
     torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=1e-2)
 
 
-def test_cpu_index_cache_follows_in_place_writes():
+@pytest.mark.parametrize("method", ["lut", "dequant"])
+def test_cpu_index_cache_follows_in_place_writes(method):
+    # The torch path caches unpacked indices (small M goes to the C++ op, which reads the packed
+    # indices directly: hence the explicit torch methods).
     INDEX_CACHE.clear()
     qw = make_qw(16, 32, 8, 4, 1, 16)
     x = torch.randn(2, 32)
-    check(codebook_matmul_cpu(*args(qw, x, None)), x, qw, None)
+    check(codebook_matmul_cpu(*args(qw, x, None), method=method), x, qw, None)
     hits = INDEX_CACHE.hits
-    check(codebook_matmul_cpu(*args(qw, x, None)), x, qw, None)
+    check(codebook_matmul_cpu(*args(qw, x, None), method=method), x, qw, None)
     assert INDEX_CACHE.hits == hits + 1
     qw.packed.copy_(make_qw(16, 32, 8, 4, 1, 16, seed=5).packed)  # new indices, same tensor
-    check(codebook_matmul_cpu(*args(qw, x, None)), x, qw, None)
+    check(codebook_matmul_cpu(*args(qw, x, None), method=method), x, qw, None)
 
 
 def test_unpack_fast_matches_unpack():
