@@ -365,11 +365,8 @@ def native_matmul_available() -> bool:
     physkern::codebook_matmul_cpu (False without the extension, or with a stale build)."""
     global _native
     if _native is None:
-        try:
-            import physkern._C  # noqa: F401  (registers the physkern ops)
-            _native = torch._C._dispatch_has_kernel_for_dispatch_key(_NATIVE_OP, "CPU")
-        except (ImportError, RuntimeError):
-            _native = False
+        from ._native import native_op_available
+        _native = native_op_available(_NATIVE_OP)
         if _native:
             _register_native_fake()
     return _native

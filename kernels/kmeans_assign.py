@@ -282,11 +282,8 @@ def native_kmeans_available() -> bool:
     (False for a build without the extension, or a stale one from before the op existed)."""
     global _native
     if _native is None:
-        try:
-            import physkern._C  # noqa: F401  (registers the physkern ops)
-            _native = torch._C._dispatch_has_kernel_for_dispatch_key(_NATIVE_OP, "CPU")
-        except (ImportError, RuntimeError):
-            _native = False
+        from ._native import native_op_available
+        _native = native_op_available(_NATIVE_OP)
     return _native
 
 
