@@ -1,13 +1,11 @@
 """physkern::histogram_update (C++ op and pure-torch fallback) and StreamingHistogram, checked
 against numpy.histogram and hand-computed entropies."""
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from _subprocess import assert_snippet_prints_ok
 
 import physkern.histogram as H
 from physkern import StreamingHistogram
@@ -302,10 +300,7 @@ def test_fallback_when_extension_missing():
         "torch.library.opcheck(torch.ops.physkern.histogram_update.default,\n"
         "                      (torch.randn(20), c, -1., 1.))\n"
         "print('ok')\n")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    assert_snippet_prints_ok(code)
 
 
 # ----------------------------------------------------------------------------------------------
