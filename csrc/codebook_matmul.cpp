@@ -24,8 +24,10 @@
 //    vector). With scale groups that are a multiple of VW columns the products of a group are
 //    summed and scaled once at its end (unrolled for 2, 4 or 8 registers per group); other
 //    groups scale per column. d = 1 with K <= 16 (scalar grids such as RTN 4-bit) looks the
-//    weights up with register permutes. Row / small-group scope prefetches the codebooks of the
-//    next rows (their reads are data-dependent, the hardware prefetcher does not follow them).
+//    weights up with register permutes. Rows are prepared 16 at a time (indices decoded, scales
+//    converted; for row / small-group scope the block's codebooks are prefetched, as their reads
+//    are data-dependent and the hardware prefetcher does not follow them), then computed by one
+//    kernel call.
 //  - "lut" (shared codebooks, scale_group % d == 0; chosen only on request): per row of x,
 //    stage, codebook and block a table T[b, k] = <x_b, C_k> (M * S * n_cb * in * K
 //    multiply-adds); then y[m, o] = sum_b scale[o, b] * T[b, idx[o, b]] with vector gathers. On

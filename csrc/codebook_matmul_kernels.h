@@ -59,7 +59,20 @@ PHYSKERN_CBMM_INLINE void cvt_row(const void* base, at::ScalarType t, int64_t of
     std::memcpy(dst, static_cast<const float*>(base) + offset, n * sizeof(float));
   } else if (t == at::kHalf) {
     const uint16_t* p = static_cast<const uint16_t*>(base) + offset;
-    for (int64_t i = 0; i < n; ++i) dst[i] = h2f(p[i]);
+    int64_t i = 0;
+#if PHYSKERN_CBMM_ISA >= 1
+    for (; i + VW <= n; i += VW) {  // F16C, one register at a time
+      typename VU16<VW>::t raw;
+      __builtin_memcpy(&raw, p + i, sizeof(raw));
+#if PHYSKERN_CBMM_ISA >= 2
+      const vfw v = (vfw)_mm512_cvtph_ps((__m256i)raw);
+#else
+      const vfw v = (vfw)_mm256_cvtph_ps((__m128i)raw);
+#endif
+      __builtin_memcpy(dst + i, &v, sizeof(v));
+    }
+#endif
+    for (; i < n; ++i) dst[i] = h2f(p[i]);
   } else if (t == at::kBFloat16) {
     const uint16_t* p = static_cast<const uint16_t*>(base) + offset;
     for (int64_t i = 0; i < n; ++i) {
@@ -126,17 +139,34 @@ PHYSKERN_CBMM_INLINE vuw ldu(const uint32_t* p) {
   return v;
 }
 
-// w: the row's words followed by at least 16 zero words. Writes round_up(nb, 32) entries.
+// Up to n (< VW) words at p, zeros elsewhere; masked-off lanes are never read (no fault past the
+// end of the tensor).
+PHYSKERN_CBMM_INLINE vuw ldu_partial(const uint32_t* p, int64_t n) {
+  if (n <= 0) return vuw{};
+#if PHYSKERN_CBMM_ISA >= 2
+  return (vuw)_mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << n) - 1u), p);
+#else
+  vi16 lane;  // (only the first 8 lanes are used)
+  for (int l = 0; l < 8; ++l) lane[l] = l < n ? -1 : 0;
+  const __m256i mask = (__m256i)__builtin_shufflevector(lane, lane, 0, 1, 2, 3, 4, 5, 6, 7);
+  return (vuw)_mm256_maskload_epi32(reinterpret_cast<const int*>(p), mask);
+#endif
+}
+
+// w: the row's `words` words. Writes round_up(nb, 32) entries. The last groups load only the
+// words that exist (masked loads), so nothing past the row is read and no copy is needed.
 template <int BITS>
-PHYSKERN_CBMM_INLINE void decode_vec(const uint32_t* w, int64_t nb, uint32_t* dst) {
+PHYSKERN_CBMM_INLINE void decode_vec(const uint32_t* w, int64_t words, int64_t nb, uint32_t* dst) {
   const DecodeConsts<BITS>& k = kDecodeConsts<BITS>;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   for (int64_t g0 = 0; g0 < nb; g0 += 32) {
     const uint32_t* gw = w + (g0 / 32) * BITS;
+    const int64_t avail = words - (g0 / 32) * BITS;  // words left from gw on (>= 1)
 #if PHYSKERN_CBMM_ISA >= 2
-    const vuw W = ldu(gw);
+    const vuw W = avail >= 16 ? ldu(gw) : ldu_partial(gw, avail);
 #else
-    const vuw Wlo = ldu(gw), Whi = ldu(gw + 8);
+    const vuw Wlo = avail >= 8 ? ldu(gw) : ldu_partial(gw, avail);
+    const vuw Whi = avail >= 16 ? ldu(gw + 8) : ldu_partial(gw + 8, avail - 8);
 #endif
     for (int h = 0; h < 32 / VW; ++h) {
       const vuw wd = ldu(k.wd + h * VW), sh = ldu(k.sh + h * VW);
@@ -170,6 +200,20 @@ __attribute__((noinline)) void decode_offsets(const uint32_t* w, int64_t words, 
                                               int64_t nb, uint32_t mul, uint32_t stride,
                                               uint16_t* tmp, uint32_t* dst) {
   const int64_t nbs = decoded_stride(nb);
+  const bool shift_only = stride == 0 && mul != 0 && (mul & (mul - 1)) == 0;
+  const int sh = shift_only ? __builtin_ctz(mul) : 0;
+  // Byte-aligned indices with a power-of-two block dim: one pass.
+  if ((bits == 8 || bits == 16) && shift_only) {
+    if (bits == 8) {
+      const uint8_t* by = reinterpret_cast<const uint8_t*>(w);
+      for (int64_t b = 0; b < nb; ++b) dst[b] = uint32_t(by[b]) << sh;
+    } else {
+      const uint16_t* h = reinterpret_cast<const uint16_t*>(w);
+      for (int64_t b = 0; b < nb; ++b) dst[b] = uint32_t(h[b]) << sh;
+    }
+    for (int64_t b = nb; b < nbs; ++b) dst[b] = 0;
+    return;
+  }
   // 1. Raw indices into dst.
   if (bits == 8) {
     const uint8_t* by = reinterpret_cast<const uint8_t*>(w);
@@ -179,26 +223,22 @@ __attribute__((noinline)) void decode_offsets(const uint32_t* w, int64_t words, 
     for (int64_t b = 0; b < nb; ++b) dst[b] = h[b];
   } else {
 #if PHYSKERN_CBMM_ISA >= 1
-    // A zero-padded copy of the row, so that whole-register loads never leave it (tmp is big
-    // enough: words <= nbs / 2 for bits <= 16, plus 16 words of padding).
-    uint32_t* wp = reinterpret_cast<uint32_t*>(tmp);
-    std::memcpy(wp, w, words * 4);
-    std::memset(wp + words, 0, 16 * 4);
+    const uint32_t* wp = w;
     switch (bits) {
-      case 1: decode_vec<1>(wp, nb, dst); break;
-      case 2: decode_vec<2>(wp, nb, dst); break;
-      case 3: decode_vec<3>(wp, nb, dst); break;
-      case 4: decode_vec<4>(wp, nb, dst); break;
-      case 5: decode_vec<5>(wp, nb, dst); break;
-      case 6: decode_vec<6>(wp, nb, dst); break;
-      case 7: decode_vec<7>(wp, nb, dst); break;
-      case 9: decode_vec<9>(wp, nb, dst); break;
-      case 10: decode_vec<10>(wp, nb, dst); break;
-      case 11: decode_vec<11>(wp, nb, dst); break;
-      case 12: decode_vec<12>(wp, nb, dst); break;
-      case 13: decode_vec<13>(wp, nb, dst); break;
-      case 14: decode_vec<14>(wp, nb, dst); break;
-      default: decode_vec<15>(wp, nb, dst); break;
+      case 1: decode_vec<1>(wp, words, nb, dst); break;
+      case 2: decode_vec<2>(wp, words, nb, dst); break;
+      case 3: decode_vec<3>(wp, words, nb, dst); break;
+      case 4: decode_vec<4>(wp, words, nb, dst); break;
+      case 5: decode_vec<5>(wp, words, nb, dst); break;
+      case 6: decode_vec<6>(wp, words, nb, dst); break;
+      case 7: decode_vec<7>(wp, words, nb, dst); break;
+      case 9: decode_vec<9>(wp, words, nb, dst); break;
+      case 10: decode_vec<10>(wp, words, nb, dst); break;
+      case 11: decode_vec<11>(wp, words, nb, dst); break;
+      case 12: decode_vec<12>(wp, words, nb, dst); break;
+      case 13: decode_vec<13>(wp, words, nb, dst); break;
+      case 14: decode_vec<14>(wp, words, nb, dst); break;
+      default: decode_vec<15>(wp, words, nb, dst); break;
     }
 #else
     switch (bits) {
@@ -221,8 +261,7 @@ __attribute__((noinline)) void decode_offsets(const uint32_t* w, int64_t words, 
 #endif
   }
   // 2. Offsets (a shift for the usual power-of-two block dims).
-  if (stride == 0 && mul != 0 && (mul & (mul - 1)) == 0) {
-    const int sh = __builtin_ctz(mul);
+  if (shift_only) {
     if (sh != 0)
       for (int64_t b = 0; b < nb; ++b) dst[b] <<= sh;
   } else {
@@ -372,62 +411,67 @@ PHYSKERN_CBMM_INLINE vfw weights(const Args& a, const RowCtx& r, int64_t st) {
   return w;
 }
 
-// res[m] = sum over the first (in / VW) * VW columns of W[o, j] * x[m, j], m < MT.
+// For each of the nrows rows r of a block: res[i * res_stride + m] = sum over the first
+// (in / VW) * VW columns of W[o_i, j] * x[m, j], m < MT (one call per block of rows: the call,
+// its prologue and the tile setup are paid once per block, not per row).
 // MODE -1 (ELEM): weights scaled per column (sce). MODE 0: no scales, or scale groups of a
 // run-time number of steps (scg). MODE > 0: scale groups of exactly MODE steps (g == MODE * VW),
 // unrolled. Within a group the products are summed, then scaled once at its end.
 template <int D, bool PERM, int MT, int MODE, int KS, class CB>
-__attribute__((noinline)) void direct_tile(const Args& a, const RowCtx& r, const float* x,
-                                           float* res) {
+__attribute__((noinline)) void direct_tile(const Args& a, const RowCtx* rows, int64_t nrows,
+                                           const float* x, float* res, int64_t res_stride) {
   constexpr bool ELEM = MODE == -1;
   const int64_t in = a.in, steps = in / VW;
-  const bool grouped = !ELEM && r.scg != nullptr;
-  const int64_t spg = MODE > 0 ? MODE : (grouped ? a.g / VW : steps);
-  vfw tot[MT];
-  for (int m = 0; m < MT; ++m) tot[m] = vfw{};
-  int64_t st = 0;
-  const float* sg = r.scg;
-  while (st < steps) {
-    vfw a0[MT], a1[MT];
-    for (int m = 0; m < MT; ++m) a0[m] = a1[m] = vfw{};
-    if constexpr (MODE > 0) {
-      for (int k = 0; k + 2 <= MODE; k += 2) {
-        const vfw w0 = weights<D, PERM, ELEM, KS, CB>(a, r, st + k);
-        const vfw w1 = weights<D, PERM, ELEM, KS, CB>(a, r, st + k + 1);
-        for (int m = 0; m < MT; ++m) {
-          a0[m] += w0 * ldx(x + m * in + (st + k) * VW);
-          a1[m] += w1 * ldx(x + m * in + (st + k) * VW + VW);
+  for (int64_t i = 0; i < nrows; ++i) {
+    const RowCtx& r = rows[i];
+    const bool grouped = !ELEM && r.scg != nullptr;
+    const int64_t spg = MODE > 0 ? MODE : (grouped ? a.g / VW : steps);
+    vfw tot[MT];
+    for (int m = 0; m < MT; ++m) tot[m] = vfw{};
+    int64_t st = 0;
+    const float* sg = r.scg;
+    while (st < steps) {
+      vfw a0[MT], a1[MT];
+      for (int m = 0; m < MT; ++m) a0[m] = a1[m] = vfw{};
+      if constexpr (MODE > 0) {
+        for (int k = 0; k + 2 <= MODE; k += 2) {
+          const vfw w0 = weights<D, PERM, ELEM, KS, CB>(a, r, st + k);
+          const vfw w1 = weights<D, PERM, ELEM, KS, CB>(a, r, st + k + 1);
+          for (int m = 0; m < MT; ++m) {
+            a0[m] += w0 * ldx(x + m * in + (st + k) * VW);
+            a1[m] += w1 * ldx(x + m * in + (st + k) * VW + VW);
+          }
+        }
+        if constexpr (MODE % 2 == 1) {
+          const vfw w0 = weights<D, PERM, ELEM, KS, CB>(a, r, st + MODE - 1);
+          for (int m = 0; m < MT; ++m) a0[m] += w0 * ldx(x + m * in + (st + MODE - 1) * VW);
+        }
+        st += MODE;
+      } else {
+        const int64_t se = std::min(steps, st + spg);
+        for (; st + 2 <= se; st += 2) {
+          const vfw w0 = weights<D, PERM, ELEM, KS, CB>(a, r, st);
+          const vfw w1 = weights<D, PERM, ELEM, KS, CB>(a, r, st + 1);
+          for (int m = 0; m < MT; ++m) {
+            a0[m] += w0 * ldx(x + m * in + st * VW);
+            a1[m] += w1 * ldx(x + m * in + st * VW + VW);
+          }
+        }
+        if (st < se) {
+          const vfw w0 = weights<D, PERM, ELEM, KS, CB>(a, r, st);
+          for (int m = 0; m < MT; ++m) a0[m] += w0 * ldx(x + m * in + st * VW);
+          ++st;
         }
       }
-      if constexpr (MODE % 2 == 1) {
-        const vfw w0 = weights<D, PERM, ELEM, KS, CB>(a, r, st + MODE - 1);
-        for (int m = 0; m < MT; ++m) a0[m] += w0 * ldx(x + m * in + (st + MODE - 1) * VW);
-      }
-      st += MODE;
-    } else {
-      const int64_t se = std::min(steps, st + spg);
-      for (; st + 2 <= se; st += 2) {
-        const vfw w0 = weights<D, PERM, ELEM, KS, CB>(a, r, st);
-        const vfw w1 = weights<D, PERM, ELEM, KS, CB>(a, r, st + 1);
-        for (int m = 0; m < MT; ++m) {
-          a0[m] += w0 * ldx(x + m * in + st * VW);
-          a1[m] += w1 * ldx(x + m * in + st * VW + VW);
-        }
-      }
-      if (st < se) {
-        const vfw w0 = weights<D, PERM, ELEM, KS, CB>(a, r, st);
-        for (int m = 0; m < MT; ++m) a0[m] += w0 * ldx(x + m * in + st * VW);
-        ++st;
+      if (MODE > 0 || grouped) {
+        const float sv = *sg++;
+        for (int m = 0; m < MT; ++m) tot[m] += (a0[m] + a1[m]) * sv;
+      } else {
+        for (int m = 0; m < MT; ++m) tot[m] += a0[m] + a1[m];
       }
     }
-    if (MODE > 0 || grouped) {
-      const float sv = *sg++;
-      for (int m = 0; m < MT; ++m) tot[m] += (a0[m] + a1[m]) * sv;
-    } else {
-      for (int m = 0; m < MT; ++m) tot[m] += a0[m] + a1[m];
-    }
+    for (int m = 0; m < MT; ++m) res[i * res_stride + m] = hsum(tot[m]);
   }
-  for (int m = 0; m < MT; ++m) res[m] = hsum(tot[m]);
 }
 
 // Any block dim, any scale group, columns [j0, j1): one weight at a time (tails, other d).
@@ -447,28 +491,29 @@ PHYSKERN_CBMM_INLINE void generic_cols(const Args& a, const RowCtx& r, const flo
   }
 }
 
+// A block of rows, all rows of x: tiles of 8 / 4 / 2 / 1 rows of x share each weight vector.
 template <int D, bool PERM, int MODE, int KS, class CB>
-PHYSKERN_CBMM_INLINE void direct_row_vec(const Args& a, const RowCtx& r, const float* x_all,
-                                         float* res_all) {
+PHYSKERN_CBMM_INLINE void direct_block_vec(const Args& a, const RowCtx* rows, int64_t nrows,
+                                           float* res) {
   int64_t m0 = 0;
   while (m0 < a.M) {
     const int64_t left = a.M - m0;
-    const float* x = x_all + m0 * a.in;
-    float* res = res_all + m0;
+    const float* x = a.x + m0 * a.in;
+    float* rm = res + m0;
     // Unrolled scale groups only for single rows of x (decode); wider tiles amortise the group
     // overhead over their rows.
     constexpr int kWide = MODE > 0 ? 0 : MODE;
     if (left >= 8) {
-      direct_tile<D, PERM, 8, kWide, 0, CB>(a, r, x, res);
+      direct_tile<D, PERM, 8, kWide, 0, CB>(a, rows, nrows, x, rm, a.M);
       m0 += 8;
     } else if (left >= 4) {
-      direct_tile<D, PERM, 4, kWide, 0, CB>(a, r, x, res);
+      direct_tile<D, PERM, 4, kWide, 0, CB>(a, rows, nrows, x, rm, a.M);
       m0 += 4;
     } else if (left >= 2) {
-      direct_tile<D, PERM, 2, kWide, 0, CB>(a, r, x, res);
+      direct_tile<D, PERM, 2, kWide, 0, CB>(a, rows, nrows, x, rm, a.M);
       m0 += 2;
     } else {
-      direct_tile<D, PERM, 1, MODE, KS, CB>(a, r, x, res);
+      direct_tile<D, PERM, 1, MODE, KS, CB>(a, rows, nrows, x, rm, a.M);
       m0 += 1;
     }
   }
@@ -477,26 +522,26 @@ PHYSKERN_CBMM_INLINE void direct_row_vec(const Args& a, const RowCtx& r, const f
 // mode: -1 per-column scales, 0 none / run-time groups, else steps per scale group. Stage counts
 // 1 and 2 are compiled in for single rows of x (decode).
 template <int D, bool PERM, int MODE, class CB>
-PHYSKERN_CBMM_INLINE void direct_row_stages(const Args& a, const RowCtx& r, const float* x,
-                                            float* res) {
+PHYSKERN_CBMM_INLINE void direct_block_stages(const Args& a, const RowCtx* rows, int64_t nrows,
+                                              float* res) {
   if (a.M == 1 && a.S == 1) {
-    direct_row_vec<D, PERM, MODE, 1, CB>(a, r, x, res);
+    direct_block_vec<D, PERM, MODE, 1, CB>(a, rows, nrows, res);
   } else if (a.M == 1 && a.S == 2) {
-    direct_row_vec<D, PERM, MODE, 2, CB>(a, r, x, res);
+    direct_block_vec<D, PERM, MODE, 2, CB>(a, rows, nrows, res);
   } else {
-    direct_row_vec<D, PERM, MODE, 0, CB>(a, r, x, res);
+    direct_block_vec<D, PERM, MODE, 0, CB>(a, rows, nrows, res);
   }
 }
 
 template <int D, bool PERM, class CB>
-PHYSKERN_CBMM_INLINE void direct_row_mode(const Args& a, const RowCtx& r, int mode,
-                                          const float* x, float* res) {
+PHYSKERN_CBMM_INLINE void direct_block_mode(const Args& a, const RowCtx* rows, int64_t nrows,
+                                            int mode, float* res) {
   switch (mode) {
-    case -1: direct_row_stages<D, PERM, -1, CB>(a, r, x, res); break;
-    case 2: direct_row_stages<D, PERM, 2, CB>(a, r, x, res); break;
-    case 4: direct_row_stages<D, PERM, 4, CB>(a, r, x, res); break;
-    case 8: direct_row_stages<D, PERM, 8, CB>(a, r, x, res); break;
-    default: direct_row_stages<D, PERM, 0, CB>(a, r, x, res); break;
+    case -1: direct_block_stages<D, PERM, -1, CB>(a, rows, nrows, res); break;
+    case 2: direct_block_stages<D, PERM, 2, CB>(a, rows, nrows, res); break;
+    case 4: direct_block_stages<D, PERM, 4, CB>(a, rows, nrows, res); break;
+    case 8: direct_block_stages<D, PERM, 8, CB>(a, rows, nrows, res); break;
+    default: direct_block_stages<D, PERM, 0, CB>(a, rows, nrows, res); break;
   }
 }
 
@@ -522,80 +567,90 @@ PHYSKERN_CBMM_INLINE void repeat_each(const float* src, int64_t n, int64_t rep, 
     for (int64_t k = 0; k < rep; ++k) dst[i * rep + k] = src[i];
 }
 
+// Rows are prepared kBlockRows at a time (indices decoded, scales converted, codebooks of row /
+// small-group scope prefetched: their reads are data-dependent, the hardware prefetcher does not
+// follow them), then computed by one kernel call.
 template <class CB>
 PHYSKERN_CBMM_INLINE void direct_rows_t(const Args& a, int64_t o0, int64_t o1) {
   using stt = typename CB::st;
+  constexpr int64_t kBlockRows = 16;
   const int64_t S = a.S, d = a.d, M = a.M, G = a.G, in = a.in, nbs = a.nbs;
   const bool vec = d == 1 || d == 2 || d == 4 || d == 8 || d == 16;
   const bool perm = d == 1 && a.K <= 16;
   const bool elem = a.scales != nullptr && a.g % VW != 0;
+  const int64_t spg = a.g / VW;
+  const int mode = elem ? -1 : (a.scales && (spg == 2 || spg == 4 || spg == 8) ? int(spg) : 0);
   std::vector<uint16_t> tmp(static_cast<size_t>(nbs + 64));
-  std::vector<uint32_t> off(static_cast<size_t>(S * nbs));
-  std::vector<const void*> cbp(static_cast<size_t>(S));
-  std::vector<float> tabs(static_cast<size_t>(S * 16), 0.0f);
-  std::vector<float> scale_row(static_cast<size_t>(a.scales ? G : 0));
-  std::vector<float> offset_row(static_cast<size_t>(a.offsets ? G : 0));
-  std::vector<float> sce(static_cast<size_t>(elem ? in : 0));
-  std::vector<float> res(static_cast<size_t>(M));
+  std::vector<uint32_t> off(static_cast<size_t>(kBlockRows * S * nbs));
+  std::vector<const void*> cbp(static_cast<size_t>(kBlockRows * S));
+  std::vector<float> tabs(static_cast<size_t>(perm ? kBlockRows * S * 16 : 0), 0.0f);
+  std::vector<float> scale_rows(static_cast<size_t>(a.scales ? kBlockRows * G : 0));
+  std::vector<float> offset_rows(static_cast<size_t>(a.offsets ? kBlockRows * G : 0));
+  std::vector<float> sce(static_cast<size_t>(elem ? kBlockRows * in : 0));
+  std::vector<float> res(static_cast<size_t>(kBlockRows * M));
+  std::vector<RowCtx> ctx(static_cast<size_t>(kBlockRows));
   const stt* cb = static_cast<const stt*>(a.codebooks);
-  int64_t tab_cb = -1;
   const int64_t cb_bytes = a.K * d * static_cast<int64_t>(sizeof(stt));  // one codebook
-  constexpr int64_t kPrefetchRows = 4;
   const bool prefetch = a.codebook_rows <= 4 && cb_bytes <= 8192;
-  for (int64_t o = o0; o < o1; ++o) {
-    const int64_t c = o / a.codebook_rows;
-    // Row / small-group scope: every few rows bring another codebook, read in random order.
-    // Start fetching the codebook kPrefetchRows rows ahead, so that its gathers do not wait on
-    // L2 / L3 (the hardware prefetcher does not follow data-dependent reads).
-    if (prefetch) {
-      const int64_t ahead = o == o0 ? std::min(o1 - 1, o + kPrefetchRows) : o + kPrefetchRows;
-      for (int64_t op = o == o0 ? o + 1 : ahead; op <= ahead && op < o1; ++op) {
-        if (op % a.codebook_rows != 0) continue;  // same codebook as the row before
-        const int64_t cn = op / a.codebook_rows;
-        for (int64_t s = 0; s < S; ++s) {
-          const char* p = reinterpret_cast<const char*>(cb + ((s * a.n_cb + cn) * a.K) * d);
+  for (int64_t ob = o0; ob < o1; ob += kBlockRows) {
+    const int64_t nrows = std::min(kBlockRows, o1 - ob);
+    for (int64_t i = 0; i < nrows; ++i) {
+      const int64_t o = ob + i, c = o / a.codebook_rows;
+      const void** cp = cbp.data() + i * S;
+      uint32_t* oi = off.data() + i * S * nbs;
+      for (int64_t s = 0; s < S; ++s) {
+        cp[s] = cb + ((s * a.n_cb + c) * a.K) * d;
+        if (prefetch && (i == 0 || o % a.codebook_rows == 0)) {
+          const char* p = static_cast<const char*>(cp[s]);
           for (int64_t q = 0; q < cb_bytes; q += 64) __builtin_prefetch(p + q);
         }
+        decode_offsets(a.packed + (s * a.out + o) * a.words, a.words, a.bits, a.nb,
+                       static_cast<uint32_t>(d), 0u, tmp.data(), oi + s * nbs);
       }
+      float* ti = nullptr;
+      if (perm && i > 0 && c == (o - 1) / a.codebook_rows) {
+        ti = const_cast<float*>(ctx[i - 1].tabs);  // same codebook as the row before
+      } else if (perm) {
+        ti = tabs.data() + i * S * 16;
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t k = 0; k < a.K; ++k)
+            ti[s * 16 + k] = ld1<CB>(static_cast<const stt*>(cp[s]) + k);
+      }
+      float* sr = a.scales ? scale_rows.data() + i * G : nullptr;
+      float* se = elem ? sce.data() + i * in : nullptr;
+      if (elem) {
+        cvt_row(a.scales, a.scales_type, o * G, G, sr);
+        repeat_each(sr, G, a.g, se);
+      }
+      ctx[i] = RowCtx{cp, ti, oi, nbs, (a.scales && !elem) ? sr : nullptr, se};
     }
-    for (int64_t s = 0; s < S; ++s) {
-      cbp[s] = cb + ((s * a.n_cb + c) * a.K) * d;
-      decode_offsets(a.packed + (s * a.out + o) * a.words, a.words, a.bits, a.nb,
-                     static_cast<uint32_t>(d), 0u, tmp.data(), off.data() + s * nbs);
-    }
-    if (perm && c != tab_cb) {
-      for (int64_t s = 0; s < S; ++s)
-        for (int64_t k = 0; k < a.K; ++k)
-          tabs[s * 16 + k] = ld1<CB>(static_cast<const stt*>(cbp[s]) + k);
-      tab_cb = c;
-    }
-    if (a.scales) cvt_row(a.scales, a.scales_type, o * G, G, scale_row.data());
-    if (a.offsets) cvt_row(a.offsets, a.offsets_type, o * G, G, offset_row.data());
-    if (elem) repeat_each(scale_row.data(), G, a.g, sce.data());
-    RowCtx r{cbp.data(), tabs.data(), off.data(), nbs,
-             (a.scales && !elem) ? scale_row.data() : nullptr, elem ? sce.data() : nullptr};
+    // Scales / offsets of the whole block: consecutive rows are contiguous.
+    if (a.scales && !elem) cvt_row(a.scales, a.scales_type, ob * G, nrows * G, scale_rows.data());
+    if (a.offsets) cvt_row(a.offsets, a.offsets_type, ob * G, nrows * G, offset_rows.data());
     std::fill(res.begin(), res.end(), 0.0f);
     int64_t j_vec = 0;
-    const int64_t spg = a.g / VW;
-    const int mode = elem ? -1 : (a.scales && (spg == 2 || spg == 4 || spg == 8) ? int(spg) : 0);
     if (vec && in >= VW) {
       j_vec = (in / VW) * VW;
       switch (d) {
-        case 16: direct_row_mode<16, false, CB>(a, r, mode, a.x, res.data()); break;
-        case 8: direct_row_mode<8, false, CB>(a, r, mode, a.x, res.data()); break;
-        case 4: direct_row_mode<4, false, CB>(a, r, mode, a.x, res.data()); break;
-        case 2: direct_row_mode<2, false, CB>(a, r, mode, a.x, res.data()); break;
+        case 16: direct_block_mode<16, false, CB>(a, ctx.data(), nrows, mode, res.data()); break;
+        case 8: direct_block_mode<8, false, CB>(a, ctx.data(), nrows, mode, res.data()); break;
+        case 4: direct_block_mode<4, false, CB>(a, ctx.data(), nrows, mode, res.data()); break;
+        case 2: direct_block_mode<2, false, CB>(a, ctx.data(), nrows, mode, res.data()); break;
         default:
           if (perm) {
-            direct_row_mode<1, true, CB>(a, r, mode, a.x, res.data());
+            direct_block_mode<1, true, CB>(a, ctx.data(), nrows, mode, res.data());
           } else {
-            direct_row_mode<1, false, CB>(a, r, mode, a.x, res.data());
+            direct_block_mode<1, false, CB>(a, ctx.data(), nrows, mode, res.data());
           }
       }
     }
-    if (j_vec < in)
-      generic_cols<CB>(a, r, a.scales ? scale_row.data() : nullptr, a.x, M, j_vec, in, res.data());
-    finish_row(a, o, res.data(), offset_row.data());
+    for (int64_t i = 0; i < nrows; ++i) {
+      if (j_vec < in)
+        generic_cols<CB>(a, ctx[i], a.scales ? scale_rows.data() + i * G : nullptr, a.x, M,
+                         j_vec, in, res.data() + i * M);
+      finish_row(a, ob + i, res.data() + i * M,
+                 a.offsets ? offset_rows.data() + i * G : nullptr);
+    }
   }
 }
 
