@@ -79,7 +79,7 @@ const Kernels& kernels() {
   return k;
 }
 
-constexpr double kParallelGrain = 1 << 20;  // work units (below) per thread, at least
+constexpr double kParallelGrain = 1 << 18;  // work units (below) per thread, at least
 
 // Work per output row of the direct path (arbitrary units ~ cycles), for the parallel grain:
 // per VW columns and stage a gather (by block dim), plus one FMA per row of x, repeated for every
@@ -254,8 +254,10 @@ at::Tensor codebook_matmul_cpu(const at::Tensor& x, const at::Tensor& packed,
         std::max<int64_t>(64, static_cast<int64_t>(kParallelGrain) / std::max<int64_t>(1, 2 * M * S * nb));
     at::parallel_for(0, out, row_grain, [&](int64_t b, int64_t e) { kn.lut_rows(a, b, e); });
   } else {
-    // At least ~2^20 units (~0.1 ms) per thread: below that, waking a second thread costs
-    // more than it saves, and on a loaded machine much more (measured on 2 busy cores).
+    // At least ~2^18 units (~25 us) per thread: below that, waking a second thread costs more
+    // than it saves. (Measured on 2 idle cores: a 3072x768 or 1536x576 layer at M = 1 runs
+    // 1.4-2x faster on 2 threads than on 1. On cores busy with other work any parallel region,
+    // dense matmuls' included, can wait a scheduler time slice for its second thread.)
     const double per_row = direct_row_cost(M, S, in_features, d, K, nb);
     const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(kParallelGrain / per_row));
     at::parallel_for(0, out, grain, [&](int64_t b, int64_t e) { kn.direct_rows(a, b, e); });
