@@ -24,7 +24,7 @@
 //    vector). With scale groups that are a multiple of VW columns the products of a group are
 //    summed and scaled once at its end (unrolled for 2, 4 or 8 registers per group); other
 //    groups scale per column. d = 1 with K <= 16 (scalar grids such as RTN 4-bit) looks the
-//    weights up with register permutes. Rows are prepared 16 at a time (indices decoded, scales
+//    weights up with register permutes (with 4-bit indices straight from the packed words). Rows are prepared 16 at a time (indices decoded, scales
 //    converted; for row / small-group scope the block's codebooks are prefetched, as their reads
 //    are data-dependent and the hardware prefetcher does not follow them), then computed by one
 //    kernel call.

@@ -358,10 +358,36 @@ PHYSKERN_CBMM_INLINE auto load_blocks(const typename CB::st* cb, const uint32_t*
 
 // Weights of columns [st * VW, st * VW + VW) of one stage (element offsets off = idx * D).
 // D = 1 with PERM: a register permute of the stage's (<= 16 entry) float codebook `tab`.
+// D = 0: d = 1 with 4-bit indices and a <= 16 entry codebook (scalar grids such as RTN 4-bit),
+// read straight from the packed words (off = the row's words, no decoding pass): the VW nibbles
+// of the step are spread over the lanes by one permute and one shift; the register permute that
+// looks them up only uses each lane's low 4 bits.
 template <int D, bool PERM, class CB>
 PHYSKERN_CBMM_INLINE vfw gather_w(const typename CB::st* cb, const uint32_t* off, int64_t st,
                                   const float* tab) {
-  if constexpr (D >= VW) {
+  if constexpr (D == 0) {
+    static_assert(PERM, "D == 0 is the nibble form of the permute lookup");
+    const unsigned char* bytes = reinterpret_cast<const unsigned char*>(off) + st * (VW / 2);
+#if PHYSKERN_CBMM_ISA >= 2
+    uint64_t v;
+    __builtin_memcpy(&v, bytes, 8);
+    const vuw both = (vuw)_mm512_set1_epi64(static_cast<long long>(v));  // lo, hi, lo, hi, ...
+    const vuw sel = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+    const vuw sh = {0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28};
+    const viw m = (viw)(__builtin_shuffle(both, sel) >> sh);
+    return __builtin_shuffle(ld_f32<16>(tab), m);
+#elif PHYSKERN_CBMM_ISA == 1
+    uint32_t v;
+    __builtin_memcpy(&v, bytes, 4);
+    const vuw sh = {0, 4, 8, 12, 16, 20, 24, 28};
+    const viw m = (viw)((vuw{} + v) >> sh);
+    return __builtin_shuffle(ld_f32<8>(tab), ld_f32<8>(tab + 8), m);  // indices mod 16
+#else
+    vfw w;
+    for (int i = 0; i < VW; ++i) w[i] = tab[(bytes[i / 2] >> (4 * (i % 2))) & 15];
+    return w;
+#endif
+  } else if constexpr (D >= VW) {
     constexpr int64_t kSub = D / VW;  // vectors per block
     return to_f32<CB>(ldn<CB, VW>(cb + off[st / kSub] + (st % kSub) * VW));
   } else if constexpr (D >= 2) {
@@ -392,8 +418,8 @@ PHYSKERN_CBMM_INLINE vfw gather_w(const typename CB::st* cb, const uint32_t* off
 struct RowCtx {            // one output row o of the direct path
   const void* const* cbp;  // [S] this row's codebook, per stage
   const float* tabs;       // [S][16] PERM tables (codebook entries, zero padded)
-  const uint32_t* off;     // [S][nbs] element offsets idx * d (PERM: idx)
-  int64_t nbs;             // stride between stages in off
+  const uint32_t* off;     // [S][nbs] element offsets idx * d (PERM: idx; D = 0: packed words)
+  int64_t nbs;             // stride between stages in off (D = 0: out * words)
   const float* scg;        // [G] group scales of the row (GROUP mode) or nullptr
   const float* sce;        // [in] per-column scales (ELEM mode) or nullptr
 };
@@ -577,6 +603,8 @@ PHYSKERN_CBMM_INLINE void direct_rows_t(const Args& a, int64_t o0, int64_t o1) {
   const int64_t S = a.S, d = a.d, M = a.M, G = a.G, in = a.in, nbs = a.nbs;
   const bool vec = d == 1 || d == 2 || d == 4 || d == 8 || d == 16;
   const bool perm = d == 1 && a.K <= 16;
+  // d = 1, 4-bit indices, no column tail: lookups read the packed words directly (D = 0).
+  const bool nib = perm && a.bits == 4 && in % VW == 0;
   const bool elem = a.scales != nullptr && a.g % VW != 0;
   const int64_t spg = a.g / VW;
   const int mode = elem ? -1 : (a.scales && (spg == 2 || spg == 4 || spg == 8) ? int(spg) : 0);
@@ -604,8 +632,9 @@ PHYSKERN_CBMM_INLINE void direct_rows_t(const Args& a, int64_t o0, int64_t o1) {
           const char* p = static_cast<const char*>(cp[s]);
           for (int64_t q = 0; q < cb_bytes; q += 64) __builtin_prefetch(p + q);
         }
-        decode_offsets(a.packed + (s * a.out + o) * a.words, a.words, a.bits, a.nb,
-                       static_cast<uint32_t>(d), 0u, tmp.data(), oi + s * nbs);
+        if (!nib)
+          decode_offsets(a.packed + (s * a.out + o) * a.words, a.words, a.bits, a.nb,
+                         static_cast<uint32_t>(d), 0u, tmp.data(), oi + s * nbs);
       }
       float* ti = nullptr;
       if (perm && i > 0 && c == (o - 1) / a.codebook_rows) {
@@ -622,7 +651,12 @@ PHYSKERN_CBMM_INLINE void direct_rows_t(const Args& a, int64_t o0, int64_t o1) {
         cvt_row(a.scales, a.scales_type, o * G, G, sr);
         repeat_each(sr, G, a.g, se);
       }
-      ctx[i] = RowCtx{cp, ti, oi, nbs, (a.scales && !elem) ? sr : nullptr, se};
+      if (nib) {  // the packed words themselves; stages are out * words apart
+        ctx[i] = RowCtx{cp, ti, a.packed + o * a.words, a.out * a.words,
+                        (a.scales && !elem) ? sr : nullptr, se};
+      } else {
+        ctx[i] = RowCtx{cp, ti, oi, nbs, (a.scales && !elem) ? sr : nullptr, se};
+      }
     }
     // Scales / offsets of the whole block: consecutive rows are contiguous.
     if (a.scales && !elem) cvt_row(a.scales, a.scales_type, ob * G, nrows * G, scale_rows.data());
@@ -637,7 +671,9 @@ PHYSKERN_CBMM_INLINE void direct_rows_t(const Args& a, int64_t o0, int64_t o1) {
         case 4: direct_block_mode<4, false, CB>(a, ctx.data(), nrows, mode, res.data()); break;
         case 2: direct_block_mode<2, false, CB>(a, ctx.data(), nrows, mode, res.data()); break;
         default:
-          if (perm) {
+          if (nib) {
+            direct_block_mode<0, true, CB>(a, ctx.data(), nrows, mode, res.data());
+          } else if (perm) {
             direct_block_mode<1, true, CB>(a, ctx.data(), nrows, mode, res.data());
           } else {
             direct_block_mode<1, false, CB>(a, ctx.data(), nrows, mode, res.data());

@@ -106,6 +106,8 @@ CASES = [
     (11, 64, 8, 256, 1, "layer", 32, True, False),      # groups of 2 vectors (AVX-512)
     (7, 48, 16, 2, 1, "row", 48, True, True),           # 3 vectors per group (run-time count)
     (3, 8, 8, 3, 1, "row", 8, True, False),             # in < one vector
+    (9, 136, 1, 12, 2, "row", 8, True, True),           # 4-bit d = 1 read from the packed words
+    (10, 160, 1, 16, 1, "group", 32, True, False),      # (AVX2 / AVX-512: in % 16 == 8, == 0)
 ]
 
 
