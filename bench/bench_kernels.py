@@ -159,6 +159,16 @@ def make_weight(out_f, in_f, d, k, rows, stages, group, seed=0) -> QuantizedWeig
                            rows, group or in_f).validate()
 
 
+def warm_up_threads(seconds: float = 1.0) -> None:
+    """Run parallel work for a moment after a thread-count change, so that the first timed case
+    does not pay for starting the new threads (seen once: the first case after switching to 2
+    threads ran 40x slow, dense and codebook alike)."""
+    a, b = torch.randn(512, 768), torch.randn(768, 768)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+
+
 STREAM_BYTES = 64 << 20  # > the 32 MB L3 here: weights come from DRAM, as in a whole model
 
 
@@ -258,6 +268,7 @@ def main(argv=None) -> None:
         matmul = []
         for threads in threads_list:
             torch.set_num_threads(threads)
+            warm_up_threads()
             matmul += bench_matmul(repeats, shapes, (1, 16, 512), streaming=False)
             matmul += bench_matmul(repeats, shapes, (1, 16), streaming=True)
         goals = {}
