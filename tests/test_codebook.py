@@ -179,6 +179,8 @@ def test_refine_codebooks_lowers_output_loss_and_keeps_indices():
     assert loss(ref) < loss(qw)
     assert torch.equal(ref.packed, qw.packed)
     assert refine_codebooks(qw, w, gram, steps=0) is qw
+    with torch.no_grad():   # physkern.quantize runs layers under no_grad: refining must still work
+        assert torch.equal(refine_codebooks(qw, w, gram, steps=60, lr=1e-2).codebooks, ref.codebooks)
 
 
 def test_subsampled_fit_keeps_rare_outlier_blocks():

@@ -18,7 +18,8 @@ CALIB = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(0)
 X = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(1))
 CONFIGS = [CodebookConfig(k=4, block_dim=4, scope="row", calibrate=False),
            CodebookConfig(k=8, block_dim=2, scope="group", group_size=16),
-           CodebookConfig(k=16, block_dim=4, scope="layer", error_feedback=True, stages=2),
+           CodebookConfig(k=16, block_dim=4, scope="layer", error_feedback=True, stages=2,
+                          refine_steps=3),
            ScalarConfig(bits=3, group_size=16), GPTQConfig(bits=4, group_size=16)]
 
 

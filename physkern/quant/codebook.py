@@ -358,11 +358,13 @@ def refine_codebooks(qw: QuantizedWeight, weight: torch.Tensor, gram: torch.Tens
     params = [cbs] + ([scales] if scales is not None else [])
     opt = torch.optim.Adam(params, lr=lr * float(qw.codebooks.float().abs().mean().clamp_min(1e-8)))
     before = loss_of(qw.dequantize())
-    for _ in range(steps):
-        opt.zero_grad()
-        e = w - rebuild(cbs, scales)
-        ((e @ h) * e).sum().backward()
-        opt.step()
+    # quantize() runs layers under torch.no_grad(); the refit needs autograd locally.
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            e = w - rebuild(cbs, scales)
+            ((e @ h) * e).sum().backward()
+            opt.step()
     new = QuantizedWeight(qw.packed, cbs.detach().to(qw.codebooks.dtype),
                           None if scales is None else scales.detach().to(qw.scales.dtype),
                           qw.offsets, qw.in_features, qw.out_features, qw.codebook_rows,
