@@ -7,6 +7,7 @@ Public API (imported lazily so that `import physkern` stays fast):
   quantize, CodebookConfig, ScalarConfig, GPTQConfig, bits_report,
   save_quantized, load_quantized, QuantizedLinear, StreamingHistogram,
   enable_lattice, disable_lattice
+  finetune_quantized                              physkern.finetune
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ _EXPORTS = {
     "StreamingHistogram": "physkern.histogram",
     "enable_lattice": "physkern.attention",
     "disable_lattice": "physkern.attention",
+    "finetune_quantized": "physkern.finetune",
 }
 
 

@@ -6,14 +6,17 @@ Recipes file: a JSON list of objects
      "smooth": {"alpha": a} | null,     optional SmoothQuant-style scale migration (below)
      "prune": {...} | null,             optional RG pruning by truncated SVD (below)
      "lattice": {...} | null,           optional lattice attention for the evaluation (below)
+     "finetune": {...} | null,          optional end-to-end fine-tuning of codebooks/scales (below)
      "seeds": [int, ...],               optional (default [0])
      "label": str,                      optional curve name in the plot (default: the method, with
-                                        "+prune" / "+lattice" appended; "FP" when none applies)
+                                        "+prune" / "+finetune" / "+lattice" appended; "FP" when
+                                        none applies)
      "note": str}                       optional, copied into every point
 Each seed s sets the k-means seed of every codebook config (base and overrides) and the draw of
 the calibration windows (from the calibration half of the corpus; never evaluation text). A
 recipe with no codebook config and no calibration (RTN, FP) is deterministic: only its first seed
-runs. Pruning and lattice attention are deterministic. Bits come from physkern.quant.accounting
+runs (a recipe with "finetune" draws calibration windows, so it runs every seed). Pruning and
+lattice attention are deterministic. Bits come from physkern.quant.accounting
 (quantized layers and whole model).
 
 Combined recipes (the seeds' "combined compression" table): for one point the steps run in this
@@ -37,23 +40,37 @@ order on a freshly loaded model:
   2. "config": quantization of the decoder linear layers that are still nn.Linear / Conv1D. The
      factorised (LowRankLinear) layers are NOT quantized: their two factors stay at the model's
      dtype (float32) and are counted so. Calibration statistics are taken on the pruned model.
-  3. "lattice": {"xi": number > 0 or "inf", "eps": number in (0, 1) or null (default null =
+  3. "finetune": {"steps": int >= 1 (default 100), "lr": number > 0 (default 1e-4, RELATIVE: each
+                  tensor moves by about lr x its mean |value| per Adam step),
+                  "train_norms": bool (default true), "batch_size": int >= 1 (default 1),
+                  "holdout": int >= 1 (default 2)}  (needs "config")
+     physkern.finetune.finetune_quantized: the codebooks, scales and offsets of every quantized
+     layer (and the float32 norm weights/biases with train_norms) are trained with Adam on the
+     token-averaged KL(teacher || student), the teacher being the full-precision model as loaded
+     (a copy taken before steps 0-2). Packed indices and storage dtypes never change, so the
+     bits are those of step 2. Windows: the point's calibration windows (calibration half, drawn
+     with the point's seed), shuffled with the seed; the last `holdout` are held out and the
+     trained values are kept only if their KL went down (else the quantized values are
+     restored; the point's "finetune" says which, with the KL before/after and the loss curve).
+  4. "lattice": {"xi": number > 0 or "inf", "eps": number in (0, 1) or null (default null =
      exact)}: physkern.attention.enable_lattice for the evaluation (decay bias -(i - j)/xi).
 Bits of a point: "quantized_bits_per_weight" is accounting's compressed-layer figure, i.e. over
 the quantized AND the factorised layers (factors at their dtype, over the out*in weights they
 replace; FP and lattice-only points: the dense width); "by_kind" splits it (kind "quantized" /
 "LowRankLinear"); "model_bits_per_weight" counts every stored tensor over the original model's
 parameters. Points also record the prune settings and outcome (ranks per type, layers
-factorised, parameters removed) and the lattice settings.
+factorised, parameters removed), the fine-tuning spec and report ("finetune": spec, holdout KL
+before/after, kept, loss curve, seconds) and the lattice settings.
 
 Writes <out-dir>/<name>.json after every point (resumable: points already there with the same
-recipe config, prune and lattice settings, seed and setup are skipped) and a PNG of perplexity vs
-true bits/weight: two panels (whole model, quantized layers), log y, one curve per label, mean
-with min-max spread over seeds.
+recipe config, smooth, prune, finetune and lattice settings, seed and setup are skipped) and a
+PNG of perplexity vs true bits/weight: two panels (whole model, quantized layers), log y, one
+curve per label, mean with min-max spread over seeds.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -75,7 +92,8 @@ def register_sweep(kinds) -> None:
     add_model_corpus_args(p)
     add_eval_args(p, tokens_default=DEFAULT_TOKENS)
     p.add_argument("--recipes", required=True,
-                   help="JSON list of {name, config, prune, lattice, seeds, label, note}")
+                   help="JSON list of {name, config, smooth, prune, finetune, lattice, seeds, "
+                        "label, note}")
     p.add_argument("--name", default=None,
                    help="results name: writes <out-dir>/<name>.json and .png "
                         "(default: the recipes file's stem)")
@@ -99,6 +117,8 @@ def register_sweep(kinds) -> None:
 PRUNE_RULES = ("seeds", "opposite", "uniform")  # physkern.prune.RULES (checked in tests)
 PRUNE_AMOUNTS = ("removed_fraction", "relative_rank")
 LATTICE_KEYS = ("xi", "eps")
+FINETUNE_DEFAULTS = {"steps": 100, "lr": 1e-4, "train_norms": True, "batch_size": 1,
+                     "holdout": 2}  # physkern.finetune.finetune_quantized's defaults
 
 
 def _number(v) -> bool:
@@ -171,17 +191,46 @@ def parse_lattice(spec, where: str = "lattice") -> dict | None:
     return {"xi": xi, "eps": None if eps is None else float(eps)}
 
 
+def parse_finetune(spec, where: str = "finetune") -> dict | None:
+    """Validate a recipe's "finetune" object; returns {"steps", "lr", "train_norms",
+    "batch_size", "holdout"} with the defaults filled in (so resume keys are canonical), or
+    None."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: must be an object {{steps, lr, train_norms, batch_size, "
+                         f"holdout}} or null, got {spec!r}")
+    unknown = set(spec) - set(FINETUNE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: "
+                         f"{', '.join(FINETUNE_DEFAULTS)}")
+    out = {**FINETUNE_DEFAULTS, **spec}
+    for key in ("steps", "batch_size", "holdout"):
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{where}.{key} must be an integer >= 1, got {v!r}")
+    lr = out["lr"]
+    if not (_number(lr) and 0 < lr < math.inf):
+        raise ValueError(f"{where}.lr must be a finite number > 0 (relative Adam step), "
+                         f"got {lr!r}")
+    if not isinstance(out["train_norms"], bool):
+        raise ValueError(f"{where}.train_norms must be true or false, got "
+                         f"{out['train_norms']!r}")
+    return {**out, "lr": float(lr)}
+
+
 def default_label(cfg, prune: dict | None, lattice: dict | None,
-                  smooth: dict | None = None) -> str:
+                  smooth: dict | None = None, finetune: dict | None = None) -> str:
     """"FP" for a plain model, else the parts that apply joined by "+" (e.g. codebook+prune)."""
     parts = (["smooth"] if smooth else []) + ([cfg.method] if cfg is not None else []) + \
-        (["prune"] if prune else []) + (["lattice"] if lattice else [])
+        (["prune"] if prune else []) + (["finetune"] if finetune else []) + \
+        (["lattice"] if lattice else [])
     return "+".join(parts) or "FP"
 
 
 def load_recipes(path: str) -> list[dict]:
-    """Read and validate a recipes file; returns [{name, config (object or None), prune (dict or
-    None), lattice (dict or None), seeds, label, note}]."""
+    """Read and validate a recipes file; returns [{name, config (object or None), smooth, prune,
+    finetune, lattice (each a dict or None), seeds, label, note}]."""
     from ..config import config_from_dict
     p = Path(path)
     if not p.is_file():
@@ -196,11 +245,12 @@ def load_recipes(path: str) -> list[dict]:
     for i, r in enumerate(raw):
         if not isinstance(r, dict) or not isinstance(r.get("name"), str) or not r["name"]:
             raise ValueError(f"recipes[{i}]: must be an object with a non-empty string 'name'")
-        unknown = set(r) - {"name", "config", "smooth", "prune", "lattice", "seeds", "label",
-                            "note"}
+        unknown = set(r) - {"name", "config", "smooth", "prune", "finetune", "lattice", "seeds",
+                            "label", "note"}
         if unknown:
             raise ValueError(f"recipes[{i}] ({r['name']}): unknown keys {sorted(unknown)}; "
-                             "valid: name, config, smooth, prune, lattice, seeds, label, note")
+                             "valid: name, config, smooth, prune, finetune, lattice, seeds, "
+                             "label, note")
         if r["name"] in names:
             raise ValueError(f"recipes: name {r['name']!r} appears twice")
         names.add(r["name"])
@@ -214,9 +264,13 @@ def load_recipes(path: str) -> list[dict]:
         smooth = parse_smooth(r.get("smooth"), f"{where}: smooth")
         prune = parse_prune(r.get("prune"), f"{where}: prune")
         lattice = parse_lattice(r.get("lattice"), f"{where}: lattice")
-        label = r.get("label") or default_label(cfg, prune, lattice, smooth)
+        finetune = parse_finetune(r.get("finetune"), f"{where}: finetune")
+        if finetune is not None and cfg is None:
+            raise ValueError(f"{where}: finetune needs a quantization config (it trains the "
+                             "quantized layers' codebooks and scales), got config null")
+        label = r.get("label") or default_label(cfg, prune, lattice, smooth, finetune)
         out.append({"name": r["name"], "config": cfg, "smooth": smooth, "prune": prune,
-                    "lattice": lattice,
+                    "finetune": finetune, "lattice": lattice,
                     "seeds": seeds, "label": label, "note": r.get("note", "")})
     return out
 
@@ -227,8 +281,11 @@ def _all_configs(cfg):
         yield from _all_configs(c)
 
 
-def is_random(cfg) -> bool:
-    """A recipe varies with the seed when it fits codebooks (k-means init) or draws calibration."""
+def is_random(cfg, finetune: dict | None = None) -> bool:
+    """A recipe varies with the seed when it fits codebooks (k-means init) or draws calibration
+    (for the quantizer or for fine-tuning)."""
+    if finetune is not None:
+        return True
     if cfg is None:
         return False
     return any(c.method == "codebook" or c.needs_calibration for c in _all_configs(cfg))
@@ -252,16 +309,19 @@ def _canon(obj) -> str:
 
 
 def point_key(recipe: str, seed: int, config: dict | None, prune: dict | None,
-              lattice: dict | None, smooth: dict | None = None) -> tuple:
+              lattice: dict | None, smooth: dict | None = None,
+              finetune: dict | None = None) -> tuple:
     """What makes a point the same point when resuming."""
-    return (recipe, seed, _canon(config), _canon(prune), _canon(lattice), _canon(smooth))
+    return (recipe, seed, _canon(config), _canon(prune), _canon(lattice), _canon(smooth),
+            _canon(finetune))
 
 
 def _key_of(point: dict) -> tuple:
-    # points written before smooth/prune/lattice existed lack the keys: None, as for plain recipes
+    # points written before smooth/prune/finetune/lattice existed lack the keys: None, as for
+    # plain recipes
     return point_key(point["recipe"], point["seed"], point["config"],
                      (point.get("prune") or {}).get("spec"), point.get("lattice"),
-                     point.get("smooth"))
+                     point.get("smooth"), (point.get("finetune") or {}).get("spec"))
 
 
 def apply_prune(model, spec: dict) -> dict:
@@ -300,6 +360,7 @@ def run(args: argparse.Namespace) -> int:
     from ..attention import enable_lattice
     from ..data import calibration_windows, evaluation_tokens, load_corpus
     from ..eval import perplexity
+    from ..finetune import finetune_quantized
     from ..models import decoder_linear_layers, load_model, resolve_model_name
     from ..provenance import provenance, write_json
     from ..quant.accounting import bits_report
@@ -357,18 +418,22 @@ def run(args: argparse.Namespace) -> int:
         write_json(json_path, payload)
 
     for r in recipes:
-        seeds = (args.seeds or r["seeds"]) if is_random(r["config"]) else r["seeds"][:1]
+        varies = is_random(r["config"], r["finetune"])
+        seeds = (args.seeds or r["seeds"]) if varies else r["seeds"][:1]
         for seed in seeds:
             cfg = None if r["config"] is None else with_seed(r["config"], seed)
             cfg_dict = None if cfg is None else cfg.to_dict()
             if point_key(r["name"], seed, cfg_dict, r["prune"], r["lattice"],
-                         r["smooth"]) in done:
+                         r["smooth"], r["finetune"]) in done:
                 print(f"{r['name']} seed {seed}: already in {json_path}, skipped")
                 continue
             t0 = time.perf_counter()
             m, _ = load_model(args.model, device=args.device)
+            # the fine-tuning teacher is the full-precision model as loaded (before smooth,
+            # prune and quantization); a copy is cheaper than a second load
+            teacher = copy.deepcopy(m) if r["finetune"] is not None else None
             calib = None
-            if needs_calibration(cfg) or r["smooth"] is not None:
+            if needs_calibration(cfg) or r["smooth"] is not None or r["finetune"] is not None:
                 calib = calibration_windows(tokenizer, corpus, args.calib_windows, calib_window,
                                             seed)
             if r["smooth"] is not None:  # 0. scale migration (model unchanged before quantizing)
@@ -381,7 +446,17 @@ def run(args: argparse.Namespace) -> int:
             if cfg is not None:          # 2. quantization of the layers still dense
                 report = quantize(m, cfg, calibration=calib if needs_calibration(cfg) else None)
             t_q = time.perf_counter() - t0
-            if r["lattice"] is not None:  # 3. lattice attention for the evaluation
+            tuned = None
+            if r["finetune"] is not None:  # 3. codebooks/scales (and norms) vs the FP teacher
+                spec = r["finetune"]
+                tuned = {"spec": spec, **finetune_quantized(
+                    m, teacher, calib, steps=spec["steps"], lr=spec["lr"],
+                    batch_size=spec["batch_size"], seed=seed, holdout=spec["holdout"],
+                    train_norms=spec["train_norms"])}
+                del teacher
+                print(f"{r['name']} seed {seed}: finetune {tuned['note']} "
+                      f"({tuned['seconds']:.0f} s)")
+            if r["lattice"] is not None:  # 4. lattice attention for the evaluation
                 enable_lattice(m, float(r["lattice"]["xi"]), eps=r["lattice"]["eps"])
             rep = bits_report(m)
             res = perplexity(m, tokens, window, args.stride, args.batch_size,
@@ -397,8 +472,9 @@ def run(args: argparse.Namespace) -> int:
                 ws = [l.weight() for l in decoder_linear_layers(m)]
                 fp_bits = ws[0].element_size() * 8
             point = {"recipe": r["name"], "label": r["label"], "seed": seed,
-                     "deterministic": not is_random(r["config"]), "config": cfg_dict,
-                     "smooth": r["smooth"], "prune": pruned, "lattice": r["lattice"],
+                     "deterministic": not varies, "config": cfg_dict,
+                     "smooth": r["smooth"], "prune": pruned, "finetune": tuned,
+                     "lattice": r["lattice"],
                      "perplexity": res.perplexity, "mean_nll": res.mean_nll,
                      "tokens_scored": res.tokens_scored, "windows": res.windows,
                      "bits": {"quantized_bits_per_weight": rep.quantized_bits_per_weight
@@ -465,7 +541,10 @@ def summarize(points: list[dict]) -> list[dict]:
                                   ("spec", "ranks", "parameters_removed", "removed_fraction")}}
                        if ps[0].get("prune") else {}),
                     **({"lattice": ps[0]["lattice"]} if ps[0].get("lattice") else {}),
-                    **({"smooth": ps[0]["smooth"]} if ps[0].get("smooth") else {})})
+                    **({"smooth": ps[0]["smooth"]} if ps[0].get("smooth") else {}),
+                    **({"finetune": {"spec": ps[0]["finetune"]["spec"],
+                                     "kept": [p["finetune"]["kept"] for p in ps]}}
+                       if ps[0].get("finetune") else {})})
     return out
 
 
@@ -542,6 +621,13 @@ def markdown_table(payload: dict) -> str:
                              f"{s['prune']['parameters_removed']:,} decoder linear parameters "
                              f"removed ({s['prune']['removed_fraction']:.2%}), ranks "
                              f"{s['prune']['ranks']}")
+    tuned = [s for s in payload["summary"] if "finetune" in s]
+    if tuned:
+        lines += ["", "Fine-tuned codebooks/scales (indices fixed, KL to the FP model on "
+                  "calibration windows, kept only if the held-out KL went down): " + "; ".join(
+                      f"{s['recipe']} {s['finetune']['spec']['steps']} steps, lr "
+                      f"{s['finetune']['spec']['lr']:g}, kept {s['finetune']['kept']}"
+                      for s in tuned)]
     lat = [s for s in payload["summary"] if "lattice" in s]
     if lat:
         lines += ["", "Lattice attention: " + "; ".join(

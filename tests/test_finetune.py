@@ -1,0 +1,217 @@
+"""physkern.finetune: end-to-end fine-tuning of codebooks / scales / offsets (indices fixed),
+and the sweep's "finetune" recipe key. Tiny random GPT-2 / LLaMA (tests/conftest.py)."""
+import copy
+import json
+
+import pytest
+import torch
+
+from physkern.api import quantize
+from physkern.config import CodebookConfig, ScalarConfig
+from physkern.finetune import differentiable_quantized, finetune_quantized, mean_kl
+from physkern.layers import QuantizedLinear
+from physkern.quant.accounting import bits_report
+from test_combined_recipe import _sweep
+from test_layers import dense_copy
+from test_sweep_quant import tiny_setup  # noqa: F401  (fixture: tiny LLaMA + corpus on disk)
+
+CALIB = torch.randint(0, 96, (10, 24), generator=torch.Generator().manual_seed(0))
+X = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(1))
+COARSE = CodebookConfig(k=4, block_dim=2, scope="layer", calibrate=False)
+
+
+def _quantized(fixture, request, cfg=COARSE):
+    """(teacher, quantized deep copy) of a tiny model fixture."""
+    teacher = request.getfixturevalue(fixture)
+    student = copy.deepcopy(teacher)
+    quantize(student, cfg, progress=False)
+    return teacher, student
+
+
+def _qlayers(model):
+    return [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+
+
+def _state(model):
+    """Every tensor fine-tuning may touch, cloned: quantized buffers and norm parameters."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            for b in ("packed", "codebooks", "scales", "offsets"):
+                if getattr(m, b) is not None:
+                    out[f"{name}.{b}"] = getattr(m, b).detach().clone()
+    for name, p in model.named_parameters():
+        if "norm" in name or ".ln_" in name:
+            out[name] = p.detach().clone()
+    return out
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_finetune_lowers_kl_keeps_indices_and_bits(fixture, request):
+    teacher, student = _quantized(fixture, request)
+    before_state, bits_before = _state(student), bits_report(student).to_dict()
+    rep = finetune_quantized(student, teacher, CALIB, steps=30, lr=1e-2, batch_size=2,
+                             holdout=2, progress=False)
+    held = set(rep["holdout_indices"])
+    train = CALIB[[i for i in range(len(CALIB)) if i not in held]]
+    # the KL on the training windows, recomputed with the original values put back
+    after_state = _state(student)
+    tuned = copy.deepcopy(student)
+    for name, m in tuned.named_modules():
+        if isinstance(m, QuantizedLinear):
+            for b in ("codebooks", "scales", "offsets"):
+                if getattr(m, b) is not None:
+                    getattr(m, b).copy_(before_state[f"{name}.{b}"])
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if name in before_state:
+                p.copy_(before_state[name])
+    kl_orig, kl_tuned = mean_kl(tuned, teacher, train), mean_kl(student, teacher, train)
+    assert kl_tuned < 0.9 * kl_orig
+    assert rep["kept"] and rep["holdout_kl_after"] < rep["holdout_kl_before"]
+    assert rep["steps"] == 30 and len(rep["loss_curve"]) == 30 and rep["train_windows"] == 8
+    # packed indices identical, dtypes and bits unchanged, codebooks did change
+    for key, t in before_state.items():
+        assert after_state[key].dtype == t.dtype
+        if key.endswith(".packed"):
+            assert torch.equal(after_state[key], t), key
+    assert any(not torch.equal(after_state[k], before_state[k]) for k in before_state
+               if k.endswith(".codebooks"))
+    assert bits_report(student).to_dict() == bits_before
+    # trained parameters counted by hand: codebooks + scales (+ offsets) + norm weights/biases
+    n = sum(t.numel() for k, t in before_state.items() if not k.endswith(".packed"))
+    assert rep["trained_parameters"] == n
+    # after write-back the custom-op forward is the dense model holding the new dequantize()
+    with torch.no_grad():
+        assert torch.allclose(student(X).logits, dense_copy(student)(X).logits, atol=1e-4,
+                              rtol=1e-4)
+    assert all("forward" not in m.__dict__ for m in _qlayers(student))
+
+
+def test_scalar_config_finetunes_with_offsets(tiny_llama):
+    student = copy.deepcopy(tiny_llama)
+    quantize(student, ScalarConfig(bits=2, group_size=16), progress=False)
+    assert all(m.offsets is not None for m in _qlayers(student))
+    packed = [m.packed.clone() for m in _qlayers(student)]
+    bits = bits_report(student).to_dict()
+    rep = finetune_quantized(student, tiny_llama, CALIB, steps=10, lr=1e-2, progress=False,
+                             train_norms=False)
+    assert rep["norm_tensors"] == 0 and isinstance(rep["kept"], bool)
+    assert all(torch.equal(a, m.packed) for a, m in zip(packed, _qlayers(student)))
+    assert bits_report(student).to_dict() == bits
+    with torch.no_grad():
+        assert torch.allclose(student(X).logits, dense_copy(student)(X).logits, atol=1e-4,
+                              rtol=1e-4)
+
+
+def test_differentiable_forward_matches_and_unwinds(tiny_gpt2):
+    student = copy.deepcopy(tiny_gpt2)
+    quantize(student, COARSE, progress=False)
+    state = _state(student)
+    with torch.no_grad():
+        ref = student(X).logits
+    with pytest.raises(RuntimeError, match="boom"):
+        with differentiable_quantized(student) as tr:
+            out = student(X).logits   # float32 copies: the same function as the stored model
+            assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+            out.sum().backward()
+            assert all(p.grad is not None for p in tr.parameters())
+            assert not any(p.requires_grad for n, p in student.named_parameters()
+                           if "wte" in n or "wpe" in n)
+            for p in tr.parameters():   # an exception inside: nothing is written back
+                p.data.add_(1.0)
+            raise RuntimeError("boom")
+    assert all(torch.equal(state[k], v) for k, v in _state(student).items())
+    assert all("forward" not in m.__dict__ for m in _qlayers(student))
+    assert all(p.requires_grad for p in student.parameters())
+    with torch.no_grad():
+        assert torch.equal(student(X).logits, ref)
+
+
+def test_worse_holdout_restores_the_original(tiny_llama):
+    student = copy.deepcopy(tiny_llama)
+    quantize(student, COARSE, progress=False)
+    state = _state(student)
+    # an absurd lr blows the fp16 codebooks up: the held-out KL gets worse (or NaN)
+    rep = finetune_quantized(student, tiny_llama, CALIB, steps=3, lr=1e4, progress=False)
+    assert rep["kept"] is False and "restored" in rep["note"]
+    assert not rep["holdout_kl_after"] < rep["holdout_kl_before"]
+    assert all(torch.equal(state[k], v) for k, v in _state(student).items())
+
+
+def test_bad_inputs(tiny_gpt2):
+    student = copy.deepcopy(tiny_gpt2)
+    quantize(student, COARSE, progress=False)
+    ok = dict(steps=1, progress=False)
+    cases = [(dict(steps=-1), "steps"), (dict(lr=0.0), "lr"), (dict(lr=-1e-3), "lr"),
+             (dict(holdout=10), "holdout"), (dict(holdout=0), "holdout"),
+             (dict(batch_size=9), "batch_size")]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            finetune_quantized(student, tiny_gpt2, CALIB, **{**ok, **kw})
+    for calib in (CALIB.float(), CALIB[0], [[1, 2]]):
+        with pytest.raises(ValueError, match="calibration must be a 2-D integer tensor"):
+            finetune_quantized(student, tiny_gpt2, calib, **ok)
+    with pytest.raises(ValueError, match="no QuantizedLinear"):
+        finetune_quantized(copy.deepcopy(tiny_gpt2), tiny_gpt2, CALIB, **ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# sweep recipes
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"steps": 0}, r"finetune\.steps must be an integer >= 1"),
+    ({"steps": 2.5}, r"finetune\.steps must be"),
+    ({"lr": 0}, r"finetune\.lr must be a finite number > 0"),
+    ({"lr": "1e-3"}, r"finetune\.lr must be"),
+    ({"train_norms": 1}, r"finetune\.train_norms must be true or false"),
+    ({"holdout": 0}, r"finetune\.holdout must be an integer >= 1"),
+    ({"epochs": 3}, r"unknown keys \['epochs'\]; valid: steps, lr, train_norms, batch_size, "
+                    r"holdout"),
+    (100, "finetune: must be an object")])
+def test_finetune_spec_rejected(bad, match):
+    from physkern.sweeps.quant import parse_finetune
+    with pytest.raises(ValueError, match=match):
+        parse_finetune(bad)
+
+
+def test_finetune_recipes_load(tmp_path):
+    from physkern.sweeps.quant import load_recipes
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps([{"name": "a", "config": None, "finetune": {"steps": 5}}]))
+    with pytest.raises(ValueError, match="finetune needs a quantization config"):
+        load_recipes(str(p))
+    p.write_text(json.dumps([{"name": "a", "config": {"method": "rtn", "bits": 3},
+                              "finetune": {"steps": 5, "lr": 1e-3}}]))
+    r = load_recipes(str(p))[0]
+    assert r["finetune"] == {"steps": 5, "lr": 1e-3, "train_norms": True, "batch_size": 1,
+                             "holdout": 2}
+    assert r["label"] == "rtn+finetune"
+
+
+def test_sweep_finetune_point_bits_and_resume(tiny_setup, capsys):  # noqa: F811
+    root = tiny_setup
+    rtn = {"method": "rtn", "bits": 3, "group_size": 16}
+    recipes = [{"name": "rtn", "config": rtn},
+               {"name": "rtn_ft", "config": rtn, "finetune": {"steps": 8, "lr": 3e-3}}]
+    pts, payload, out = _sweep(root, root / "model", recipes, "finetune", capsys)
+    ft = pts["rtn_ft"]
+    assert ft["finetune"]["spec"] == {"steps": 8, "lr": 3e-3, "train_norms": True,
+                                      "batch_size": 1, "holdout": 2}
+    assert ft["finetune"]["steps"] == 8 and len(ft["finetune"]["loss_curve"]) == 8
+    assert ft["finetune"]["kept"] is True
+    assert ft["finetune"]["holdout_kl_after"] < ft["finetune"]["holdout_kl_before"]
+    assert ft["calibration"]["windows"] == 4 and pts["rtn"]["calibration"] is None
+    assert ft["deterministic"] is False and ft["label"] == "rtn+finetune"
+    assert ft["bits"] == pts["rtn"]["bits"]           # indices and dtypes unchanged
+    assert pts["rtn"]["finetune"] is None
+    assert ft["mean_nll"] != pts["rtn"]["mean_nll"]  # the trained values were evaluated
+    summ = {s["recipe"]: s for s in payload["summary"]}
+    assert summ["rtn_ft"]["finetune"] == {"spec": ft["finetune"]["spec"], "kept": [True]}
+    # resume: a changed step count is a new point, the rest are skipped
+    recipes[1]["finetune"]["steps"] = 6
+    _, payload2, out2 = _sweep(root, root / "model", recipes, "finetune", capsys)
+    assert out2.count("skipped") == 1
+    assert [p["finetune"]["spec"]["steps"] for p in payload2["points"]
+            if p["recipe"] == "rtn_ft"] == [8, 6]
