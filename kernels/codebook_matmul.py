@@ -11,9 +11,11 @@ Implementations, one contract (`x [..., in] -> y [..., out]`, y in x's dtype):
   BLOCK_N rows straight from the int32 bit stream (an index may straddle two words), gathers the
   codebook entries (summing residual stages), applies scales/offsets in fp32, casts the tile to
   x's dtype and feeds tl.dot with fp32 accumulation. The dequantized W never exists in global
-  memory. Two configurations: a split-K GEMV path for decode (M <= 16: many programs along the
-  input dimension write fp32 partial sums that are added afterwards) and a tiled path for
-  prefill.
+  memory. Three kernels share that dequantization (`_dequant_tile`): a tensor-core-free GEMV
+  for M <= 4 rows of x (broadcast multiply reduced in fp32: no padding of M to an MMA tile and
+  no shared-memory round trip of W), a split-K tl.dot GEMV for M <= 16, and a tiled tl.dot path
+  for prefill. Split-K writes fp32 partial sums that one reduction kernel adds (with the bias)
+  and casts.
 - `codebook_matmul_reference`: dequantize (fp32) + matmul. The independent reference for tests.
 - The CPU path lives in `codebook_matmul_cpu`. For x with at most NATIVE_MAX_M rows (decode)
   it runs the fused C++ op `physkern::codebook_matmul_cpu` (csrc/codebook_matmul.cpp, in
@@ -35,24 +37,138 @@ import triton.language as tl
 
 from physkern.quant.packing import index_bits, unpack_indices, words_per_row
 
-# Production configurations, compiled for sm_80/sm_90 by tests/test_kernel_compile.py.
-# gemv: decode (M <= GEMV_MAX_M), split-K so that even one row of x fills the GPU.
-# tiled: prefill. BLOCK_K is a multiple of every block dim d in {1, 2, 4, 8, 16}.
+# Production configurations, compiled for sm_80/sm_90 by tests/test_kernel_compile.py and chosen
+# from bench/results/matmul_variants_gpu.json (H200; every candidate timed through this wrapper):
+# - one row of x (decode): the tensor-core-free GEMV (`gemv_vec`);
+# - 2..GEMV_MAX_M rows: the split-K tl.dot GEMV (`gemv`);
+# - more rows: tiled tl.dot (`tiled`, `tiled_large`).
+# Configs marked "wordwise_only" are used (and compiled) only for formats whose indices fill whole
+# words per step (wordwise_decode), "min_block_dim"/"max_stages" only for such d and stages
+# (their large tiles spill on sm_80 for the d = 1 scalar grid with offsets, or for two stages
+# with offsets); the others serve every format. BLOCK_K is a multiple of every
+# block dim d in {1, 2, 4, 8, 16}.
 GEMV_MAX_M = 16
-# The dequantized [BLOCK_N, BLOCK_K] tile is built in registers from gathers; ptxas (sm_80/sm_90)
-# spills once it exceeds about 16 values per thread next to the accumulator, hence the modest
-# BLOCK_N x BLOCK_K (registers per config: bench/results/kernels_gpu_static.json).
+GEMV_VEC_MAX_M = 1
 MATMUL_CONFIGS = {
     "gemv": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
-    "tiled": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    "tiled": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
     "tiled_large": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
+    "tiled_large_wordwise": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8,
+                             "num_stages": 3, "wordwise_only": True, "min_block_dim": 2},
 }
+# Split-K programs aim at about this many waves of SMs (more programs in flight hide the
+# dependent index-load -> codebook-gather latency of each step).
+GEMV_WAVES = 2
+GEMV_VEC_CONFIGS = {
+    "m1": {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3,
+           "waves": 8},
+    "m1_wordwise": {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3,
+                    "waves": 4, "wordwise_only": True, "min_block_dim": 2, "max_stages": 1},
+}
+REDUCE_BLOCK = 1024
+
+
+@triton.jit
+def _dequant_tile(packed_ptr, codebooks_ptr, scales_ptr, offsets_ptr, cb_regs,
+                  offs_n64, mask_n, cb_base, p_base, k0, k_stop, n_words, scale_group,
+                  stride_ps, stride_pw, stride_cs, stride_ck, stride_cd,
+                  stride_sn, stride_sg, stride_on, stride_og,
+                  BITS: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr,
+                  HAS_SCALES: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+                  SCALE_PER_BLOCK: tl.constexpr, ROW_SCALE: tl.constexpr, WORDWISE: tl.constexpr,
+                  CB_ALIGN: tl.constexpr, CB_GATHER: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[rows, k0:k0+BLOCK_K] as an fp32 [BLOCK_N, BLOCK_K] tile, rebuilt from the bit stream.
+
+    One index per (row, block): decode [BLOCK_N, NBK] indices from the bit stream, gather d
+    contiguous codebook values per index ([BLOCK_N, NBK, D]), sum residual stages, apply
+    scales/offsets. Columns at or past k_stop are zero. Codebooks must be contiguous (the
+    wrapper makes them so): an entry starts at a multiple of D, so the D values of one index
+    are one vector load (8 bytes for d=4 fp16) instead of D scalar loads. On the GPU this
+    function is bound by L1 traffic (Nsight Compute, H200: 89% L1/TEX throughput at 1.7% of
+    DRAM bandwidth for M=1), so every load it saves counts:
+    - WORDWISE (32 % BITS == 0 and a step covers whole words): each int32 word is loaded once
+      and split into its 32/BITS indices in registers; otherwise each index loads its word (and
+      the next, where it straddles).
+    - ROW_SCALE (one scale per row): one scale load per row instead of one per index."""
+    NBK: tl.constexpr = BLOCK_K // D                                   # index blocks per step
+    idx_mask: tl.constexpr = (1 << BITS) - 1
+    offs_d = tl.arange(0, D)
+    blk = k0 // D + tl.arange(0, NBK)
+    bmask = mask_n[:, None] & (blk < k_stop // D)[None, :]
+    w3 = tl.zeros([BLOCK_N, NBK, D], dtype=tl.float32)
+    # constexprs cannot be re-assigned: define them once, outside the (unrolled) stage loop
+    PER: tl.constexpr = 32 // BITS                                         # indices per word
+    NW: tl.constexpr = NBK // PER if WORDWISE else 1                       # words per step
+    for s in tl.static_range(STAGES):
+        if WORDWISE:
+            wrd = (k0 // D) // PER + tl.arange(0, NW)
+            words = tl.load(p_base[:, None] + s * stride_ps + wrd[None, :] * stride_pw,
+                            mask=mask_n[:, None] & (wrd < n_words)[None, :], other=0).to(tl.uint32)
+            shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
+            idx3 = (words[:, :, None] >> shifts[None, None, :]) & idx_mask  # [BLOCK_N, NW, PER]
+            idx = tl.reshape(idx3, [BLOCK_N, NBK]).to(tl.int32)
+        else:
+            bitpos = blk * BITS
+            word = bitpos // 32
+            shift = (bitpos % 32).to(tl.uint32)
+            pptr = p_base[:, None] + s * stride_ps + word[None, :] * stride_pw
+            w0 = tl.load(pptr, mask=bmask, other=0).to(tl.uint32)
+            idx = w0 >> shift[None, :]
+            if 32 % BITS != 0:  # an index may straddle into the next word
+                w1 = tl.load(pptr + stride_pw, mask=bmask & ((word + 1) < n_words)[None, :],
+                             other=0).to(tl.uint32)
+                hi = w1 << ((32 - shift) & 31)[None, :]
+                idx = idx | tl.where(((shift + BITS) > 32)[None, :], hi, 0)
+            idx = (idx & idx_mask).to(tl.int32)
+        # int32 offsets from one base pointer (the wrapper bounds the codebook size): half the
+        # registers of per-element 64-bit pointers. Every term is a multiple of D.
+        if CB_GATHER:
+            # One small codebook, held by the program (cb_regs [KP, D]): gathered on chip
+            # (tl.gather) instead of one L1 request per index.
+            gidx = tl.broadcast_to(tl.reshape(idx, [BLOCK_N * NBK])[:, None], [BLOCK_N * NBK, D])
+            c = tl.reshape(tl.gather(cb_regs, gidx, 0), [BLOCK_N, NBK, D])
+            w3 += tl.where(bmask[:, :, None], c.to(tl.float32), 0.0)
+        else:
+            coff = cb_base[:, None] + s * stride_cs + idx * D
+            cptr = codebooks_ptr + (coff[:, :, None] + offs_d[None, None, :])
+            # An entry is D contiguous values starting at a multiple of D (16-byte aligned
+            # base): told so, the compiler loads it as one vector (ld.global.v2.b32, d=4 fp16).
+            cptr = tl.max_contiguous(tl.multiple_of(cptr, [1, 1, CB_ALIGN]), [1, 1, D])
+            c = tl.load(cptr, mask=bmask[:, :, None], other=0.0)
+            w3 += c.to(tl.float32)
+    if HAS_SCALES and ROW_SCALE:  # one scale (and offset) per row
+        sc = tl.load(scales_ptr + offs_n64 * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+        w3 = w3 * sc[:, None, None]
+        if HAS_OFFSETS:
+            of = tl.load(offsets_ptr + offs_n64 * stride_on, mask=mask_n, other=0.0)
+            w3 = w3 + of.to(tl.float32)[:, None, None]
+    if HAS_SCALES and not ROW_SCALE:
+        if SCALE_PER_BLOCK:  # scale_group % D == 0: one scale per (row, block)
+            grp = (blk * D) // scale_group
+            sc = tl.load(scales_ptr + offs_n64[:, None] * stride_sn + grp[None, :] * stride_sg,
+                         mask=bmask, other=0.0).to(tl.float32)
+            w3 = w3 * sc[:, :, None]
+            if HAS_OFFSETS:
+                of = tl.load(offsets_ptr + offs_n64[:, None] * stride_on
+                             + grp[None, :] * stride_og, mask=bmask, other=0.0)
+                w3 = w3 + of.to(tl.float32)[:, :, None]
+        else:  # groups smaller than a block: one scale per element
+            grp3 = ((blk[:, None] * D + offs_d[None, :]) // scale_group)[None, :, :]
+            sc = tl.load(scales_ptr + offs_n64[:, None, None] * stride_sn + grp3 * stride_sg,
+                         mask=bmask[:, :, None], other=0.0).to(tl.float32)
+            w3 = w3 * sc
+            if HAS_OFFSETS:
+                of = tl.load(offsets_ptr + offs_n64[:, None, None] * stride_on
+                             + grp3 * stride_og, mask=bmask[:, :, None], other=0.0)
+                w3 = w3 + of.to(tl.float32)
+    return tl.reshape(w3, [BLOCK_N, BLOCK_K])                              # rows x cols
 
 
 @triton.jit
 def _codebook_matmul_kernel(
     x_ptr, packed_ptr, codebooks_ptr, scales_ptr, offsets_ptr, bias_ptr, y_ptr,
-    M, N, K_IN, n_words, codebook_rows, scale_group, k_per_split,
+    M, N, K_IN, n_words, codebook_rows, scale_group, k_per_split, n_entries,
     stride_xm, stride_xk,
     stride_ps, stride_pn, stride_pw,
     stride_cs, stride_cc, stride_ck, stride_cd,
@@ -61,7 +177,8 @@ def _codebook_matmul_kernel(
     stride_ysplit, stride_ym, stride_yn,
     BITS: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr,
     HAS_SCALES: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCALE_PER_BLOCK: tl.constexpr, SPLIT_OUTPUT: tl.constexpr, FP32_IEEE: tl.constexpr,
+    SCALE_PER_BLOCK: tl.constexpr, ROW_SCALE: tl.constexpr, WORDWISE: tl.constexpr,
+    CB_ALIGN: tl.constexpr, CB_GATHER: tl.constexpr, KP: tl.constexpr, SPLIT_OUTPUT: tl.constexpr, FP32_IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -73,64 +190,30 @@ def _codebook_matmul_kernel(
     mask_n = offs_n < N
     offs_m64 = offs_m.to(tl.int64)
     offs_n64 = offs_n.to(tl.int64)
-    cb_row = (offs_n // codebook_rows).to(tl.int64)                    # codebook of each row
-    idx_mask: tl.constexpr = (1 << BITS) - 1
-
-    NBK: tl.constexpr = BLOCK_K // D                                   # index blocks per step
-    offs_d = tl.arange(0, D)
-    cb_base = codebooks_ptr + cb_row * stride_cc                       # [BLOCK_N] pointers
+    cb_base = (offs_n // codebook_rows) * stride_cc                    # [BLOCK_N] int32 offsets
     p_base = packed_ptr + offs_n64 * stride_pn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if CB_GATHER:  # the one codebook (layer scope, one stage, K <= KP), loaded once
+        offs_c = tl.arange(0, KP)
+        cb_regs = tl.load(codebooks_ptr + offs_c[:, None] * D + tl.arange(0, D)[None, :],
+                          mask=(offs_c < n_entries)[:, None], other=0.0)
+    else:
+        cb_regs = codebooks_ptr  # unused
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K_IN)                  # a multiple of D
     for k0 in range(k_start, k_stop, BLOCK_K):
+        # k0 is a multiple of BLOCK_K and k_stop of D: said so, the x loads become vectors.
+        k0 = tl.multiple_of(k0, BLOCK_K)
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_stop
+        mask_k = (offs_k // D) < (k_stop // D)
         x = tl.load(x_ptr + offs_m64[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-
-        # One index per (row, block): decode [BLOCK_N, NBK] indices from the bit stream,
-        # then gather d contiguous codebook values per index: a [BLOCK_N, NBK, D] tile.
-        blk = k0 // D + tl.arange(0, NBK)
-        bmask = mask_n[:, None] & (blk < k_stop // D)[None, :]
-        bitpos = blk * BITS
-        word = bitpos // 32
-        shift = (bitpos % 32).to(tl.uint32)
-        w3 = tl.zeros([BLOCK_N, NBK, D], dtype=tl.float32)
-        for s in tl.static_range(STAGES):
-            pptr = p_base[:, None] + s * stride_ps + word[None, :] * stride_pw
-            w0 = tl.load(pptr, mask=bmask, other=0).to(tl.uint32)
-            idx = w0 >> shift[None, :]
-            if 32 % BITS != 0:  # an index may straddle into the next word
-                w1 = tl.load(pptr + stride_pw, mask=bmask & ((word + 1) < n_words)[None, :],
-                             other=0).to(tl.uint32)
-                hi = w1 << ((32 - shift) & 31)[None, :]
-                idx = idx | tl.where(((shift + BITS) > 32)[None, :], hi, 0)
-            idx = (idx & idx_mask).to(tl.int32)
-            cptr = cb_base[:, None] + s * stride_cs + idx * stride_ck      # [BLOCK_N, NBK]
-            c = tl.load(cptr[:, :, None] + offs_d[None, None, :] * stride_cd,
-                        mask=bmask[:, :, None], other=0.0)
-            w3 += c.to(tl.float32)
-        if HAS_SCALES:
-            if SCALE_PER_BLOCK:  # scale_group % D == 0: one scale per (row, block)
-                grp = (blk * D) // scale_group
-                sc = tl.load(scales_ptr + offs_n64[:, None] * stride_sn + grp[None, :] * stride_sg,
-                             mask=bmask, other=0.0).to(tl.float32)
-                w3 = w3 * sc[:, :, None]
-                if HAS_OFFSETS:
-                    of = tl.load(offsets_ptr + offs_n64[:, None] * stride_on
-                                 + grp[None, :] * stride_og, mask=bmask, other=0.0)
-                    w3 = w3 + of.to(tl.float32)[:, :, None]
-            else:  # groups smaller than a block: one scale per element
-                grp3 = ((blk[:, None] * D + offs_d[None, :]) // scale_group)[None, :, :]
-                sc = tl.load(scales_ptr + offs_n64[:, None, None] * stride_sn + grp3 * stride_sg,
-                             mask=bmask[:, :, None], other=0.0).to(tl.float32)
-                w3 = w3 * sc
-                if HAS_OFFSETS:
-                    of = tl.load(offsets_ptr + offs_n64[:, None, None] * stride_on
-                                 + grp3 * stride_og, mask=bmask[:, :, None], other=0.0)
-                    w3 = w3 + of.to(tl.float32)
-        w = tl.reshape(w3, [BLOCK_N, BLOCK_K])                             # W tile, rows x cols
+        w = _dequant_tile(packed_ptr, codebooks_ptr, scales_ptr, offsets_ptr, cb_regs,
+                          offs_n64, mask_n, cb_base, p_base, k0, k_stop, n_words, scale_group,
+                          stride_ps, stride_pw, stride_cs, stride_ck, stride_cd,
+                          stride_sn, stride_sg, stride_on, stride_og,
+                          BITS, D, STAGES, HAS_SCALES, HAS_OFFSETS, SCALE_PER_BLOCK,
+                          ROW_SCALE, WORDWISE, CB_ALIGN, CB_GATHER, BLOCK_N, BLOCK_K)
         if FP32_IEEE:
             acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
         else:
@@ -145,6 +228,86 @@ def _codebook_matmul_kernel(
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
     else:
         tl.store(y_ptr + pid_k * stride_ysplit + y_off, acc, mask=y_mask)
+
+
+@triton.jit
+def _codebook_gemv_kernel(
+    x_ptr, packed_ptr, codebooks_ptr, scales_ptr, offsets_ptr, bias_ptr, y_ptr,
+    M, N, K_IN, n_words, codebook_rows, scale_group, k_per_split, n_entries,
+    stride_xm, stride_xk,
+    stride_ps, stride_pn, stride_pw,
+    stride_cs, stride_cc, stride_ck, stride_cd,
+    stride_sn, stride_sg,
+    stride_on, stride_og,
+    stride_ysplit, stride_ym, stride_yn,
+    BITS: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr,
+    HAS_SCALES: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALE_PER_BLOCK: tl.constexpr, ROW_SCALE: tl.constexpr, WORDWISE: tl.constexpr,
+    CB_ALIGN: tl.constexpr, CB_GATHER: tl.constexpr, KP: tl.constexpr, SPLIT_OUTPUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Decode GEMV for a few rows of x (M <= BLOCK_M <= 4): no tensor-core tile to pad to 16
+    rows and no shared-memory round trip for the MMA operand layout; the product is a
+    broadcast multiply [BLOCK_M, BLOCK_N, BLOCK_K] reduced over the input dimension in fp32.
+    Grid (N tiles, K splits); each program owns BLOCK_N output columns of all M rows."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    cb_base = (offs_n // codebook_rows) * stride_cc
+    p_base = packed_ptr + offs_n64 * stride_pn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if CB_GATHER:  # the one codebook (layer scope, one stage, K <= KP), loaded once
+        offs_c = tl.arange(0, KP)
+        cb_regs = tl.load(codebooks_ptr + offs_c[:, None] * D + tl.arange(0, D)[None, :],
+                          mask=(offs_c < n_entries)[:, None], other=0.0)
+    else:
+        cb_regs = codebooks_ptr  # unused
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, K_IN)
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        # k0 is a multiple of BLOCK_K and k_stop of D: said so, the x loads become vectors.
+        k0 = tl.multiple_of(k0, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = (offs_k // D) < (k_stop // D)
+        x = tl.load(x_ptr + offs_m64[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        w = _dequant_tile(packed_ptr, codebooks_ptr, scales_ptr, offsets_ptr, cb_regs,
+                          offs_n64, mask_n, cb_base, p_base, k0, k_stop, n_words, scale_group,
+                          stride_ps, stride_pw, stride_cs, stride_ck, stride_cd,
+                          stride_sn, stride_sg, stride_on, stride_og,
+                          BITS, D, STAGES, HAS_SCALES, HAS_OFFSETS, SCALE_PER_BLOCK,
+                          ROW_SCALE, WORDWISE, CB_ALIGN, CB_GATHER, BLOCK_N, BLOCK_K)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+
+    y_mask = mask_m[:, None] & mask_n[None, :]
+    y_off = offs_m64[:, None] * stride_ym + offs_n64[None, :] * stride_yn
+    if not SPLIT_OUTPUT:
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc = acc + b[None, :]
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        tl.store(y_ptr + pid_k * stride_ysplit + y_off, acc, mask=y_mask)
+
+
+@triton.jit
+def _split_reduce_kernel(part_ptr, bias_ptr, y_ptr, total, N, n_split,
+                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y = sum over splits of the fp32 partial sums (+ bias), cast to y's dtype: one launch in
+    place of torch's sum + add + cast."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(n_split):
+        acc += tl.load(part_ptr + s * total + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def check_matmul_inputs(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor,
@@ -187,22 +350,50 @@ def check_matmul_inputs(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.
         raise ValueError(f"bias must be [{out}], got {tuple(bias.shape)}")
 
 
-def pick_config(m: int) -> dict:
-    """Production configuration for an x with m rows."""
+def wordwise_decode(bits: int, blocks_per_step: int) -> bool:
+    """Whether a step's indices fill whole int32 words (then each word is loaded once)."""
+    return 32 % bits == 0 and blocks_per_step % (32 // bits) == 0
+
+
+def codebook_alignment(d: int, element_size: int) -> int:
+    """Bytes every codebook entry's address is a multiple of (contiguous, 16-byte aligned base)."""
+    size = d * element_size
+    return min(16, size & -size)
+
+
+CB_GATHER_MAX = 2048  # codebook values a program holds for the on-chip gather (fp16: 16 B/thread)
+
+
+def gather_eligible(stages: int, n_codebooks: int, kp: int, d: int, device: torch.device) -> bool:
+    """Whether the kernels gather from a program-held codebook (tl.gather) rather than issue one
+    L1 request per index: one codebook (layer scope), one stage, at most CB_GATHER_MAX values."""
+    return stages == 1 and n_codebooks == 1 and kp * d <= CB_GATHER_MAX
+
+
+def pick_config(m: int, bits: int = 8, d: int = 4, stages: int = 1) -> dict:
+    """Production configuration for an x with m rows and a format of `bits`-bit indices over
+    d-dim blocks with `stages` residual stages (gemv_vec configs carry "kernel")."""
+    def fits(cfg):
+        return d >= cfg.get("min_block_dim", 1) and stages <= cfg.get("max_stages", 8) and (
+            not cfg.get("wordwise_only") or wordwise_decode(bits, cfg["BLOCK_K"] // d))
+    if m <= GEMV_VEC_MAX_M:
+        cfg = GEMV_VEC_CONFIGS["m1_wordwise"]
+        return {"kernel": "gemv_vec", **(cfg if fits(cfg) else GEMV_VEC_CONFIGS["m1"])}
     if m <= GEMV_MAX_M:
         return MATMUL_CONFIGS["gemv"]
-    if m >= 256:
-        return MATMUL_CONFIGS["tiled_large"]
-    return MATMUL_CONFIGS["tiled"]
+    if m < 256:
+        return MATMUL_CONFIGS["tiled"]
+    cfg = MATMUL_CONFIGS["tiled_large_wordwise"]
+    return cfg if fits(cfg) else MATMUL_CONFIGS["tiled_large"]
 
 
-def _split_k_for(n_tiles: int, k_steps: int, device: torch.device) -> int:
-    """Enough programs along the input dimension to occupy about two waves of SMs."""
+def _split_k_for(n_tiles: int, k_steps: int, device: torch.device, waves: int = GEMV_WAVES) -> int:
+    """Enough programs along the input dimension to occupy about `waves` waves of SMs."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         sms = 4  # interpreter: a little split-K so tests exercise the partial-sum path
-    return max(1, min(k_steps, (2 * sms + n_tiles - 1) // n_tiles, 32))
+    return max(1, min(k_steps, (waves * sms + n_tiles - 1) // n_tiles, 64))
 
 
 def codebook_matmul_triton(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor,
@@ -214,11 +405,19 @@ def codebook_matmul_triton(x: torch.Tensor, packed: torch.Tensor, codebooks: tor
 
     x [..., in] (fp16/bf16/fp32), packed int32 [S, out, words], codebooks [S, n_cb, K, d],
     scales/offsets [out, in/scale_group] or None, bias [out] or None -> y [..., out] in x.dtype.
-    config overrides the production tile config (BLOCK_M/N/K, num_warps, num_stages);
-    split_k overrides the number of input-dimension splits.
+    config overrides the production config (BLOCK_M/N/K, num_warps, num_stages; "kernel":
+    "gemv_vec" picks the tensor-core-free decode kernel, which needs BLOCK_M >= m, and "waves"
+    its split-K target); split_k overrides the number of input-dimension splits.
     """
     check_matmul_inputs(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows,
                         scale_group)
+    if codebooks.numel() >= 2 ** 31:
+        raise ValueError(f"codebooks {tuple(codebooks.shape)} are too large for the Triton "
+                         "kernel's int32 offsets (at most 2**31 - 1 elements)")
+    # The kernel indexes entries as idx * d from a 16-byte aligned base (vector loads).
+    codebooks = codebooks.contiguous()
+    if codebooks.data_ptr() % 16:
+        codebooks = codebooks.clone()
     stages, out = packed.shape[0], packed.shape[1]
     d, k = codebooks.shape[3], codebooks.shape[2]
     lead = x.shape[:-1]
@@ -227,14 +426,18 @@ def codebook_matmul_triton(x: torch.Tensor, packed: torch.Tensor, codebooks: tor
     y = torch.empty(m, out, dtype=x.dtype, device=x.device)
     if m == 0 or out == 0:
         return y.reshape(*lead, out)
-    cfg = dict(config or pick_config(m))
+    cfg = dict(config or pick_config(m, index_bits(k), d, stages))
+    vec = cfg.get("kernel") == "gemv_vec"
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if bk % d:
         raise ValueError(f"BLOCK_K ({bk}) must be a multiple of block_dim ({d})")
+    if vec and bm < m:
+        raise ValueError(f"the gemv_vec kernel needs BLOCK_M ({bm}) >= rows of x ({m})")
     k_steps = triton.cdiv(in_features, bk)
     n_tiles = triton.cdiv(m, bm) * triton.cdiv(out, bn)
     if split_k is None:
-        split_k = _split_k_for(n_tiles, k_steps, x.device) if m <= GEMV_MAX_M else 1
+        split_k = (_split_k_for(n_tiles, k_steps, x.device, cfg.get("waves", GEMV_WAVES))
+                   if m <= GEMV_MAX_M else 1)
     split_k = max(1, min(split_k, k_steps))
     k_per_split = triton.cdiv(k_steps, split_k) * bk
     split_k = triton.cdiv(in_features, k_per_split)
@@ -245,22 +448,31 @@ def codebook_matmul_triton(x: torch.Tensor, packed: torch.Tensor, codebooks: tor
     of = offsets if offsets is not None else dummy
     sc_strides = scales.stride() if scales is not None else (0, 0)
     of_strides = offsets.stride() if offsets is not None else (0, 0)
-    grid = (triton.cdiv(m, bm), triton.cdiv(out, bn), split_k)
-    _codebook_matmul_kernel[grid](
-        x2, packed, codebooks, sc, of, bias if bias is not None else dummy, target,
-        m, out, in_features, packed.shape[2], codebook_rows, scale_group, k_per_split,
-        *x2.stride(), *packed.stride(), *codebooks.stride(), *sc_strides, *of_strides, *ys,
-        BITS=index_bits(k), D=d, STAGES=stages,
-        HAS_SCALES=scales is not None, HAS_OFFSETS=offsets is not None, HAS_BIAS=bias is not None,
-        SCALE_PER_BLOCK=scale_group % d == 0,
-        SPLIT_OUTPUT=split_k > 1, FP32_IEEE=x.dtype == torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    kp = 1 << max(0, (k - 1).bit_length())
+    cb_gather = bool(cfg.get("cb_gather", False)) and gather_eligible(
+        stages, codebooks.shape[1], kp, d, x.device)
+    args = (x2, packed, codebooks, sc, of, bias if bias is not None else dummy, target,
+            m, out, in_features, packed.shape[2], codebook_rows, scale_group, k_per_split, k,
+            *x2.stride(), *packed.stride(), *codebooks.stride(), *sc_strides, *of_strides, *ys)
+    meta = dict(BITS=index_bits(k), D=d, STAGES=stages,
+                HAS_SCALES=scales is not None, HAS_OFFSETS=offsets is not None,
+                HAS_BIAS=bias is not None, SCALE_PER_BLOCK=scale_group % d == 0,
+                ROW_SCALE=scale_group == in_features,
+                WORDWISE=wordwise_decode(index_bits(k), bk // d),
+                CB_ALIGN=codebook_alignment(d, codebooks.element_size()),
+                CB_GATHER=cb_gather, KP=kp,
+                SPLIT_OUTPUT=split_k > 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    if vec:
+        _codebook_gemv_kernel[(triton.cdiv(out, bn), split_k)](*args, **meta)
+    else:
+        grid = (triton.cdiv(m, bm), triton.cdiv(out, bn), split_k)
+        _codebook_matmul_kernel[grid](*args, FP32_IEEE=x.dtype == torch.float32, **meta)
     if split_k > 1:
-        total = target.sum(0)
-        if bias is not None:
-            total += bias.float()
-        y = total.to(x.dtype)
+        total = m * out
+        _split_reduce_kernel[(triton.cdiv(total, REDUCE_BLOCK),)](
+            target, bias if bias is not None else dummy, y, total, out, split_k,
+            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4)
     return y.reshape(*lead, out)
 
 

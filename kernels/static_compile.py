@@ -20,7 +20,9 @@ from typing import Optional
 
 import triton
 
-from .codebook_matmul import MATMUL_CONFIGS, _codebook_matmul_kernel
+from .codebook_matmul import (GEMV_VEC_CONFIGS, MATMUL_CONFIGS, REDUCE_BLOCK, _codebook_gemv_kernel,
+                              _codebook_matmul_kernel, _split_reduce_kernel,
+                              codebook_alignment, wordwise_decode)
 from .kmeans_assign import KMEANS_CONFIGS, SUPPORTED_BLOCK_DIMS, _kmeans_assign_kernel
 
 ARCHS = (80, 90)
@@ -33,8 +35,9 @@ MATMUL_VARIANTS = (
     (8, 8, 1, False, False),
     (4, 1, 1, True, True),     # scalar RTN grid: d = 1, per-group scale and offset
     (16, 16, 1, True, False),  # K = 65536, d = 16
+    (8, 4, 2, True, True),     # word-wise decoding with two stages (a constexpr bug hid here)
 )
-MATMUL_INT_ARGS = ("M", "N", "K_IN", "n_words", "codebook_rows", "scale_group", "k_per_split",
+MATMUL_INT_ARGS = ("M", "N", "K_IN", "n_words", "codebook_rows", "scale_group", "k_per_split", "n_entries",
                    "stride_xm", "stride_xk", "stride_ps", "stride_pn", "stride_pw",
                    "stride_cs", "stride_cc", "stride_ck", "stride_cd", "stride_sn", "stride_sg",
                    "stride_on", "stride_og", "stride_ysplit", "stride_ym", "stride_yn")
@@ -147,15 +150,26 @@ def _info(kernel_name, config, arch, dtype, constexprs, num_warps, kernel, log) 
     return info
 
 
+def _variants_for(cfg: dict, full: bool) -> tuple:
+    """Format variants a config serves: all, or (wordwise_only) those decoded word by word;
+    full=False keeps the heaviest, the scalar d = 1 grid and the two-stage word-wise one."""
+    variants = MATMUL_VARIANTS if full else (MATMUL_VARIANTS[0], MATMUL_VARIANTS[2],
+                                             MATMUL_VARIANTS[4])
+    if cfg.get("wordwise_only"):
+        variants = tuple(v for v in MATMUL_VARIANTS
+                         if wordwise_decode(v[0], cfg["BLOCK_K"] // v[1]))
+    return tuple(v for v in variants if v[1] >= cfg.get("min_block_dim", 1)
+                 and v[2] <= cfg.get("max_stages", 8))
+
+
 def matmul_jobs(full: bool = True):
     """(config name, cfg, dtype, arch, variant) for every codebook-matmul production config.
 
     full=False keeps the heaviest codebook variant and the scalar d = 1 grid (the test's set)."""
-    variants = MATMUL_VARIANTS if full else (MATMUL_VARIANTS[0], MATMUL_VARIANTS[2])
     for name, cfg in MATMUL_CONFIGS.items():
         for dtype in DTYPES:
             for arch in ARCHS:
-                for variant in variants:
+                for variant in _variants_for(cfg, full):
                     yield name, cfg, dtype, arch, variant
 
 
@@ -167,11 +181,49 @@ def compile_matmul(config_name: str, cfg: dict, dtype: str, arch: int, variant) 
            "y_ptr": "*fp32" if config_name == "gemv" else f"*{dtype}"}
     sig.update({a: "i32" for a in MATMUL_INT_ARGS})
     consts = dict(BITS=bits, D=d, STAGES=stages, HAS_SCALES=has_scales, HAS_OFFSETS=has_offsets,
-                  HAS_BIAS=True, SCALE_PER_BLOCK=True, SPLIT_OUTPUT=config_name == "gemv", FP32_IEEE=False,
+                  HAS_BIAS=True, SCALE_PER_BLOCK=True, ROW_SCALE=False,
+                  WORDWISE=wordwise_decode(bits, cfg["BLOCK_K"] // d), CB_ALIGN=codebook_alignment(d, 2),
+                  CB_GATHER=False, KP=1 << max(0, (2 ** bits - 1).bit_length()),
+                  SPLIT_OUTPUT=config_name == "gemv", FP32_IEEE=False,
                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
     kernel, log = compile_kernel(_codebook_matmul_kernel, sig, consts, arch, cfg["num_warps"],
                                  cfg.get("num_stages", 2))
     return _info("codebook_matmul", config_name, arch, dtype, consts, cfg["num_warps"], kernel, log)
+
+
+def gemv_vec_jobs(full: bool = True, configs: Optional[dict] = None):
+    """(config name, cfg, dtype, arch, variant) for every tensor-core-free GEMV config
+    (configs: {name: cfg}, default the production GEMV_VEC_CONFIGS)."""
+    configs = configs or {f"gemv_vec_{name}": cfg for name, cfg in GEMV_VEC_CONFIGS.items()}
+    for name, cfg in configs.items():
+        for dtype in DTYPES:
+            for arch in ARCHS:
+                for variant in _variants_for(cfg, full):
+                    yield name, cfg, dtype, arch, variant
+
+
+def compile_gemv_vec(config_name: str, cfg: dict, dtype: str, arch: int, variant) -> CompiledInfo:
+    bits, d, stages, has_scales, has_offsets = variant
+    sig = {"x_ptr": f"*{dtype}", "packed_ptr": "*i32", "codebooks_ptr": "*fp16",
+           "scales_ptr": "*fp16", "offsets_ptr": "*fp16", "bias_ptr": f"*{dtype}",
+           "y_ptr": "*fp32"}
+    sig.update({a: "i32" for a in MATMUL_INT_ARGS})
+    consts = dict(BITS=bits, D=d, STAGES=stages, HAS_SCALES=has_scales, HAS_OFFSETS=has_offsets,
+                  HAS_BIAS=True, SCALE_PER_BLOCK=True, ROW_SCALE=False,
+                  WORDWISE=wordwise_decode(bits, cfg["BLOCK_K"] // d), CB_ALIGN=codebook_alignment(d, 2),
+                  CB_GATHER=False, KP=1 << max(0, (2 ** bits - 1).bit_length()), SPLIT_OUTPUT=True,
+                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+    kernel, log = compile_kernel(_codebook_gemv_kernel, sig, consts, arch, cfg["num_warps"],
+                                 cfg.get("num_stages", 2))
+    return _info("codebook_gemv", config_name, arch, dtype, consts, cfg["num_warps"], kernel, log)
+
+
+def compile_split_reduce(dtype: str, arch: int) -> CompiledInfo:
+    sig = {"part_ptr": "*fp32", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "total": "i32",
+           "N": "i32", "n_split": "i32"}
+    consts = dict(HAS_BIAS=True, BLOCK=REDUCE_BLOCK)
+    kernel, log = compile_kernel(_split_reduce_kernel, sig, consts, arch, 4)
+    return _info("split_reduce", "reduce", arch, dtype, consts, 4, kernel, log)
 
 
 def kmeans_jobs(full: bool = True):
@@ -199,6 +251,8 @@ def compile_all(full: bool = True) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_all needs TRITON_INTERPRET unset; use compile_all_subprocess")
     out = [compile_matmul(*job).as_json() for job in matmul_jobs(full)]
+    out += [compile_gemv_vec(*job).as_json() for job in gemv_vec_jobs(full)]
+    out += [compile_split_reduce(t, a).as_json() for t in DTYPES for a in ARCHS]
     out += [compile_kmeans(*job).as_json() for job in kmeans_jobs(full)]
     return out
 

@@ -4,7 +4,7 @@ import torch
 
 from physkern.kernels.codebook_matmul import (INDEX_CACHE, codebook_matmul_cpu,
                                               codebook_matmul_reference, codebook_matmul_triton,
-                                              unpack_fast)
+                                              unpack_fast, wordwise_decode)
 from physkern.quant.format import QuantizedWeight
 from physkern.quant.packing import index_bits, pack_indices, unpack_indices
 
@@ -61,6 +61,81 @@ def test_triton_matches_reference(case, m):
     bias = torch.randn(qw.out_features)
     # Small tiles: several tiles along every dim, ragged edges; split-K exercised for m <= 16.
     check(codebook_matmul_triton(*args(qw, x, bias), config=SMALL_TILES), x, qw, bias)
+
+
+VEC_TILES = {"kernel": "gemv_vec", "BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4}
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_triton_gemv_vec_matches_reference(case, m):
+    """The tensor-core-free decode kernel (M <= BLOCK_M), split-K and reduction kernel."""
+    qw = make_qw(*case)
+    x = torch.randn(m, qw.in_features)
+    bias = torch.randn(qw.out_features)
+    check(codebook_matmul_triton(*args(qw, x, bias), config=VEC_TILES), x, qw, bias)
+    check(codebook_matmul_triton(*args(qw, x, None), config=VEC_TILES, split_k=1), x, qw, None)
+
+
+# Word-wise index decoding (32 % bits == 0, a step covers whole words) and one scale per row:
+# odd rows, in_features whose last word is partial, every power-of-two width.
+WORDWISE_CASES = [
+    (19, 72, 2, 2, 1, 19, None, True, True),        # 1 bit, row scale + offset, partial word
+    (13, 88, 1, 4, 2, 13, None, True, False),       # 2 bits, 2 stages
+    (21, 100, 4, 16, 1, 3, None, True, False),      # 4 bits, group scope
+    (9, 136, 8, 256, 1, 9, None, True, True),       # 8 bits, 17 blocks: last word partial
+    (7, 96, 1, 64, 1, 1, 32, True, False),          # 6 bits: the generic path beside them
+]
+
+
+@pytest.mark.parametrize("case", WORDWISE_CASES, ids=[f"wordwise{i}" for i in range(5)])
+@pytest.mark.parametrize("m", [1, 3, 20])
+@pytest.mark.parametrize("split", [None, 1, 2])
+def test_triton_wordwise_decode_and_row_scales(case, m, split):
+    qw = make_qw(*case)
+    x = torch.randn(m, qw.in_features)
+    bias = torch.randn(qw.out_features)
+    cfg = dict(VEC_TILES, BLOCK_K=64) if m <= 4 else dict(SMALL_TILES, BLOCK_K=64)
+    if case[3] in (2, 4, 16, 256):
+        assert wordwise_decode(qw.bits, 64 // qw.block_dim)
+    check(codebook_matmul_triton(*args(qw, x, bias), config=cfg, split_k=split), x, qw, bias)
+
+
+def test_triton_16bit_indices_wordwise():
+    g = torch.Generator().manual_seed(3)
+    out, inf, d, k = 11, 80, 1, 65536
+    idx = torch.randint(0, k, (1, out, inf), generator=g)
+    cb = torch.randn(1, 1, k, d, generator=g)
+    qw = QuantizedWeight(pack_indices(idx, 16), cb, torch.rand(out, 1) + 0.5, None, inf, out, out,
+                         inf)
+    x = torch.randn(2, inf)
+    assert wordwise_decode(16, 64)
+    check(codebook_matmul_triton(*args(qw, x, None), config=dict(VEC_TILES, BLOCK_K=64)), x, qw, None)
+
+
+def test_triton_noncontiguous_codebooks():
+    qw = make_qw(16, 32, 4, 16, 1, 16, None, True, False)
+    cb_t = qw.codebooks.transpose(2, 3).contiguous().transpose(2, 3)   # same values, other strides
+    assert not cb_t.is_contiguous()
+    x = torch.randn(2, 32)
+    y = codebook_matmul_triton(x, qw.packed, cb_t, qw.scales, qw.offsets, None, 32, 16, 32,
+                               config=VEC_TILES)
+    check(y, x, qw, None)
+
+
+def test_triton_gemv_vec_rejects_more_rows_than_block_m():
+    qw = make_qw(*CASES[0])
+    x = torch.randn(5, qw.in_features)
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        codebook_matmul_triton(*args(qw, x, None), config=VEC_TILES)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_triton_gemv_vec_production_configs(m):
+    qw = make_qw(*CASES[1])
+    x = torch.randn(m, qw.in_features)
+    bias = torch.randn(qw.out_features)
+    check(codebook_matmul_triton(*args(qw, x, bias)), x, qw, bias)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[6]], ids=[IDS[0], IDS[1], IDS[6]])
@@ -167,3 +242,19 @@ def test_bad_input(impl):
     a[7] = 3
     with pytest.raises(ValueError, match="codebook_rows"):
         impl(*a)
+
+
+@pytest.mark.parametrize("m,bits,d,expect", [
+    (1, 8, 4, "m1_wordwise"), (1, 9, 4, "m1"), (1, 4, 1, "m1"), (1, 12, 8, "m1"),
+    (5, 8, 4, "gemv"), (16, 9, 4, "gemv"), (17, 8, 4, "tiled"), (255, 6, 2, "tiled"),
+    (256, 8, 4, "tiled_large_wordwise"), (2048, 9, 4, "tiled_large"),
+    (2048, 4, 1, "tiled_large"),   # d = 1 keeps the smaller tile (the 128x128 one spills)
+])
+def test_pick_config_by_rows_and_format(m, bits, d, expect):
+    from physkern.kernels.codebook_matmul import GEMV_VEC_CONFIGS, MATMUL_CONFIGS, pick_config
+    cfg = pick_config(m, bits, d)
+    if expect == "m1_wordwise":   # two stages keep the smaller tile (the larger one spills)
+        assert pick_config(m, bits, d, stages=2) == {"kernel": "gemv_vec", **GEMV_VEC_CONFIGS["m1"]}
+    want = GEMV_VEC_CONFIGS.get(expect) or MATMUL_CONFIGS[expect]
+    assert {k: v for k, v in cfg.items() if k != "kernel"} == want
+    assert (cfg.get("kernel") == "gemv_vec") == (m == 1)

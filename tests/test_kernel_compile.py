@@ -50,3 +50,16 @@ def test_kmeans_assign_configs_compile_without_spills(compiled):
                     for a in sc.ARCHS}
     for rec in recs:
         _assert_clean(rec)
+
+
+def test_gemv_vec_and_reduce_configs_compile_without_spills(compiled):
+    recs = _records(compiled, "codebook_gemv")
+    seen = {(r["config"], r["dtype"], r["arch"]) for r in recs}
+    assert seen == {(f"gemv_vec_{c}", t, a) for c in sc.GEMV_VEC_CONFIGS for t in sc.DTYPES
+                    for a in sc.ARCHS}
+    # the two-stage word-wise format is among the compiled variants (a constexpr re-assignment
+    # inside the stage loop once broke exactly this combination on the GPU only)
+    assert any(r["constexprs"]["WORDWISE"] and r["constexprs"]["STAGES"] == 2
+               for r in recs + _records(compiled, "codebook_matmul"))
+    for rec in recs + _records(compiled, "split_reduce"):
+        _assert_clean(rec)
