@@ -166,6 +166,36 @@ def _dequant_tile(packed_ptr, codebooks_ptr, scales_ptr, offsets_ptr, cb_regs,
 
 
 @triton.jit
+def _program_codebook(codebooks_ptr, n_entries, D: tl.constexpr, KP: tl.constexpr,
+                      CB_GATHER: tl.constexpr):
+    """The one codebook [KP, D] a program holds for the on-chip gather (layer scope, one stage,
+    K <= KP), loaded once; without CB_GATHER a placeholder that is never read."""
+    if CB_GATHER:
+        offs_c = tl.arange(0, KP)
+        return tl.load(codebooks_ptr + offs_c[:, None] * D + tl.arange(0, D)[None, :],
+                       mask=(offs_c < n_entries)[:, None], other=0.0)
+    else:
+        return codebooks_ptr
+
+
+@triton.jit
+def _store_tile(acc, y_ptr, bias_ptr, offs_m64, offs_n, offs_n64, mask_m, mask_n, pid_k,
+                stride_ysplit, stride_ym, stride_yn,
+                HAS_BIAS: tl.constexpr, SPLIT_OUTPUT: tl.constexpr):
+    """Write a [BLOCK_M, BLOCK_N] fp32 tile: + bias and cast to y's dtype, or (split-K) the raw
+    partial sum into slice pid_k of the fp32 partials."""
+    y_mask = mask_m[:, None] & mask_n[None, :]
+    y_off = offs_m64[:, None] * stride_ym + offs_n64[None, :] * stride_yn
+    if not SPLIT_OUTPUT:
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc = acc + b[None, :]
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        tl.store(y_ptr + pid_k * stride_ysplit + y_off, acc, mask=y_mask)
+
+
+@triton.jit
 def _codebook_matmul_kernel(
     x_ptr, packed_ptr, codebooks_ptr, scales_ptr, offsets_ptr, bias_ptr, y_ptr,
     M, N, K_IN, n_words, codebook_rows, scale_group, k_per_split, n_entries,
@@ -193,12 +223,7 @@ def _codebook_matmul_kernel(
     cb_base = (offs_n // codebook_rows) * stride_cc                    # [BLOCK_N] int32 offsets
     p_base = packed_ptr + offs_n64 * stride_pn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if CB_GATHER:  # the one codebook (layer scope, one stage, K <= KP), loaded once
-        offs_c = tl.arange(0, KP)
-        cb_regs = tl.load(codebooks_ptr + offs_c[:, None] * D + tl.arange(0, D)[None, :],
-                          mask=(offs_c < n_entries)[:, None], other=0.0)
-    else:
-        cb_regs = codebooks_ptr  # unused
+    cb_regs = _program_codebook(codebooks_ptr, n_entries, D, KP, CB_GATHER)
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K_IN)                  # a multiple of D
     for k0 in range(k_start, k_stop, BLOCK_K):
@@ -219,15 +244,8 @@ def _codebook_matmul_kernel(
         else:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
 
-    y_mask = mask_m[:, None] & mask_n[None, :]
-    y_off = offs_m64[:, None] * stride_ym + offs_n64[None, :] * stride_yn
-    if not SPLIT_OUTPUT:
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc = acc + b[None, :]
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-    else:
-        tl.store(y_ptr + pid_k * stride_ysplit + y_off, acc, mask=y_mask)
+    _store_tile(acc, y_ptr, bias_ptr, offs_m64, offs_n, offs_n64, mask_m, mask_n, pid_k,
+                stride_ysplit, stride_ym, stride_yn, HAS_BIAS, SPLIT_OUTPUT)
 
 
 @triton.jit
@@ -261,12 +279,7 @@ def _codebook_gemv_kernel(
     cb_base = (offs_n // codebook_rows) * stride_cc
     p_base = packed_ptr + offs_n64 * stride_pn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if CB_GATHER:  # the one codebook (layer scope, one stage, K <= KP), loaded once
-        offs_c = tl.arange(0, KP)
-        cb_regs = tl.load(codebooks_ptr + offs_c[:, None] * D + tl.arange(0, D)[None, :],
-                          mask=(offs_c < n_entries)[:, None], other=0.0)
-    else:
-        cb_regs = codebooks_ptr  # unused
+    cb_regs = _program_codebook(codebooks_ptr, n_entries, D, KP, CB_GATHER)
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K_IN)
     for k0 in range(k_start, k_stop, BLOCK_K):
@@ -284,15 +297,8 @@ def _codebook_gemv_kernel(
                           ROW_SCALE, WORDWISE, CB_ALIGN, CB_GATHER, BLOCK_N, BLOCK_K)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
 
-    y_mask = mask_m[:, None] & mask_n[None, :]
-    y_off = offs_m64[:, None] * stride_ym + offs_n64[None, :] * stride_yn
-    if not SPLIT_OUTPUT:
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc = acc + b[None, :]
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-    else:
-        tl.store(y_ptr + pid_k * stride_ysplit + y_off, acc, mask=y_mask)
+    _store_tile(acc, y_ptr, bias_ptr, offs_m64, offs_n, offs_n64, mask_m, mask_n, pid_k,
+                stride_ysplit, stride_ym, stride_yn, HAS_BIAS, SPLIT_OUTPUT)
 
 
 @triton.jit

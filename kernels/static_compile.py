@@ -173,19 +173,26 @@ def matmul_jobs(full: bool = True):
                     yield name, cfg, dtype, arch, variant
 
 
-def compile_matmul(config_name: str, cfg: dict, dtype: str, arch: int, variant) -> CompiledInfo:
+def _matmul_signature(dtype: str, variant, cfg: dict, split_output: bool) -> tuple[dict, dict]:
+    """(signature, constexprs) shared by both codebook-matmul kernels for one format variant."""
     bits, d, stages, has_scales, has_offsets = variant
     sig = {"x_ptr": f"*{dtype}", "packed_ptr": "*i32", "codebooks_ptr": "*fp16",
            "scales_ptr": "*fp16", "offsets_ptr": "*fp16", "bias_ptr": f"*{dtype}",
-           # the split-K (gemv) path writes fp32 partial sums
-           "y_ptr": "*fp32" if config_name == "gemv" else f"*{dtype}"}
+           # split-K writes fp32 partial sums
+           "y_ptr": "*fp32" if split_output else f"*{dtype}"}
     sig.update({a: "i32" for a in MATMUL_INT_ARGS})
     consts = dict(BITS=bits, D=d, STAGES=stages, HAS_SCALES=has_scales, HAS_OFFSETS=has_offsets,
                   HAS_BIAS=True, SCALE_PER_BLOCK=True, ROW_SCALE=False,
-                  WORDWISE=wordwise_decode(bits, cfg["BLOCK_K"] // d), CB_ALIGN=codebook_alignment(d, 2),
-                  CB_GATHER=False, KP=1 << max(0, (2 ** bits - 1).bit_length()),
-                  SPLIT_OUTPUT=config_name == "gemv", FP32_IEEE=False,
+                  WORDWISE=wordwise_decode(bits, cfg["BLOCK_K"] // d),
+                  CB_ALIGN=codebook_alignment(d, 2), CB_GATHER=False,
+                  KP=1 << max(0, (2 ** bits - 1).bit_length()), SPLIT_OUTPUT=split_output,
                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+    return sig, consts
+
+
+def compile_matmul(config_name: str, cfg: dict, dtype: str, arch: int, variant) -> CompiledInfo:
+    sig, consts = _matmul_signature(dtype, variant, cfg, split_output=config_name == "gemv")
+    consts["FP32_IEEE"] = False
     kernel, log = compile_kernel(_codebook_matmul_kernel, sig, consts, arch, cfg["num_warps"],
                                  cfg.get("num_stages", 2))
     return _info("codebook_matmul", config_name, arch, dtype, consts, cfg["num_warps"], kernel, log)
@@ -203,16 +210,7 @@ def gemv_vec_jobs(full: bool = True, configs: Optional[dict] = None):
 
 
 def compile_gemv_vec(config_name: str, cfg: dict, dtype: str, arch: int, variant) -> CompiledInfo:
-    bits, d, stages, has_scales, has_offsets = variant
-    sig = {"x_ptr": f"*{dtype}", "packed_ptr": "*i32", "codebooks_ptr": "*fp16",
-           "scales_ptr": "*fp16", "offsets_ptr": "*fp16", "bias_ptr": f"*{dtype}",
-           "y_ptr": "*fp32"}
-    sig.update({a: "i32" for a in MATMUL_INT_ARGS})
-    consts = dict(BITS=bits, D=d, STAGES=stages, HAS_SCALES=has_scales, HAS_OFFSETS=has_offsets,
-                  HAS_BIAS=True, SCALE_PER_BLOCK=True, ROW_SCALE=False,
-                  WORDWISE=wordwise_decode(bits, cfg["BLOCK_K"] // d), CB_ALIGN=codebook_alignment(d, 2),
-                  CB_GATHER=False, KP=1 << max(0, (2 ** bits - 1).bit_length()), SPLIT_OUTPUT=True,
-                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+    sig, consts = _matmul_signature(dtype, variant, cfg, split_output=True)
     kernel, log = compile_kernel(_codebook_gemv_kernel, sig, consts, arch, cfg["num_warps"],
                                  cfg.get("num_stages", 2))
     return _info("codebook_gemv", config_name, arch, dtype, consts, cfg["num_warps"], kernel, log)
