@@ -196,6 +196,34 @@ def _store_tile(acc, y_ptr, bias_ptr, offs_m64, offs_n, offs_n64, mask_m, mask_n
 
 
 @triton.jit
+def _step_operands(x_ptr, packed_ptr, codebooks_ptr, scales_ptr, offsets_ptr, cb_regs,
+                   offs_m64, mask_m, offs_n64, mask_n, cb_base, p_base, k0, k_stop,
+                   n_words, scale_group, stride_xm, stride_xk,
+                   stride_ps, stride_pw, stride_cs, stride_ck, stride_cd,
+                   stride_sn, stride_sg, stride_on, stride_og,
+                   BITS: tl.constexpr, D: tl.constexpr, STAGES: tl.constexpr,
+                   HAS_SCALES: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+                   SCALE_PER_BLOCK: tl.constexpr, ROW_SCALE: tl.constexpr,
+                   WORDWISE: tl.constexpr, CB_ALIGN: tl.constexpr, CB_GATHER: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One k step's operands: the x tile [BLOCK_M, BLOCK_K] (x's dtype) and the fp32 W tile
+    [BLOCK_N, BLOCK_K]; both kernels contract them their own way."""
+    # k0 is a multiple of BLOCK_K and k_stop of D: said so, the x loads become vectors.
+    k0 = tl.multiple_of(k0, BLOCK_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = (offs_k // D) < (k_stop // D)
+    x = tl.load(x_ptr + offs_m64[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    w = _dequant_tile(packed_ptr, codebooks_ptr, scales_ptr, offsets_ptr, cb_regs,
+                      offs_n64, mask_n, cb_base, p_base, k0, k_stop, n_words, scale_group,
+                      stride_ps, stride_pw, stride_cs, stride_ck, stride_cd,
+                      stride_sn, stride_sg, stride_on, stride_og,
+                      BITS, D, STAGES, HAS_SCALES, HAS_OFFSETS, SCALE_PER_BLOCK,
+                      ROW_SCALE, WORDWISE, CB_ALIGN, CB_GATHER, BLOCK_N, BLOCK_K)
+    return x, w
+
+
+@triton.jit
 def _codebook_matmul_kernel(
     x_ptr, packed_ptr, codebooks_ptr, scales_ptr, offsets_ptr, bias_ptr, y_ptr,
     M, N, K_IN, n_words, codebook_rows, scale_group, k_per_split, n_entries,
@@ -227,18 +255,13 @@ def _codebook_matmul_kernel(
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K_IN)                  # a multiple of D
     for k0 in range(k_start, k_stop, BLOCK_K):
-        # k0 is a multiple of BLOCK_K and k_stop of D: said so, the x loads become vectors.
-        k0 = tl.multiple_of(k0, BLOCK_K)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = (offs_k // D) < (k_stop // D)
-        x = tl.load(x_ptr + offs_m64[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = _dequant_tile(packed_ptr, codebooks_ptr, scales_ptr, offsets_ptr, cb_regs,
-                          offs_n64, mask_n, cb_base, p_base, k0, k_stop, n_words, scale_group,
-                          stride_ps, stride_pw, stride_cs, stride_ck, stride_cd,
-                          stride_sn, stride_sg, stride_on, stride_og,
-                          BITS, D, STAGES, HAS_SCALES, HAS_OFFSETS, SCALE_PER_BLOCK,
-                          ROW_SCALE, WORDWISE, CB_ALIGN, CB_GATHER, BLOCK_N, BLOCK_K)
+        x, w = _step_operands(x_ptr, packed_ptr, codebooks_ptr, scales_ptr, offsets_ptr, cb_regs,
+                              offs_m64, mask_m, offs_n64, mask_n, cb_base, p_base, k0, k_stop,
+                              n_words, scale_group, stride_xm, stride_xk,
+                              stride_ps, stride_pw, stride_cs, stride_ck, stride_cd,
+                              stride_sn, stride_sg, stride_on, stride_og,
+                              BITS, D, STAGES, HAS_SCALES, HAS_OFFSETS, SCALE_PER_BLOCK,
+                              ROW_SCALE, WORDWISE, CB_ALIGN, CB_GATHER, BLOCK_N, BLOCK_K)
         if FP32_IEEE:
             acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
         else:
@@ -283,19 +306,14 @@ def _codebook_gemv_kernel(
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K_IN)
     for k0 in range(k_start, k_stop, BLOCK_K):
-        # k0 is a multiple of BLOCK_K and k_stop of D: said so, the x loads become vectors.
-        k0 = tl.multiple_of(k0, BLOCK_K)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = (offs_k // D) < (k_stop // D)
-        x = tl.load(x_ptr + offs_m64[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        w = _dequant_tile(packed_ptr, codebooks_ptr, scales_ptr, offsets_ptr, cb_regs,
-                          offs_n64, mask_n, cb_base, p_base, k0, k_stop, n_words, scale_group,
-                          stride_ps, stride_pw, stride_cs, stride_ck, stride_cd,
-                          stride_sn, stride_sg, stride_on, stride_og,
-                          BITS, D, STAGES, HAS_SCALES, HAS_OFFSETS, SCALE_PER_BLOCK,
-                          ROW_SCALE, WORDWISE, CB_ALIGN, CB_GATHER, BLOCK_N, BLOCK_K)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        x, w = _step_operands(x_ptr, packed_ptr, codebooks_ptr, scales_ptr, offsets_ptr, cb_regs,
+                              offs_m64, mask_m, offs_n64, mask_n, cb_base, p_base, k0, k_stop,
+                              n_words, scale_group, stride_xm, stride_xk,
+                              stride_ps, stride_pw, stride_cs, stride_ck, stride_cd,
+                              stride_sn, stride_sg, stride_on, stride_og,
+                              BITS, D, STAGES, HAS_SCALES, HAS_OFFSETS, SCALE_PER_BLOCK,
+                              ROW_SCALE, WORDWISE, CB_ALIGN, CB_GATHER, BLOCK_N, BLOCK_K)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
 
     _store_tile(acc, y_ptr, bias_ptr, offs_m64, offs_n, offs_n64, mask_m, mask_n, pid_k,
                 stride_ysplit, stride_ym, stride_yn, HAS_BIAS, SPLIT_OUTPUT)
