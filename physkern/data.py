@@ -216,3 +216,28 @@ def calibration_windows(tokenizer, corpus: Corpus, n_windows: int = 32, window: 
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - window, (n_windows,), generator=gen)
     return torch.stack([ids[s:s + window] for s in starts.tolist()])
+
+
+def calibration_tiles(tokenizer, corpus: Corpus, n_windows: int, window: int = 1024,
+                      seed: int = 0) -> torch.Tensor:
+    """[n_windows, window] NON-overlapping windows of the calibration text, chosen by seed.
+
+    The calibration text is cut into floor(tokens / window) consecutive tiles and a seeded
+    permutation picks `n_windows` of them, so no two windows share a token (unlike
+    `calibration_windows`, whose random offsets may overlap). Fine-tuning uses these: its
+    held-out windows then share no text with its training windows.
+    Raises ValueError when n_windows exceeds the tiles available.
+    """
+    if isinstance(n_windows, bool) or not isinstance(n_windows, int) or n_windows <= 0 or \
+            isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise ValueError(f"n_windows and window must be positive integers, got {n_windows!r}, "
+                         f"{window!r}")
+    ids = calibration_tokens(tokenizer, corpus)
+    tiles = ids.numel() // window
+    if n_windows > tiles:
+        raise ValueError(f"n_windows: {n_windows} non-overlapping windows of {window} tokens "
+                         f"asked for, but the calibration text of {corpus.name!r} "
+                         f"({ids.numel()} tokens) holds only {tiles}")
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(tiles, generator=gen)[:n_windows]
+    return ids[:tiles * window].reshape(tiles, window)[pick]

@@ -206,6 +206,18 @@ def mean_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor,
 # training
 
 
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The multiplier of the base lr at 0-based `step` of `steps` (see finetune_quantized)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+    raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+
+
 def _snapshot(model: nn.Module, train_norms: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[(live tensor, stored copy)] of everything fine-tuning may change (for the restore)."""
     out = []
@@ -221,7 +233,7 @@ def _snapshot(model: nn.Module, train_norms: bool) -> list[tuple[torch.Tensor, t
 def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.Tensor,
                        steps: int = 100, lr: float = 1e-4, batch_size: int = 1, seed: int = 0,
                        holdout: int = 2, progress: bool = True,
-                       train_norms: bool = True) -> dict:
+                       train_norms: bool = True, schedule: str = "constant") -> dict:
     """Fine-tune the codebooks, scales, offsets (and norms) of a quantized `model` in place.
 
     model:       quantized student (QuantizedLinear layers); packed indices never change
@@ -231,11 +243,13 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
     steps, lr:   Adam steps on the token-averaged KL(teacher || student); lr is relative
                  (module docstring)
     batch_size:  training windows per step (<= the training windows)
+    schedule:    "constant" (lr every step) or "cosine" (lr x (1 + cos(pi t / steps)) / 2 at
+                 step t: large steps first, small ones to settle at the end)
     Keep-if-better: the trained values are kept only if the held-out KL, measured with the
     stored (rounded) values through the normal forward, went down; else the originals are
     restored. Both models are run in eval mode; their modes are restored afterwards.
 
-    Returns {"steps", "lr", "lr_relative", "batch_size", "seed", "train_norms",
+    Returns {"steps", "lr", "lr_relative", "schedule", "batch_size", "seed", "train_norms",
     "train_windows", "holdout_windows", "holdout_indices" (rows of calibration), "window",
     "trained_parameters", "quantized_layers",
     "norm_tensors", "holdout_kl_before", "holdout_kl_after" (of the trained values, even when
@@ -261,6 +275,8 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
             not 1 <= batch_size <= n - holdout:
         raise ValueError(f"batch_size must be an integer in [1, training windows = "
                          f"{n - holdout}], got {batch_size!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise ValueError("model: no QuantizedLinear layers to fine-tune (run physkern.quantize "
                          "first)")
@@ -279,6 +295,8 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
         before = mean_kl(model, teacher, held, batch_size)
         with differentiable_quantized(model, train_norms) as tr, torch.enable_grad():
             opt = torch.optim.Adam(tr.param_groups(float(lr)))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(schedule, t,
+                                                                                steps))
             n_params = sum(p.numel() for p in tr.parameters())
             order: list[int] = []
             bar = None
@@ -296,6 +314,7 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
                 curve.append(float(loss.detach()))
                 if bar is not None:
                     bar.update(1)
@@ -319,7 +338,8 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
     finally:
         model.train(modes[0])
         teacher.train(modes[1])
-    return {"steps": len(curve), "lr": float(lr), "lr_relative": True, "batch_size": batch_size,
+    return {"steps": len(curve), "lr": float(lr), "lr_relative": True, "schedule": schedule,
+            "batch_size": batch_size,
             "seed": seed, "train_norms": train_norms, "train_windows": int(train.shape[0]),
             "holdout_windows": holdout, "holdout_indices": perm[n - holdout:].tolist(),
             "window": int(calibration.shape[1]),

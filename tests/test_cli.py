@@ -56,6 +56,71 @@ def test_quantize_then_ppl(saved_tiny, capsys):
     assert rc == 0
 
 
+def _recipes(path):
+    cb = {"method": "codebook", "k": 16, "block_dim": 4, "scope": "layer", "iters": 3}
+    path.write_text(json.dumps([
+        {"name": "mixed_ft", "config": {**cb, "overrides": {
+            "*.mlp.*": {"method": "rtn", "bits": 4, "group_size": 16}}},
+         "finetune": {"steps": 3, "lr": 1e-3, "windows": 6, "schedule": "cosine"}},
+        {"name": "plain", "config": cb},
+        {"name": "with_lattice", "config": cb, "lattice": {"xi": 8}},
+        {"name": "fp", "config": None}]))
+    return str(path)
+
+
+def _quantize(saved_tiny, out, *extra):
+    return main(["quantize", "--model", str(saved_tiny / "model"), "--corpus",
+                 str(saved_tiny / "corpus.txt"), "--calib-windows", "4", "--calib-window", "64",
+                 "--out", str(out), *extra])
+
+
+def test_quantize_recipe_with_finetuning(saved_tiny, capsys):
+    from physkern.layers import QuantizedLinear
+    from physkern.quant.accounting import bits_report
+    from physkern.serialization import load_quantized
+    recipes = _recipes(saved_tiny / "recipes.json")
+    assert _quantize(saved_tiny, saved_tiny / "ft", "--recipe", f"{recipes}:mixed_ft") == 0
+    assert "fine-tuning (3 steps" in capsys.readouterr().out
+    meta = json.loads((saved_tiny / "ft" / "physkern.json").read_text())
+    assert meta["recipe"]["overrides"]["*.mlp.*"]["method"] == "rtn"
+    ft = meta["finetune"]
+    assert ft["spec"]["windows"] == 6 and ft["schedule"] == "cosine"
+    assert ft["train_windows"] == 4 and ft["holdout_windows"] == 2 and ft["steps"] == 3
+    # the same recipe without fine-tuning: same indices and bits, other codebooks (if kept)
+    assert _quantize(saved_tiny, saved_tiny / "noft", "--recipe", f"{recipes}:mixed_ft",
+                     "--finetune-steps", "0") == 0
+    assert json.loads((saved_tiny / "noft" / "physkern.json").read_text())["finetune"] is None
+    tuned, _ = load_quantized(saved_tiny / "ft")
+    plain, _ = load_quantized(saved_tiny / "noft")
+    assert bits_report(tuned).to_dict() == bits_report(plain).to_dict()
+    pairs = [(a, b) for a, b in zip(tuned.modules(), plain.modules())
+             if isinstance(a, QuantizedLinear)]
+    assert pairs and all(torch.equal(a.packed, b.packed) for a, b in pairs)
+    changed = any(not torch.equal(a.codebooks, b.codebooks) for a, b in pairs)
+    assert changed == ft["kept"]
+
+
+@pytest.mark.parametrize("recipe,msg", [
+    ("RECIPES", "--recipe must be FILE:NAME"),
+    ("RECIPES:nope", "no recipe 'nope' in .*; valid: mixed_ft, plain, with_lattice, fp"),
+    ("RECIPES:with_lattice", "this recipe has lattice"),
+    ("RECIPES:fp", "this recipe has no config"),
+    ("/no/such.json:plain", "is not a file"),
+    ("RECIPES:plain --finetune-lr 0.01", "--finetune-lr needs --finetune-steps N"),
+    ("RECIPES:plain --finetune-steps -2", r"--finetune\.steps must be an integer >= 1"),
+    ("RECIPES:plain --finetune-steps 2 --finetune-windows 2",
+     r"--finetune\.windows must be null .* > holdout = 2"),
+    ("RECIPES:plain --finetune-steps 2 --finetune-windows 100000", "holds only"),
+])
+def test_quantize_bad_recipe(saved_tiny, capsys, recipe, msg):
+    import re
+    recipes = _recipes(saved_tiny / "bad_recipes.json")
+    rc = _quantize(saved_tiny, saved_tiny / "bad", "--recipe",
+                   *recipe.replace("RECIPES", recipes).split())
+    assert rc == 2 and re.search(msg, capsys.readouterr().err)
+    assert not (saved_tiny / "bad").exists()
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--window", "100000"], "exceeds the model context"),
     (["--stride", "0"], "stride must be positive"),

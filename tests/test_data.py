@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from physkern.data import (Corpus, calibration_windows, evaluation_tokens, load_corpus,
+from physkern.data import (Corpus, calibration_tiles, calibration_tokens,
+                           calibration_windows, evaluation_tokens, load_corpus,
                            split_calibration_evaluation, split_documents)
 
 WIKI = """<doc id="1" url="https://en.wikipedia.org/wiki?curid=1" title="Alpha">
@@ -87,3 +88,33 @@ def test_tokens_and_windows_disjoint(tmp_path, monkeypatch):
     eval_only = set(tok(corpus.evaluation_text)["input_ids"]) - calib_ids
     assert eval_only and not (set(wins.flatten().tolist()) & eval_only)
     assert torch.equal(wins, calibration_windows(tok, corpus, n_windows=8, window=64, seed=3))
+
+
+def test_calibration_tiles_do_not_overlap(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHYSKERN_CACHE", str(tmp_path / "cache"))
+    # random letters: no two 64-token tiles are equal, so a window names its tile
+    gen = torch.Generator().manual_seed(0)
+    calib_docs = ["".join(chr(65 + int(c)) for c in torch.randint(0, 26, (300,), generator=gen))
+                  for _ in range(3)]
+    corpus = Corpus("t", "test", calib_docs, ["e" * 300])
+    tok = CharTokenizer()
+    ids = calibration_tokens(tok, corpus)
+    w = 64
+    tiles = calibration_tiles(tok, corpus, n_windows=5, window=w, seed=1)
+    assert tiles.shape == (5, w)
+    # every window is one of the consecutive tiles, and no tile is used twice
+    starts = []
+    for row in tiles:
+        hits = [t for t in range(ids.numel() // w) if torch.equal(ids[t * w:(t + 1) * w], row)]
+        assert len(hits) == 1
+        starts.append(hits[0])
+    assert len(set(starts)) == 5
+    assert torch.equal(tiles, calibration_tiles(tok, corpus, n_windows=5, window=w, seed=1))
+    assert not torch.equal(tiles, calibration_tiles(tok, corpus, n_windows=5, window=w, seed=2))
+    n_tiles = ids.numel() // w
+    assert calibration_tiles(tok, corpus, n_windows=n_tiles, window=w).shape == (n_tiles, w)
+    with pytest.raises(ValueError, match=f"holds only {n_tiles}"):
+        calibration_tiles(tok, corpus, n_windows=n_tiles + 1, window=w)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="n_windows and window must be positive integers"):
+            calibration_tiles(tok, corpus, n_windows=bad, window=w)

@@ -168,7 +168,10 @@ def test_bad_inputs(tiny_gpt2):
     ({"train_norms": 1}, r"finetune\.train_norms must be true or false"),
     ({"holdout": 0}, r"finetune\.holdout must be an integer >= 1"),
     ({"epochs": 3}, r"unknown keys \['epochs'\]; valid: steps, lr, train_norms, batch_size, "
-                    r"holdout"),
+                    r"holdout, schedule, windows"),
+    ({"schedule": "linear"}, r"finetune\.schedule must be one of constant, cosine"),
+    ({"windows": 2}, r"finetune\.windows must be null .* > holdout = 2, got 2"),
+    ({"windows": 8.0}, r"finetune\.windows must be"),
     (100, "finetune: must be an object")])
 def test_finetune_spec_rejected(bad, match):
     from physkern.sweeps.quant import parse_finetune
@@ -186,7 +189,7 @@ def test_finetune_recipes_load(tmp_path):
                               "finetune": {"steps": 5, "lr": 1e-3}}]))
     r = load_recipes(str(p))[0]
     assert r["finetune"] == {"steps": 5, "lr": 1e-3, "train_norms": True, "batch_size": 1,
-                             "holdout": 2}
+                             "holdout": 2, "schedule": "constant", "windows": None}
     assert r["label"] == "rtn+finetune"
 
 
@@ -198,7 +201,8 @@ def test_sweep_finetune_point_bits_and_resume(tiny_setup, capsys):  # noqa: F811
     pts, payload, out = _sweep(root, root / "model", recipes, "finetune", capsys)
     ft = pts["rtn_ft"]
     assert ft["finetune"]["spec"] == {"steps": 8, "lr": 3e-3, "train_norms": True,
-                                      "batch_size": 1, "holdout": 2}
+                                      "batch_size": 1, "holdout": 2, "schedule": "constant",
+                                      "windows": None}
     assert ft["finetune"]["steps"] == 8 and len(ft["finetune"]["loss_curve"]) == 8
     assert ft["finetune"]["kept"] is True
     assert ft["finetune"]["holdout_kl_after"] < ft["finetune"]["holdout_kl_before"]
@@ -215,3 +219,51 @@ def test_sweep_finetune_point_bits_and_resume(tiny_setup, capsys):  # noqa: F811
     assert out2.count("skipped") == 1
     assert [p["finetune"]["spec"]["steps"] for p in payload2["points"]
             if p["recipe"] == "rtn_ft"] == [8, 6]
+    # points written before "schedule" / "windows" existed ran with their defaults: still the
+    # same points on resume; a recipe fine-tuning on non-overlapping tiles with a cosine lr is
+    # a new one
+    path = root / "out" / "finetune.json"
+    old = json.loads(path.read_text())
+    for p in old["points"]:
+        if p["finetune"] is not None:
+            for key in ("schedule", "windows"):
+                del p["finetune"]["spec"][key]
+    path.write_text(json.dumps(old))
+    recipes.append({"name": "rtn_ft_tiles", "config": rtn,
+                    "finetune": {"steps": 4, "lr": 3e-3, "windows": 10, "schedule": "cosine"}})
+    pts3, _, out3 = _sweep(root, root / "model", recipes, "finetune", capsys)
+    assert out3.count("skipped") == 2
+    tiles = pts3["rtn_ft_tiles"]["finetune"]
+    assert tiles["schedule"] == "cosine" and tiles["spec"]["windows"] == 10
+    assert tiles["train_windows"] == 8 and tiles["holdout_windows"] == 2
+    assert "10 non-overlapping 32-token tiles" in tiles["windows_source"]
+    assert pts3["rtn_ft_tiles"]["calibration"]["windows"] == 4  # the quantizer's calibration
+
+
+def test_cosine_schedule_reaches_the_optimizer(tiny_llama, monkeypatch):
+    """The lr Adam actually uses at step t is lr_group x (1 + cos(pi t / steps)) / 2."""
+    import math
+    student = copy.deepcopy(tiny_llama)
+    quantize(student, COARSE, progress=False)
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *a, **kw):
+        g = self.param_groups[0]
+        seen.append(g["lr"] / g["initial_lr"])
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    steps = 6
+    rep = finetune_quantized(student, tiny_llama, CALIB, steps=steps, lr=1e-3,
+                             schedule="cosine", progress=False)
+    assert rep["schedule"] == "cosine" and len(seen) == steps
+    want = [(1 + math.cos(math.pi * t / steps)) / 2 for t in range(steps)]
+    assert seen == pytest.approx(want, rel=1e-12)
+    seen.clear()
+    finetune_quantized(copy.deepcopy(student), tiny_llama, CALIB, steps=3, lr=1e-3,
+                       progress=False)
+    assert seen == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="schedule must be one of constant, cosine"):
+        finetune_quantized(student, tiny_llama, CALIB, steps=1, schedule="warmup",
+                           progress=False)

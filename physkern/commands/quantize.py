@@ -33,10 +33,67 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--layers", nargs="*", default=None,
                    help="glob patterns of layer names to quantize (default: all decoder linears)")
+    g.add_argument("--recipe", default=None, metavar="FILE:NAME",
+                   help="take the quantization config (per-layer overrides included) and its "
+                        "fine-tuning from recipe NAME of a `physkern sweep quant` recipes file "
+                        "(e.g. bench/recipes/codebook_push.json:cb_mixed3_layer_ef_ft150); the "
+                        "recipe flags above are then not used, --seed is")
     g.add_argument("--calib-windows", type=int, default=DEFAULT_CALIB_WINDOWS,
                    help=f"calibration windows (default {DEFAULT_CALIB_WINDOWS})")
     g.add_argument("--calib-window", type=int, default=DEFAULT_CALIB_WINDOW,
                    help=f"tokens per calibration window (default {DEFAULT_CALIB_WINDOW})")
+
+
+def add_finetune_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuning (codebooks, scales and norms vs the full-precision "
+                             "model; indices and bits unchanged)")
+    g.add_argument("--finetune-steps", type=int, default=None,
+                   help="Adam steps of end-to-end fine-tuning; 0 turns it off (default: the "
+                        "--recipe's own fine-tuning, else none)")
+    g.add_argument("--finetune-lr", type=float, default=None,
+                   help="relative learning rate (default 1e-3, or the --recipe's; "
+                        "physkern.finetune)")
+    g.add_argument("--finetune-schedule", choices=["constant", "cosine"], default=None,
+                   help="learning-rate schedule (default constant, or the --recipe's)")
+    g.add_argument("--finetune-windows", type=int, default=None,
+                   help="fine-tune on this many non-overlapping calibration windows (default: "
+                        "the quantizer's calibration windows)")
+
+
+def recipe_from_args(args: argparse.Namespace) -> tuple:
+    """(quantization config, validated fine-tuning spec or None) from --recipe or the flags."""
+    from ..sweeps.quant import load_recipes, parse_finetune, with_seed
+    finetune = None
+    if args.recipe is not None:
+        path, sep, name = args.recipe.rpartition(":")
+        if not sep or not path or not name:
+            raise ValueError(f"--recipe must be FILE:NAME, got {args.recipe!r}")
+        recipes = {r["name"]: r for r in load_recipes(path)}
+        if name not in recipes:
+            raise ValueError(f"--recipe: no recipe {name!r} in {path}; valid: "
+                             f"{', '.join(recipes)}")
+        r = recipes[name]
+        extra = [k for k in ("smooth", "prune", "lattice") if r[k] is not None]
+        if r["config"] is None or extra:
+            raise ValueError(f"--recipe {name!r}: `physkern quantize` runs a quantization config "
+                             f"with optional fine-tuning; this recipe has "
+                             f"{'no config' if r['config'] is None else ', '.join(extra)} "
+                             "(run it with `physkern sweep quant`)")
+        config, finetune = with_seed(r["config"], args.seed), r["finetune"]
+    else:
+        config = config_from_args(args)
+    given = {k: v for k, v in (("steps", args.finetune_steps), ("lr", args.finetune_lr),
+                               ("schedule", args.finetune_schedule),
+                               ("windows", args.finetune_windows)) if v is not None}
+    if given.get("steps") == 0:
+        return config, None
+    if finetune is None and given and "steps" not in given:
+        raise ValueError(f"--finetune-{sorted(given)[0]} needs --finetune-steps N (no --recipe "
+                         "fine-tuning to adjust)")
+    if given:  # flags override the recipe's own spec key by key; the rest are the defaults
+        base = {"lr": 1e-3} if finetune is None else finetune
+        finetune = parse_finetune({**base, **given}, "--finetune")
+    return config, finetune
 
 
 def config_from_args(args: argparse.Namespace):
@@ -72,27 +129,48 @@ def register(sub) -> None:
                                    "--corpus (never the evaluation half).")
     add_model_corpus_args(p)
     add_recipe_args(p)
+    add_finetune_args(p)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import copy
+
     from ..api import quantize
-    from ..data import load_corpus
+    from ..data import calibration_tiles, calibration_windows, load_corpus
+    from ..finetune import finetune_quantized
     from ..models import load_model
     from ..serialization import save_quantized
-    config = config_from_args(args)
+    config, ft = recipe_from_args(args)
     model, tok = load_model(args.model, device=args.device)
     corpus = load_corpus(args.corpus)
     calib = calibration_for(config, tok, corpus, args)
+    teacher, windows, tuned = None, None, None
+    if ft is not None:  # windows drawn first: a bad count fails before the long work
+        if ft["windows"] is not None:
+            windows = calibration_tiles(tok, corpus, ft["windows"], args.calib_window, args.seed)
+        else:
+            windows = calib if calib is not None else calibration_windows(
+                tok, corpus, args.calib_windows, args.calib_window, args.seed)
+        teacher = copy.deepcopy(model)  # the full-precision model as loaded
     report = quantize(model, config, calibration=calib)
+    if ft is not None:
+        tuned = {"spec": ft, **finetune_quantized(
+            model, teacher, windows, steps=ft["steps"], lr=ft["lr"], batch_size=ft["batch_size"],
+            seed=args.seed, holdout=ft["holdout"], train_norms=ft["train_norms"],
+            schedule=ft["schedule"])}
+        del teacher
     save_quantized(model, args.out, tokenizer=tok,
                    extra={"recipe": config.to_dict(), "calibration": {
                        "corpus": corpus.describe(), "windows": args.calib_windows,
                        "window": args.calib_window, "seed": args.seed} if calib is not None else None,
-                       "report": report.to_dict()})
+                       "finetune": tuned, "report": report.to_dict()})
     print(report.table())
-    print(f"\nquantized layers: {report.quantized_bits_per_weight:.3f} bits/weight; whole model "
-          f"{report.model_bits_per_weight:.3f} bits/parameter; {report.total_bytes / 2**20:.2f} MiB;"
+    if tuned is not None:
+        print(f"\nfine-tuning ({tuned['steps']} steps, {tuned['seconds']:.0f} s): {tuned['note']}")
+    bits = report.quantized_bits_per_weight, report.model_bits_per_weight
+    print(f"\nquantized layers: {bits[0]:.3f} bits/weight; whole model "
+          f"{bits[1]:.3f} bits/parameter; {report.total_bytes / 2**20:.2f} MiB;"
           f" {report.seconds:.0f} s\nsaved to {args.out}")
     return 0

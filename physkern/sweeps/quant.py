@@ -43,13 +43,18 @@ order on a freshly loaded model:
   3. "finetune": {"steps": int >= 1 (default 100), "lr": number > 0 (default 1e-4, RELATIVE: each
                   tensor moves by about lr x its mean |value| per Adam step),
                   "train_norms": bool (default true), "batch_size": int >= 1 (default 1),
-                  "holdout": int >= 1 (default 2)}  (needs "config")
+                  "holdout": int >= 1 (default 2), "schedule": "constant" | "cosine" (default
+                  "constant"), "windows": int >= 2 or null (default null)}  (needs "config")
      physkern.finetune.finetune_quantized: the codebooks, scales and offsets of every quantized
      layer (and the float32 norm weights/biases with train_norms) are trained with Adam on the
      token-averaged KL(teacher || student), the teacher being the full-precision model as loaded
      (a copy taken before steps 0-2). Packed indices and storage dtypes never change, so the
-     bits are those of step 2. Windows: the point's calibration windows (calibration half, drawn
-     with the point's seed), shuffled with the seed; the last `holdout` are held out and the
+     bits are those of step 2. Windows: with "windows": null the point's calibration windows
+     (calibration half, random offsets drawn with the point's seed, which may overlap); with
+     "windows": n, n NON-overlapping 1024-token tiles of the calibration half picked with the
+     seed (physkern.data.calibration_tiles), so held-out and training windows share no text
+     and more text than the quantizer's calibration can be used. They are shuffled with the
+     seed; the last `holdout` are held out and the
      trained values are kept only if their KL went down (else the quantized values are
      restored; the point's "finetune" says which, with the KL before/after and the loss curve).
   4. "lattice": {"xi": number > 0 or "inf", "eps": number in (0, 1) or null (default null =
@@ -118,7 +123,8 @@ PRUNE_RULES = ("seeds", "opposite", "uniform")  # physkern.prune.RULES (checked 
 PRUNE_AMOUNTS = ("removed_fraction", "relative_rank")
 LATTICE_KEYS = ("xi", "eps")
 FINETUNE_DEFAULTS = {"steps": 100, "lr": 1e-4, "train_norms": True, "batch_size": 1,
-                     "holdout": 2}  # physkern.finetune.finetune_quantized's defaults
+                     "holdout": 2, "schedule": "constant", "windows": None}
+# (physkern.finetune.finetune_quantized's defaults; windows None = the point's calibration)
 
 
 def _number(v) -> bool:
@@ -193,13 +199,13 @@ def parse_lattice(spec, where: str = "lattice") -> dict | None:
 
 def parse_finetune(spec, where: str = "finetune") -> dict | None:
     """Validate a recipe's "finetune" object; returns {"steps", "lr", "train_norms",
-    "batch_size", "holdout"} with the defaults filled in (so resume keys are canonical), or
-    None."""
+    "batch_size", "holdout", "schedule", "windows"} with the defaults filled in (so resume keys
+    are canonical), or None."""
     if spec is None:
         return None
     if not isinstance(spec, dict):
-        raise ValueError(f"{where}: must be an object {{steps, lr, train_norms, batch_size, "
-                         f"holdout}} or null, got {spec!r}")
+        raise ValueError(f"{where}: must be an object {{{', '.join(FINETUNE_DEFAULTS)}}} or "
+                         f"null, got {spec!r}")
     unknown = set(spec) - set(FINETUNE_DEFAULTS)
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: "
@@ -213,6 +219,15 @@ def parse_finetune(spec, where: str = "finetune") -> dict | None:
     if not (_number(lr) and 0 < lr < math.inf):
         raise ValueError(f"{where}.lr must be a finite number > 0 (relative Adam step), "
                          f"got {lr!r}")
+    from ..finetune import SCHEDULES
+    if out["schedule"] not in SCHEDULES:
+        raise ValueError(f"{where}.schedule must be one of {', '.join(SCHEDULES)}, got "
+                         f"{out['schedule']!r}")
+    w = out["windows"]
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or
+                          w <= out["holdout"]):
+        raise ValueError(f"{where}.windows must be null (the point's calibration windows) or an "
+                         f"integer > holdout = {out['holdout']}, got {w!r}")
     if not isinstance(out["train_norms"], bool):
         raise ValueError(f"{where}.train_norms must be true or false, got "
                          f"{out['train_norms']!r}")
@@ -319,9 +334,11 @@ def point_key(recipe: str, seed: int, config: dict | None, prune: dict | None,
 def _key_of(point: dict) -> tuple:
     # points written before smooth/prune/finetune/lattice existed lack the keys: None, as for
     # plain recipes
+    # points written before a fine-tuning key existed ran with its default
+    ft = (point.get("finetune") or {}).get("spec")
     return point_key(point["recipe"], point["seed"], point["config"],
                      (point.get("prune") or {}).get("spec"), point.get("lattice"),
-                     point.get("smooth"), (point.get("finetune") or {}).get("spec"))
+                     point.get("smooth"), None if ft is None else {**FINETUNE_DEFAULTS, **ft})
 
 
 def apply_prune(model, spec: dict) -> dict:
@@ -358,7 +375,7 @@ def apply_prune(model, spec: dict) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..api import quantize
     from ..attention import enable_lattice
-    from ..data import calibration_windows, evaluation_tokens, load_corpus
+    from ..data import calibration_tiles, calibration_windows, evaluation_tokens, load_corpus
     from ..eval import perplexity
     from ..finetune import finetune_quantized
     from ..models import decoder_linear_layers, load_model, resolve_model_name
@@ -449,10 +466,16 @@ def run(args: argparse.Namespace) -> int:
             tuned = None
             if r["finetune"] is not None:  # 3. codebooks/scales (and norms) vs the FP teacher
                 spec = r["finetune"]
-                tuned = {"spec": spec, **finetune_quantized(
-                    m, teacher, calib, steps=spec["steps"], lr=spec["lr"],
+                ft_windows, source = calib, "the point's calibration windows"
+                if spec["windows"] is not None:
+                    ft_windows = calibration_tiles(tokenizer, corpus, spec["windows"],
+                                                   calib_window, seed)
+                    source = (f"{spec['windows']} non-overlapping {calib_window}-token tiles of "
+                              "the calibration part, picked with the point's seed")
+                tuned = {"spec": spec, "windows_source": source, **finetune_quantized(
+                    m, teacher, ft_windows, steps=spec["steps"], lr=spec["lr"],
                     batch_size=spec["batch_size"], seed=seed, holdout=spec["holdout"],
-                    train_norms=spec["train_norms"])}
+                    train_norms=spec["train_norms"], schedule=spec["schedule"])}
                 del teacher
                 print(f"{r['name']} seed {seed}: finetune {tuned['note']} "
                       f"({tuned['seconds']:.0f} s)")
