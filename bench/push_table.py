@@ -34,7 +34,13 @@ def additions(p: dict) -> str:
     ft = p.get("finetune")
     if ft:
         rep = ft.get("report", ft)
-        out.append(f"end-to-end fine-tuning {rep['steps']} steps (held-out KL "
+        spec = ft.get("spec") or {}
+        how = ""
+        if spec.get("windows"):
+            how += f", {spec['windows']} non-overlapping windows"
+        if spec.get("schedule", "constant") != "constant":
+            how += f", {spec['schedule']} lr"
+        out.append(f"end-to-end fine-tuning {rep['steps']} steps{how} (held-out KL "
                    f"{rep['holdout_kl_before']:.3f} -> {rep['holdout_kl_after']:.3f}, "
                    f"{'kept' if rep['kept'] else 'not kept'})")
     return "; ".join(out) or "—"
