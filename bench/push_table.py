@@ -65,12 +65,16 @@ def table(points: list[dict]) -> str:
             "|---|---|---|---:|---:|---:|---:|---:|"]
     pts = sorted(points, key=lambda p: (p["bits"]["quantized_bits_per_weight"],
                                                     p["recipe"]))
+    n_points = {}
     for p in pts:
+        n_points[p["recipe"]] = n_points.get(p["recipe"], 0) + 1
+    for p in pts:
+        name = p["recipe"] + (f" (seed {p['seed']})" if n_points[p["recipe"]] > 1 else "")
         cfg = p.get("config")
         kd = "FP" if cfg is None else f"K{cfg['k']} d{cfg['block_dim']}"
         ft = p.get("finetune")
         ft_s = f"{ft.get('report', ft)['seconds']:.0f}" if ft else "—"
-        rows.append(f"| {p['recipe']} | {kd} | {additions(p)} | "
+        rows.append(f"| {name} | {kd} | {additions(p)} | "
                     f"{p['bits']['quantized_bits_per_weight']:.3f} | "
                     f"{p['bits']['model_bits_per_weight']:.3f} | {p['perplexity']:.2f} | "
                     f"{p.get('seconds_quantize', 0):.0f} | {ft_s} |")
