@@ -138,28 +138,27 @@ def run(args: argparse.Namespace) -> int:
     import copy
 
     from ..api import quantize
-    from ..data import calibration_tiles, calibration_windows, load_corpus
-    from ..finetune import finetune_quantized
+    from ..data import calibration_windows, load_corpus
     from ..models import load_model
     from ..serialization import save_quantized
+    from ..sweeps.quant import finetune_windows, run_finetune
     config, ft = recipe_from_args(args)
     model, tok = load_model(args.model, device=args.device)
     corpus = load_corpus(args.corpus)
     calib = calibration_for(config, tok, corpus, args)
     teacher, windows, tuned = None, None, None
     if ft is not None:  # windows drawn first: a bad count fails before the long work
-        if ft["windows"] is not None:
-            windows = calibration_tiles(tok, corpus, ft["windows"], args.calib_window, args.seed)
+        if calib is None and ft["windows"] is None:
+            calib_ft = calibration_windows(tok, corpus, args.calib_windows, args.calib_window,
+                                           args.seed)
         else:
-            windows = calib if calib is not None else calibration_windows(
-                tok, corpus, args.calib_windows, args.calib_window, args.seed)
+            calib_ft = calib
+        windows, source = finetune_windows(ft, tok, corpus, calib_ft, args.calib_window,
+                                           args.seed)
         teacher = copy.deepcopy(model)  # the full-precision model as loaded
     report = quantize(model, config, calibration=calib)
     if ft is not None:
-        tuned = {"spec": ft, **finetune_quantized(
-            model, teacher, windows, steps=ft["steps"], lr=ft["lr"], batch_size=ft["batch_size"],
-            seed=args.seed, holdout=ft["holdout"], train_norms=ft["train_norms"],
-            schedule=ft["schedule"])}
+        tuned = run_finetune(model, teacher, windows, ft, args.seed, source)
         del teacher
     save_quantized(model, args.out, tokenizer=tok,
                    extra={"recipe": config.to_dict(), "calibration": {

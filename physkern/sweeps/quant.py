@@ -51,7 +51,7 @@ order on a freshly loaded model:
      (a copy taken before steps 0-2). Packed indices and storage dtypes never change, so the
      bits are those of step 2. Windows: with "windows": null the point's calibration windows
      (calibration half, random offsets drawn with the point's seed, which may overlap); with
-     "windows": n, n NON-overlapping 1024-token tiles of the calibration half picked with the
+     "windows": n, n NON-overlapping --calib-window tiles of the calibration half picked with the
      seed (physkern.data.calibration_tiles), so held-out and training windows share no text
      and more text than the quantizer's calibration can be used. They are shuffled with the
      seed; the last `holdout` are held out and the
@@ -234,6 +234,29 @@ def parse_finetune(spec, where: str = "finetune") -> dict | None:
     return {**out, "lr": float(lr)}
 
 
+def finetune_windows(spec: dict, tokenizer, corpus, calib, window: int,
+                     seed: int) -> tuple:
+    """(windows [n, window] token ids, description) a validated fine-tuning spec trains on:
+    with spec["windows"] n, n non-overlapping tiles of the calibration text picked with the seed
+    (physkern.data.calibration_tiles); else `calib`, the quantizer's calibration windows."""
+    if spec["windows"] is None:
+        return calib, "the quantizer's calibration windows"
+    from ..data import calibration_tiles
+    return (calibration_tiles(tokenizer, corpus, spec["windows"], window, seed),
+            f"{spec['windows']} non-overlapping {window}-token tiles of the calibration part, "
+            f"picked with seed {seed}")
+
+
+def run_finetune(model, teacher, windows, spec: dict, seed: int, source: str) -> dict:
+    """physkern.finetune.finetune_quantized with a validated spec; returns its report with
+    "spec" and "windows_source" added."""
+    from ..finetune import finetune_quantized
+    return {"spec": spec, "windows_source": source, **finetune_quantized(
+        model, teacher, windows, steps=spec["steps"], lr=spec["lr"],
+        batch_size=spec["batch_size"], seed=seed, holdout=spec["holdout"],
+        train_norms=spec["train_norms"], schedule=spec["schedule"])}
+
+
 def default_label(cfg, prune: dict | None, lattice: dict | None,
                   smooth: dict | None = None, finetune: dict | None = None) -> str:
     """"FP" for a plain model, else the parts that apply joined by "+" (e.g. codebook+prune)."""
@@ -333,8 +356,7 @@ def point_key(recipe: str, seed: int, config: dict | None, prune: dict | None,
 
 def _key_of(point: dict) -> tuple:
     # points written before smooth/prune/finetune/lattice existed lack the keys: None, as for
-    # plain recipes
-    # points written before a fine-tuning key existed ran with its default
+    # plain recipes; those written before a fine-tuning key existed ran with its default
     ft = (point.get("finetune") or {}).get("spec")
     return point_key(point["recipe"], point["seed"], point["config"],
                      (point.get("prune") or {}).get("spec"), point.get("lattice"),
@@ -375,9 +397,8 @@ def apply_prune(model, spec: dict) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..api import quantize
     from ..attention import enable_lattice
-    from ..data import calibration_tiles, calibration_windows, evaluation_tokens, load_corpus
+    from ..data import calibration_windows, evaluation_tokens, load_corpus
     from ..eval import perplexity
-    from ..finetune import finetune_quantized
     from ..models import decoder_linear_layers, load_model, resolve_model_name
     from ..provenance import provenance, write_json
     from ..quant.accounting import bits_report
@@ -465,17 +486,9 @@ def run(args: argparse.Namespace) -> int:
             t_q = time.perf_counter() - t0
             tuned = None
             if r["finetune"] is not None:  # 3. codebooks/scales (and norms) vs the FP teacher
-                spec = r["finetune"]
-                ft_windows, source = calib, "the point's calibration windows"
-                if spec["windows"] is not None:
-                    ft_windows = calibration_tiles(tokenizer, corpus, spec["windows"],
+                windows, source = finetune_windows(r["finetune"], tokenizer, corpus, calib,
                                                    calib_window, seed)
-                    source = (f"{spec['windows']} non-overlapping {calib_window}-token tiles of "
-                              "the calibration part, picked with the point's seed")
-                tuned = {"spec": spec, "windows_source": source, **finetune_quantized(
-                    m, teacher, ft_windows, steps=spec["steps"], lr=spec["lr"],
-                    batch_size=spec["batch_size"], seed=seed, holdout=spec["holdout"],
-                    train_norms=spec["train_norms"], schedule=spec["schedule"])}
+                tuned = run_finetune(m, teacher, windows, r["finetune"], seed, source)
                 del teacher
                 print(f"{r['name']} seed {seed}: finetune {tuned['note']} "
                       f"({tuned['seconds']:.0f} s)")
