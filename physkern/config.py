@@ -8,6 +8,7 @@ construction, so bad values fail before any work starts.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Sequence, Union
 
@@ -21,6 +22,58 @@ def _check_int(name: str, value, lo: int, hi: Optional[int] = None) -> None:
             (hi is not None and value > hi):
         rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be an integer in {rng}, got {value!r}")
+
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
+
+
+def _check_float(name: str, value, lo: float, hi: Optional[float] = None,
+                 lo_open: bool = True, hi_open: bool = True) -> None:
+    """A finite real number in the interval; bools and NaN/Inf are rejected."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value) and (value > lo if lo_open else value >= lo) and \
+        (hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}" \
+              f"{')' if hi_open or hi is None else ']'}"
+        raise ValueError(f"{name} must be a finite number in {rng}, got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false (a bool), got {value!r}")
+
+
+def _check_selection(cfg) -> None:
+    """Normalise and validate `layers` (one glob string or a list of them) and `overrides`
+    (dict of glob pattern -> config object). A single string is ONE pattern, never iterated
+    per character."""
+    layers = cfg.layers
+    if isinstance(layers, str):
+        layers = [layers]
+    if layers is not None:
+        if not isinstance(layers, (list, tuple)) or not layers or \
+                not all(isinstance(p, str) and p for p in layers):
+            raise ValueError(f"layers must be None (every decoder linear layer), a glob pattern "
+                             f"string or a non-empty list of non-empty pattern strings, got "
+                             f"{cfg.layers!r}")
+        layers = list(layers)
+    cfg.layers = layers
+    overrides = cfg.overrides
+    if overrides is None:
+        overrides = {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"overrides must be a dict of glob pattern -> config, got "
+                         f"{type(overrides).__name__} {overrides!r}")
+    for pattern, sub in overrides.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"overrides: keys must be non-empty glob pattern strings, got "
+                             f"{pattern!r}")
+        if not isinstance(sub, (CodebookConfig, ScalarConfig, GPTQConfig)):
+            raise ValueError(f"overrides[{pattern!r}] must be a CodebookConfig, ScalarConfig or "
+                             f"GPTQConfig (in a recipe JSON: an object with a 'method'), got "
+                             f"{type(sub).__name__}")
+    cfg.overrides = overrides
 
 
 @dataclass
@@ -91,6 +144,7 @@ class CodebookConfig(_Selectable):
     method = "codebook"
 
     def __post_init__(self):
+        _check_selection(self)
         _check_int("k", self.k, 1, 65536)
         if self.block_dim not in VALID_BLOCK_DIMS:
             raise ValueError(f"block_dim must be one of {VALID_BLOCK_DIMS}, got {self.block_dim!r}")
@@ -119,8 +173,11 @@ class CodebookConfig(_Selectable):
                              f"{self.codebook_dtype!r}")
         if self.error_feedback and not self.calibrate:
             raise ValueError("error_feedback=True needs calibrate=True (it uses the Hessian X^T X)")
-        if not 0 < self.percdamp < 1:
-            raise ValueError(f"percdamp must be in (0, 1), got {self.percdamp}")
+        _check_float("percdamp", self.percdamp, 0, 1)
+        _check_float("tol", self.tol, 0)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_bool("calibrate", self.calibrate)
+        _check_bool("error_feedback", self.error_feedback)
         _check_int("refine_steps", self.refine_steps, 0)
         if self.refine_steps and not self.error_feedback:
             raise ValueError("refine_steps needs error_feedback=True (it uses X^T X)")
@@ -159,9 +216,12 @@ class ScalarConfig(_Selectable):
     needs_hessian = False
 
     def __post_init__(self):
+        _check_selection(self)
         _check_int("bits", self.bits, 2, 8)
         if self.group_size is not None:
             _check_int("group_size", self.group_size, 1)
+        _check_bool("symmetric", self.symmetric)
+        _check_bool("per_tensor", self.per_tensor)
         if self.per_tensor and self.group_size is not None:
             raise ValueError("per_tensor=True and group_size are exclusive")
 
@@ -186,11 +246,13 @@ class GPTQConfig(_Selectable):
     needs_hessian = True
 
     def __post_init__(self):
+        _check_selection(self)
         _check_int("bits", self.bits, 2, 8)
         if self.group_size is not None:
             _check_int("group_size", self.group_size, 1)
-        if not 0 < self.percdamp < 1:
-            raise ValueError(f"percdamp must be in (0, 1), got {self.percdamp}")
+        _check_bool("symmetric", self.symmetric)
+        _check_bool("act_order", self.act_order)
+        _check_float("percdamp", self.percdamp, 0, 1)
         _check_int("blocksize", self.blocksize, 1)
 
 
@@ -200,11 +262,16 @@ CONFIG_CLASSES = {c.method: c for c in (CodebookConfig, ScalarConfig, GPTQConfig
 
 def config_from_dict(d: dict) -> AnyConfig:
     """Inverse of `to_dict` (used by recipe files and saved models)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config must be an object with a 'method' key, got {d!r}")
     d = dict(d)
     method = d.pop("method", None)
     if method not in CONFIG_CLASSES:
         raise ValueError(f"method must be one of {sorted(CONFIG_CLASSES)}, got {method!r}")
     if d.get("overrides"):
+        if not isinstance(d["overrides"], dict):
+            raise ValueError(f"overrides must be an object of glob pattern -> config, got "
+                             f"{d['overrides']!r}")
         d["overrides"] = {k: config_from_dict(v) for k, v in d["overrides"].items()}
     cls = CONFIG_CLASSES[method]
     known = {f.name for f in fields(cls)}
