@@ -1,8 +1,8 @@
 """Peer quantizers on the same model, text and protocol as `physkern sweep quant`: HQQ and
 torchao weight-only int8 / int4, with their TRUE stored bits. Not a test dependency.
 
-    .venv/bin/pip install hqq -c constraints.txt                       # optional extra
-    .venv/bin/pip install --no-deps --target /tmp/physkern_peers torchao   # kept out of .venv:
+    .venv/bin/pip install -c requirements.lock hqq        # optional (extra "peers"), locked version
+    .venv/bin/pip install -c requirements.lock --no-deps --target /tmp/physkern_peers torchao   # kept out of .venv:
         # once installed, transformers imports torchao on every model load (slow, noisy)
     PHYSKERN_PEERS_PATH=/tmp/physkern_peers .venv/bin/python bench/bench_peers.py [--tokens N]
 
