@@ -102,6 +102,13 @@ def _errors(w: torch.Tensor, q: torch.Tensor, m2, gram):
 def _quantize_one(model, layer: LinearLayer, cfg, m2=None, gram=None) -> LayerReport:
     t0 = time.perf_counter()
     w = layer.weight().detach().float()
+    if not torch.isfinite(w).all():  # one message for every method, naming the layer
+        raise ValueError(f"layer {layer.name}: weight has {int(w.isnan().sum())} NaN and "
+                         f"{int(w.isinf().sum())} Inf values; cannot quantize it")
+    for what, stat in (("E[x^2]", m2), ("X^T X", gram)):
+        if stat is not None and not torch.isfinite(stat).all():
+            raise ValueError(f"layer {layer.name}: the {what} statistics of its calibration "
+                             "inputs have NaN or Inf values (non-finite activations)")
     qw = quantize_weight(w, cfg, m2, gram)
     qlayer = QuantizedLinear(qw.to(w.device), layer.bias, layer.kind, recipe=cfg.to_dict())
     rel_w, rel_o, basis = _errors(w.cpu(), qw.dequantize().cpu(), m2, gram)
@@ -149,12 +156,30 @@ def quantize(model: nn.Module, config: AnyConfig, calibration: Optional[torch.Te
         if calibration.dim() != 2 or calibration.dtype != torch.long:
             raise ValueError(f"calibration must be a [n_windows, seq] int64 tensor, got "
                              f"{calibration.dtype} {tuple(calibration.shape)}")
+        _check_calibration_length(model, calibration)
         reports = _quantize_sequential(model, chosen, calibration, bar)
         n_calib = calibration.numel()
     bar.close()
     rep = bits_report(model)
     return QuantizationReport(reports, rep.quantized_bits_per_weight, rep.model_bits_per_weight,
                               rep.total_bytes, time.perf_counter() - t0, n_calib)
+
+
+def _check_calibration_length(model: nn.Module, calibration: torch.Tensor) -> None:
+    """Windows must be non-empty and no longer than the model's context (GPT-2 would index past
+    its position table; RoPE models would silently run beyond their trained length)."""
+    from .models import model_context_length
+    n, seq = calibration.shape
+    if n < 1 or seq < 1:
+        raise ValueError(f"calibration: needs at least one window of at least one token, got "
+                         f"shape {tuple(calibration.shape)}")
+    try:
+        ctx = model_context_length(model)
+    except ValueError:
+        return  # the config does not say; nothing to check against
+    if seq > ctx:
+        raise ValueError(f"calibration: windows of {seq} tokens exceed the model context "
+                         f"({ctx} tokens); use windows of at most {ctx} tokens")
 
 
 def _quantize_sequential(model, chosen, calibration, bar) -> list[LayerReport]:

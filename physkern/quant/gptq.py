@@ -72,6 +72,12 @@ def _prepare(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor,
     n = weight.shape[1]
     if tuple(hessian.shape) != (n, n):
         raise ValueError(f"hessian must be [in, in] = [{n}, {n}], got {tuple(hessian.shape)}")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"weight has {int(weight.isnan().sum())} NaN and "
+                         f"{int(weight.isinf().sum())} Inf values; cannot quantize")
+    if not torch.isfinite(hessian).all():
+        raise ValueError("hessian (X^T X of the calibration inputs) has NaN or Inf values: the "
+                         "layer's calibration activations are not finite")
     w = weight.detach().to(torch.float32).clone()
     h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()
     dead = torch.diag(h) == 0

@@ -84,6 +84,9 @@ def scalar_grid_params(w_group: torch.Tensor, bits: int,
     if w_group.dim() != 2:
         raise ValueError(f"w_group must be [rows, cols], got shape {tuple(w_group.shape)}")
     w = w_group.float()
+    if not torch.isfinite(w).all():
+        raise ValueError(f"weight has {int(w.isnan().sum())} NaN and {int(w.isinf().sum())} Inf "
+                         "values; cannot quantize")
     maxq = (1 << bits) - 1
     if symmetric:
         absmax = w.abs().amax(dim=1)
