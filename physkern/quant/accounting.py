@@ -47,6 +47,12 @@ def _is_compressed(m: nn.Module) -> bool:
     return hasattr(m, "weight_numel") and hasattr(m, "storage_bits")
 
 
+def _is_quantized_linear(m: nn.Module) -> bool:
+    """A QuantizedLinear, recognised by what it stores (physkern.layers imports this module, so
+    this module does not import physkern.layers back)."""
+    return callable(getattr(m, "quantized_weight", None)) and hasattr(m, "packed")
+
+
 @dataclass
 class BitsReport:
     quantized_bits_per_weight: float
@@ -83,11 +89,10 @@ class BitsReport:
 
 def bits_report(model: nn.Module) -> BitsReport:
     """True bits of `model` as it would be saved (see module docstring)."""
-    from ..layers import QuantizedLinear
     layers, q_weights, q_bits = {}, 0, 0
     compressed_prefixes = []
     for name, m in model.named_modules():
-        if isinstance(m, QuantizedLinear):
+        if _is_quantized_linear(m):
             info = {**layer_bits(m), "kind": "quantized"}
         elif _is_compressed(m):
             parts = m.storage_bits()
