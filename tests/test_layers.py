@@ -106,8 +106,11 @@ def test_save_load_round_trip_bit_identical(fixture, request, tmp_path):
         header = int.from_bytes(f.read(8), "little")
     disk = os.path.getsize(out / "model.safetensors") - 8 - header
     assert abs(disk - bits_report(model).total_bytes) / disk < 0.01
-    # saving again over a physkern model replaces it atomically
-    save_quantized(model, out)
+    # saving again over a physkern model needs overwrite=True and replaces it atomically
+    with pytest.raises(ValueError, match="overwrite"):
+        save_quantized(model, out)
+    save_quantized(model, out, overwrite=True)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
