@@ -123,7 +123,7 @@ def test_quantize_bad_recipe(saved_tiny, capsys, recipe, msg):
 
 @pytest.mark.parametrize("argv,msg", [
     (["--window", "100000"], "exceeds the model context"),
-    (["--stride", "0"], "stride must be positive"),
+    (["--stride", "0"], "argument --stride: must be an integer >= 1"),
     (["--tokens", "100000000"], "has only"),
 ])
 def test_ppl_bad_arguments(saved_tiny, capsys, argv, msg):

@@ -3,8 +3,77 @@ from __future__ import annotations
 
 import argparse
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 DEFAULT_WINDOW = 1024
 DEFAULT_EVAL_TOKENS = 16384  # 16 windows of 1024: 16,368 scored tokens, the issues' protocol
+
+
+def int_in(lo: int, hi: int | None = None, note: str = ""):
+    """argparse type: an integer in [lo, hi]; the error names the range (argparse adds the
+    argument's name)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo or (hi is not None and value > hi):
+            rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be an integer {rng}{note}, got {text!r}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def seed_arg(text: str) -> int:
+    """argparse type for --seed: an integer in [0, 2**63 - 1]."""
+    return int_in(0, MAX_SEED)(text)
+
+
+def check_device_arg(args: argparse.Namespace) -> None:
+    """Validate `args.device` (when the command has one) before any work: a torch device string
+    of a backend available here. Raises ValueError naming --device."""
+    device = getattr(args, "device", None)
+    if device is None:
+        return
+    check_device(device)
+
+
+def check_device(device: str) -> str:
+    """A torch device string that can be used on this machine, or ValueError naming device."""
+    import torch
+    allowed = "cpu, cuda, cuda:N or mps"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: {device!r} is not a torch device; use {allowed}") from None
+    if dev.type == "cpu":
+        return device
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device} is not available here "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device: {device} does not exist here ({n} CUDA device(s): "
+                             f"cuda:0..cuda:{n - 1})")
+        return device
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"device: {device} is not available here "
+                             "(torch.backends.mps.is_available() is False); use --device cpu")
+        return device
+    raise ValueError(f"device: {device!r} is not supported; use {allowed}")
+
+
+def check_calib_window(model, window: int, arg: str = "--calib-window") -> None:
+    """Calibration windows must fit the model's context (GPT-2 would index past its position
+    table, RoPE models would run silently beyond their trained length)."""
+    from ..models import model_context_length
+    ctx = model_context_length(model)
+    if window > ctx:
+        raise ValueError(f"{arg}: {window} tokens exceed the model context ({ctx} tokens); "
+                         f"use at most {ctx}")
 
 
 def add_model_corpus_args(p: argparse.ArgumentParser) -> None:
@@ -18,14 +87,14 @@ def add_model_corpus_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_args(p: argparse.ArgumentParser, tokens_default: int | None = DEFAULT_EVAL_TOKENS):
-    p.add_argument("--tokens", type=int, default=tokens_default,
+    p.add_argument("--tokens", type=int_in(0, note=" (0 = all)"), default=tokens_default,
                    help=f"evaluation tokens taken from the start of the evaluation text "
                         f"(default {tokens_default}; 0 = all)")
-    p.add_argument("--window", type=int, default=None,
+    p.add_argument("--window", type=int_in(2), default=None,
                    help=f"window length (default min(model context, {DEFAULT_WINDOW}))")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--stride", type=int_in(1), default=None,
                    help="sliding-window stride; default = window (non-overlapping windows)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--batch-size", type=int_in(1), default=1, help="windows per forward pass")
 
 
 def resolve_window(model, window: int | None) -> int:
