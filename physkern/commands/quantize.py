@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import add_model_corpus_args
+from ._common import add_model_corpus_args, check_calib_window, int_in, seed_arg
 
 DEFAULT_CALIB_WINDOWS = 32
 DEFAULT_CALIB_WINDOW = 1024
@@ -13,24 +13,25 @@ DEFAULT_CALIB_WINDOW = 1024
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("recipe")
     g.add_argument("--method", choices=["codebook", "rtn", "gptq"], default="codebook")
-    g.add_argument("--k", type=int, default=256, help="codebook entries (codebook method)")
-    g.add_argument("--block-dim", type=int, default=4, help="weights per vector d (1,2,4,8,16)")
+    g.add_argument("--k", type=int_in(1, 65536), default=256, help="codebook entries (codebook method)")
+    g.add_argument("--block-dim", type=int, choices=[1, 2, 4, 8, 16], default=4, help="weights per vector d (1,2,4,8,16)")
     g.add_argument("--scope", choices=["row", "group", "layer"], default="layer",
                    help="codebook scope: one per row, per --group-size rows, or per layer")
-    g.add_argument("--group-size", type=int, default=None,
+    g.add_argument("--group-size", type=int_in(1), default=None,
                    help="rows per codebook (scope=group); columns per scale (rtn/gptq)")
-    g.add_argument("--stages", type=int, default=1, help="residual codebook stages")
+    g.add_argument("--stages", type=int_in(1, 8), default=1, help="residual codebook stages")
     g.add_argument("--scales", choices=["auto", "none", "row", "columns"], default="auto")
-    g.add_argument("--scale-group", type=int, default=None, help="columns per scale (scales=columns)")
+    g.add_argument("--scale-group", type=int_in(1), default=None, help="columns per scale (scales=columns)")
     g.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                    help="weight k-means by E[x^2] from calibration text")
     g.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ-style error feedback over vectors (needs --calibrate)")
-    g.add_argument("--bits", type=int, default=4, help="bits (rtn/gptq)")
+    g.add_argument("--bits", type=int_in(2, 8), default=4, help="bits (rtn/gptq)")
     g.add_argument("--symmetric", action="store_true", help="symmetric grid (rtn/gptq)")
     g.add_argument("--act-order", action="store_true", help="GPTQ act-order")
-    g.add_argument("--iters", type=int, default=25, help="k-means iterations")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--iters", type=int_in(0), default=25, help="k-means iterations")
+    g.add_argument("--seed", type=seed_arg, default=0,
+                   help="seed of the calibration windows and k-means (0 .. 2**63-1)")
     g.add_argument("--layers", nargs="*", default=None,
                    help="glob patterns of layer names to quantize (default: all decoder linears)")
     g.add_argument("--recipe", default=None, metavar="FILE:NAME",
@@ -38,9 +39,9 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                         "fine-tuning from recipe NAME of a `physkern sweep quant` recipes file "
                         "(e.g. bench/recipes/codebook_push.json:cb_mixed3_layer_ef_ft150); the "
                         "recipe flags above are then not used, --seed is")
-    g.add_argument("--calib-windows", type=int, default=DEFAULT_CALIB_WINDOWS,
+    g.add_argument("--calib-windows", type=int_in(1), default=DEFAULT_CALIB_WINDOWS,
                    help=f"calibration windows (default {DEFAULT_CALIB_WINDOWS})")
-    g.add_argument("--calib-window", type=int, default=DEFAULT_CALIB_WINDOW,
+    g.add_argument("--calib-window", type=int_in(2), default=DEFAULT_CALIB_WINDOW,
                    help=f"tokens per calibration window (default {DEFAULT_CALIB_WINDOW})")
 
 
@@ -68,7 +69,11 @@ def recipe_from_args(args: argparse.Namespace) -> tuple:
         path, sep, name = args.recipe.rpartition(":")
         if not sep or not path or not name:
             raise ValueError(f"--recipe must be FILE:NAME, got {args.recipe!r}")
-        recipes = {r["name"]: r for r in load_recipes(path)}
+        try:
+            recipes = {r["name"]: r for r in load_recipes(path)}
+        except ValueError as exc:  # name the file: a config error inside says only its key
+            msg = str(exc)
+            raise ValueError(msg if path in msg else f"--recipe {path}: {msg}") from exc
         if name not in recipes:
             raise ValueError(f"--recipe: no recipe {name!r} in {path}; valid: "
                              f"{', '.join(recipes)}")
@@ -130,7 +135,11 @@ def register(sub) -> None:
     add_model_corpus_args(p)
     add_recipe_args(p)
     add_finetune_args(p)
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True,
+                   help="output directory (checked before any work: it must not exist, be an "
+                        "empty folder, or hold a physkern model and --overwrite be given)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing physkern model at --out")
     p.set_defaults(func=run)
 
 
@@ -140,10 +149,14 @@ def run(args: argparse.Namespace) -> int:
     from ..api import quantize
     from ..data import calibration_windows, load_corpus
     from ..models import load_model
-    from ..serialization import save_quantized
+    from ..serialization import save_quantized, validate_output_dir
     from ..sweeps.quant import finetune_windows, run_finetune
+    validate_output_dir(args.out, args.overwrite)  # before the (possibly long) work
     config, ft = recipe_from_args(args)
     model, tok = load_model(args.model, device=args.device)
+    if ft is not None or config.needs_calibration or \
+            any(c.needs_calibration for c in config.overrides.values()):
+        check_calib_window(model, args.calib_window)  # before loading text or quantizing
     corpus = load_corpus(args.corpus)
     calib = calibration_for(config, tok, corpus, args)
     teacher, windows, tuned = None, None, None
@@ -160,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     if ft is not None:
         tuned = run_finetune(model, teacher, windows, ft, args.seed, source)
         del teacher
-    save_quantized(model, args.out, tokenizer=tok,
+    save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite,
                    extra={"recipe": config.to_dict(), "calibration": {
                        "corpus": corpus.describe(), "windows": args.calib_windows,
                        "window": args.calib_window, "seed": args.seed} if calib is not None else None,

@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from ._common import add_eval_args, add_model_corpus_args, resolve_window
+from ._common import (add_eval_args, add_model_corpus_args, check_calib_window, int_in,
+                      resolve_window, seed_arg)
 from .quantize import DEFAULT_CALIB_WINDOW, DEFAULT_CALIB_WINDOWS
 
 
@@ -29,9 +30,9 @@ def register(sub) -> None:
                                    "half with the FP32 model's.")
     add_model_corpus_args(p)
     add_eval_args(p)
-    p.add_argument("--calib-windows", type=int, default=DEFAULT_CALIB_WINDOWS)
-    p.add_argument("--calib-window", type=int, default=DEFAULT_CALIB_WINDOW)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-windows", type=int_in(1), default=DEFAULT_CALIB_WINDOWS)
+    p.add_argument("--calib-window", type=int_in(2), default=DEFAULT_CALIB_WINDOW)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--json", default=None, help="write the results JSON here")
     p.set_defaults(func=run)
 
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.corpus)
     model, tok = load_model(args.model, device=args.device)
     window = resolve_window(model, args.window)
+    check_calib_window(model, args.calib_window)
     tokens = evaluation_tokens(tok, corpus, args.tokens or None)
     name = resolve_model_name(args.model)
     print(f"model {name}\nevaluation: {corpus.name}, second half of the documents, "
