@@ -20,6 +20,7 @@ import torch
 from .cache import PACKAGED_CORPORA, cache_dir, fetch_wheel_member
 
 DEFAULT_CORPUS = "wiki"
+PARTS = ("evaluation", "calibration", "all")
 DOC_OPEN = re.compile(r"^<doc\b[^>]*>\s*$")
 DOC_CLOSE = "</doc>"
 
@@ -31,6 +32,7 @@ class Corpus:
     source: str
     calibration_documents: Sequence[str]
     evaluation_documents: Sequence[str]
+    user_file: bool = False  # a text file the user named (not a packaged corpus or wikitext2)
 
     @property
     def calibration_text(self) -> str:
@@ -39,6 +41,24 @@ class Corpus:
     @property
     def evaluation_text(self) -> str:
         return "\n\n".join(self.evaluation_documents)
+
+    @property
+    def default_part(self) -> str:
+        """What a user means by scoring this corpus: a file they named is scored whole; packaged
+        corpora score their evaluation half (the published protocol)."""
+        return "all" if self.user_file else "evaluation"
+
+    def part_text(self, part: str) -> str:
+        """Text of one part: "evaluation", "calibration", or "all" (calibration then evaluation
+        documents, joined like each part)."""
+        if part == "evaluation":
+            return self.evaluation_text
+        if part == "calibration":
+            return self.calibration_text
+        if part == "all":
+            return "\n\n".join(list(self.calibration_documents) +
+                                list(self.evaluation_documents))
+        raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
 
     def describe(self) -> dict:
         return {"name": self.name, "source": self.source,
@@ -94,8 +114,20 @@ def _read_text_file(path: str) -> str:
     from datasets import load_dataset
     from datasets.utils.logging import disable_progress_bar
     disable_progress_bar()
-    ds = load_dataset("text", data_files=path, sample_by="document", split="train",
-                      keep_in_memory=True, cache_dir=str(cache_dir() / "datasets"))
+    try:
+        with open(path, "rb") as f:  # clear errors for unreadable / non-UTF-8 files first
+            f.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"corpus: {path!r} is not UTF-8 text (byte {exc.start}: "
+                         f"{exc.reason})") from None
+    except OSError as exc:
+        raise ValueError(f"corpus: cannot read {path!r}: {exc.strerror or exc}") from None
+    try:
+        ds = load_dataset("text", data_files=path, sample_by="document", split="train",
+                          keep_in_memory=True, cache_dir=str(cache_dir() / "datasets"))
+    except Exception as exc:  # datasets wraps reader errors in several classes
+        raise ValueError(f"corpus: cannot read {path!r} as text: {type(exc).__name__}: "
+                         f"{exc}") from exc
     return "\n".join(ds["text"])
 
 
@@ -142,7 +174,8 @@ def load_corpus(spec: Optional[str] = None) -> Corpus:
                              "evaluation parts")
         docs = lines
     calib, evaluation = split_calibration_evaluation(docs)
-    return Corpus(os.path.basename(spec), os.path.abspath(spec), calib, evaluation)
+    return Corpus(os.path.basename(spec), os.path.abspath(spec), calib, evaluation,
+                  user_file=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +193,13 @@ def tokenize(tokenizer, text: str, use_cache: bool = True) -> torch.Tensor:
     key = hashlib.sha256((_tokenizer_fingerprint(tokenizer) + "\0" + text).encode()).hexdigest()
     path = cache_dir() / "tokens" / f"{key[:32]}.pt"
     if use_cache and path.exists():
-        return torch.load(path)
+        try:
+            cached = torch.load(path, weights_only=True)
+        except Exception:  # truncated / foreign file: a cache miss, rewritten below
+            cached = None
+        if isinstance(cached, torch.Tensor) and cached.dim() == 1 and \
+                cached.dtype == torch.long:
+            return cached
     tlog = logging.getLogger("transformers.tokenization_utils_base")
     level = tlog.level
     tlog.setLevel(logging.ERROR)  # "sequence longer than model max length" is expected here
@@ -176,10 +215,15 @@ def tokenize(tokenizer, text: str, use_cache: bool = True) -> torch.Tensor:
     return ids
 
 
-def evaluation_tokens(tokenizer, corpus: Corpus, n_tokens: Optional[int] = None) -> torch.Tensor:
-    """The first `n_tokens` tokens of the evaluation text (all when None)."""
-    ids = tokenize(tokenizer, corpus.evaluation_text)
-    return _take(ids, n_tokens, "evaluation", corpus)
+def evaluation_tokens(tokenizer, corpus: Corpus, n_tokens: Optional[int] = None,
+                      part: str = "evaluation") -> torch.Tensor:
+    """The first `n_tokens` tokens (all when None) of the evaluation text, or of another `part`
+    ("calibration", or "all": the whole corpus, e.g. a user's own evaluation file).
+    Returns a 1-D int64 tensor."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+    ids = tokenize(tokenizer, corpus.part_text(part))
+    return _take(ids, n_tokens, part, corpus)
 
 
 def calibration_tokens(tokenizer, corpus: Corpus, n_tokens: Optional[int] = None) -> torch.Tensor:
@@ -189,15 +233,17 @@ def calibration_tokens(tokenizer, corpus: Corpus, n_tokens: Optional[int] = None
 
 
 def _take(ids: torch.Tensor, n_tokens: Optional[int], part: str, corpus: Corpus) -> torch.Tensor:
+    where = f"the whole of {corpus.name!r}" if part == "all" else \
+        f"the {part} part of {corpus.name!r}"
     if ids.numel() == 0:
-        raise ValueError(f"corpus: the {part} part of {corpus.name!r} is empty")
+        raise ValueError(f"corpus: {where} is empty")
     if n_tokens is None:
         return ids
     if n_tokens <= 0:
         raise ValueError(f"tokens must be positive, got {n_tokens}")
     if n_tokens > ids.numel():
-        raise ValueError(f"tokens: asked for {n_tokens} tokens but the {part} part of "
-                         f"{corpus.name!r} has only {ids.numel()}")
+        raise ValueError(f"tokens: asked for {n_tokens} tokens but {where} has only "
+                         f"{ids.numel()}")
     return ids[:n_tokens]
 
 
