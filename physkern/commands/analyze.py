@@ -24,7 +24,8 @@ def register(sub) -> None:
     p = sub.add_parser("analyze", help="physics-inspired analyses of a model (rg, spectra, ...)",
                        description="Run one analysis on a model; each writes a JSON (with "
                                    "provenance) and PNG plots, by default into "
-                                   "bench/results/analysis/.")
+                                   "./physkern-analysis/ (--out-dir to choose; the committed "
+                                   "results used --out-dir bench/results/analysis).")
     analyses = p.add_subparsers(dest="analysis", metavar="ANALYSIS")
     for module in _analysis_modules():
         module.register_analysis(analyses)

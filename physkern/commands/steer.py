@@ -25,8 +25,9 @@ def register(sub) -> None:
                    help="iterations toward the exact gain (default 20; 1 = first order)")
     p.add_argument("--tol", type=float, default=1e-3, help="tolerance on the gain (nats)")
     p.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate")
-    p.add_argument("--json", default="bench/results/analysis/steer.json",
-                   help="result JSON (default bench/results/analysis/steer.json)")
+    p.add_argument("--json", default="physkern-analysis/steer.json",
+                   help="result JSON (default ./physkern-analysis/steer.json; the committed "
+                        "result was written with --json bench/results/analysis/steer.json)")
     p.set_defaults(func=run)
 
 
