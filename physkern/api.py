@@ -142,13 +142,7 @@ def quantize(model: nn.Module, config: AnyConfig, calibration: Optional[torch.Te
     chosen = select_layers(model, config)
     needs_calib = any(c.needs_calibration for _, c in chosen)
     reports = []
-    bar = tqdm(total=len(chosen), desc="quantize", unit="layer", disable=not progress)
-    if not needs_calib:
-        for layer, cfg in chosen:
-            reports.append(_quantize_one(model, layer, cfg))
-            bar.update()
-        n_calib = 0
-    else:
+    if needs_calib:  # checked before any layer is touched
         if calibration is None:
             raise ValueError("calibration: this config needs calibration windows [n, seq] of "
                              "token ids; pass calibration=physkern.calibration_windows(tokenizer, "
@@ -157,9 +151,18 @@ def quantize(model: nn.Module, config: AnyConfig, calibration: Optional[torch.Te
             raise ValueError(f"calibration must be a [n_windows, seq] int64 tensor, got "
                              f"{calibration.dtype} {tuple(calibration.shape)}")
         _check_calibration_length(model, calibration)
-        reports = _quantize_sequential(model, chosen, calibration, bar)
-        n_calib = calibration.numel()
-    bar.close()
+    bar = tqdm(total=len(chosen), desc="quantize", unit="layer", disable=not progress)
+    try:  # closed on errors too, so an error message starts on its own line
+        if not needs_calib:
+            for layer, cfg in chosen:
+                reports.append(_quantize_one(model, layer, cfg))
+                bar.update()
+            n_calib = 0
+        else:
+            reports = _quantize_sequential(model, chosen, calibration, bar)
+            n_calib = calibration.numel()
+    finally:
+        bar.close()
     rep = bits_report(model)
     return QuantizationReport(reports, rep.quantized_bits_per_weight, rep.model_bits_per_weight,
                               rep.total_bytes, time.perf_counter() - t0, n_calib)
