@@ -118,3 +118,50 @@ def test_calibration_tiles_do_not_overlap(tmp_path, monkeypatch):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="n_windows and window must be positive integers"):
             calibration_tiles(tok, corpus, n_windows=bad, window=w)
+
+
+def test_token_cache_weights_only_and_corrupt_file(tmp_path, monkeypatch):
+    from physkern import data
+    monkeypatch.setenv("PHYSKERN_CACHE", str(tmp_path / "cache"))
+    tok = CharTokenizer()
+    first = data.tokenize(tok, "hello world")
+    calls = []
+    real_load = torch.load
+
+    def spy(*a, **k):
+        calls.append(k.get("weights_only"))
+        return real_load(*a, **k)
+    monkeypatch.setattr(torch, "load", spy)
+    assert torch.equal(data.tokenize(tok, "hello world"), first)
+    assert calls == [True]
+    # a truncated cache file is a miss, rewritten (not a traceback)
+    (cached,) = list((tmp_path / "cache" / "tokens").glob("*.pt"))
+    cached.write_bytes(b"PK\x03\x04 truncated")
+    assert torch.equal(data.tokenize(tok, "hello world"), first)
+    assert torch.equal(real_load(cached, weights_only=True), first)
+
+
+def test_corpus_parts(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHYSKERN_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "mine.txt"
+    f.write_text("one\n\ntwo\n\nthree\n\nfour\n")
+    corpus = load_corpus(str(f))
+    assert corpus.user_file and corpus.default_part == "all"
+    assert corpus.part_text("all") == "one\n\ntwo\n\nthree\n\nfour"
+    assert corpus.part_text("evaluation") == "three\n\nfour"
+    assert corpus.part_text("calibration") == "one\n\ntwo"
+    tok = CharTokenizer()
+    assert evaluation_tokens(tok, corpus, part="all").numel() == len("one\n\ntwo\n\nthree\n\nfour")
+    assert evaluation_tokens(tok, corpus).numel() == len("three\n\nfour")  # API default unchanged
+    with pytest.raises(ValueError, match="part must be one of evaluation, calibration, all"):
+        evaluation_tokens(tok, corpus, part="middle")
+    with pytest.raises(ValueError, match="the whole of 'mine.txt' has only"):
+        evaluation_tokens(tok, corpus, 10_000, part="all")
+    assert Corpus("wiki", "packaged", ["a"], ["b"]).default_part == "evaluation"
+
+
+def test_corpus_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"caf\xe9\n\nau lait\n")
+    with pytest.raises(ValueError, match=r"corpus: '.*latin1\.txt' is not UTF-8 text"):
+        load_corpus(str(bad))
