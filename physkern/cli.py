@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 import pkgutil
+import struct
 import sys
 from typing import Optional, Sequence
 
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _file_error_types() -> tuple:
     """Exception classes the loaders raise for unreadable or malformed files."""
-    types = [OSError, json.JSONDecodeError, UnicodeDecodeError, EOFError]
+    types = [OSError, json.JSONDecodeError, UnicodeDecodeError, EOFError,
+             struct.error]  # struct.error: a truncated binary file (GGUF header)
     try:
         from safetensors import SafetensorError
         types.append(SafetensorError)
@@ -57,7 +59,8 @@ def _error_line(exc: BaseException, args: argparse.Namespace) -> str:
         return f"{str(filename)!r}: {what}"
     text = " ".join(str(exc).split()) or type(exc).__name__
     kind = {"JSONDecodeError": "invalid JSON", "SafetensorError": "invalid safetensors file",
-            "UnicodeDecodeError": "not UTF-8 text"}.get(type(exc).__name__)
+            "UnicodeDecodeError": "not UTF-8 text", "error": "truncated or malformed file",
+            "EOFError": "truncated file"}.get(type(exc).__name__)
     if kind is None:
         return text  # our own messages name the argument; transformers' OSErrors the file
     # JSON/safetensors/decoding errors carry no path: name the model argument (the loaders

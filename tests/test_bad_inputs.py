@@ -472,3 +472,10 @@ def test_analysis_outputs_default_outside_results():
         args = parser.parse_args(argv)
         dest = getattr(args, "out_dir", None) or getattr(args, "json", None)
         assert dest and "bench/results" not in dest, (argv, dest)
+
+
+def test_truncated_gguf(saved, capsys, tmp_path):
+    bad = tmp_path / "trunc.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00junkjunk")
+    rc, err = _cli(capsys, ["ppl", "--model", bad, "--corpus", saved / "corpus.txt"])
+    assert rc == 2 and str(bad) in err and "truncated or malformed" in err
