@@ -479,3 +479,18 @@ def test_truncated_gguf(saved, capsys, tmp_path):
     bad.write_bytes(b"GGUF\x03\x00\x00\x00junkjunk")
     rc, err = _cli(capsys, ["ppl", "--model", bad, "--corpus", saved / "corpus.txt"])
     assert rc == 2 and str(bad) in err and "truncated or malformed" in err
+
+
+@pytest.mark.parametrize("flag,value", [("--gain", "nan"), ("--gain", "-1"), ("--tol", "inf"),
+                                        ("--tol", "0"), ("--iterations", "0"),
+                                        ("--max-new-tokens", "0")])
+def test_steer_bad_numbers(saved, capsys, flag, value):
+    rc, err = _cli(capsys, ["steer", "--model", saved / "model", "--prompt", "a", "--target", "b",
+                            flag, value])
+    assert rc == 2 and f"argument {flag}:" in err
+
+
+@pytest.mark.parametrize("value", ["nan", "-0.1", "inf"])
+def test_finetune_lr_not_finite(saved, capsys, value):
+    rc, err = _cli(capsys, _quantize_argv(saved, "--finetune-steps", "2", "--finetune-lr", value))
+    assert rc == 2 and "argument --finetune-lr:" in err

@@ -24,6 +24,21 @@ def int_in(lo: int, hi: int | None = None, note: str = ""):
     return parse
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (NaN and Inf rejected)."""
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+positive_float.__name__ = "float"
+
+
 def seed_arg(text: str) -> int:
     """argparse type for --seed: an integer in [0, 2**63 - 1]."""
     return int_in(0, MAX_SEED)(text)

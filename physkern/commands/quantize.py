@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import add_model_corpus_args, check_calib_window, int_in, seed_arg
+from ._common import (add_model_corpus_args, check_calib_window, int_in, positive_float,
+                      seed_arg)
 
 DEFAULT_CALIB_WINDOWS = 32
 DEFAULT_CALIB_WINDOW = 1024
@@ -51,7 +52,7 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-steps", type=int, default=None,
                    help="Adam steps of end-to-end fine-tuning; 0 turns it off (default: the "
                         "--recipe's own fine-tuning, else none)")
-    g.add_argument("--finetune-lr", type=float, default=None,
+    g.add_argument("--finetune-lr", type=positive_float, default=None,
                    help="relative learning rate (default 1e-3, or the --recipe's; "
                         "physkern.finetune)")
     g.add_argument("--finetune-schedule", choices=["constant", "cosine"], default=None,

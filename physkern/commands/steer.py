@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import int_in, positive_float
+
 
 def register(sub) -> None:
     p = sub.add_parser("steer", help="Jacobian steering: minimal hidden-state change toward a "
@@ -19,12 +21,12 @@ def register(sub) -> None:
     p.add_argument("--layer", type=int, default=None,
                    help="block whose output is changed, 0..L-1 or negative from the end "
                         "(default: the middle block)")
-    p.add_argument("--gain", type=float, default=2.0,
+    p.add_argument("--gain", type=positive_float, default=2.0,
                    help="requested increase of ln p(target) in nats (default 2)")
-    p.add_argument("--iterations", type=int, default=20,
+    p.add_argument("--iterations", type=int_in(1), default=20,
                    help="iterations toward the exact gain (default 20; 1 = first order)")
-    p.add_argument("--tol", type=float, default=1e-3, help="tolerance on the gain (nats)")
-    p.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate")
+    p.add_argument("--tol", type=positive_float, default=1e-3, help="tolerance on the gain (nats)")
+    p.add_argument("--max-new-tokens", type=int_in(1), default=20, help="tokens to generate")
     p.add_argument("--json", default="physkern-analysis/steer.json",
                    help="result JSON (default ./physkern-analysis/steer.json; the committed "
                         "result was written with --json bench/results/analysis/steer.json)")
