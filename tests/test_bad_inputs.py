@@ -365,13 +365,25 @@ def test_corpus_unreadable(saved, capsys, tmp_path):
         bad.chmod(0o644)
 
 
-def test_json_output_unwritable(saved, capsys, tmp_path):
+@pytest.mark.parametrize("command", ["ppl", "run", "steer", "prune"])
+def test_output_paths_checked_before_work(saved, capsys, tmp_path, monkeypatch, command):
+    import physkern.models as models
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     f = tmp_path / "plain_file"
     f.write_text("x")
     target = f / "out.json"
-    rc, err = _cli(capsys, ["ppl", "--model", saved / "model", "--corpus", saved / "corpus.txt",
-                            "--tokens", "256", "--window", "64", "--json", target])
-    assert rc == 2 and str(f) in err
+    m, c = saved / "model", saved / "corpus.txt"
+    argv = {"ppl": ["ppl", "--model", m, "--corpus", c, "--json", target],
+            "run": ["run", "--model", m, "--corpus", c, "--json", target],
+            "steer": ["steer", "--model", m, "--prompt", "a", "--target", "b", "--json", target],
+            "prune": ["prune", "--model", m, "--corpus", c, "--out-dir", target]}[command]
+    rc, err = _cli(capsys, argv)
+    assert rc == 2 and str(f) in err and "is not a directory" in err
+    flag = "--out-dir" if command == "prune" else "--json"
+    assert flag in err
+    if command != "prune":
+        rc, err = _cli(capsys, argv[:-1] + [tmp_path])  # a directory given as the JSON file
+        assert rc == 2 and "--json" in err and "is a directory" in err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -91,6 +91,42 @@ def check_calib_window(model, window: int, arg: str = "--calib-window") -> None:
                          f"use at most {ctx}")
 
 
+def check_output_file(path, arg: str) -> None:
+    """Before any work: `path` (a file to be written, parents created) must not be a directory
+    and its nearest existing parent must be a writable directory. Raises ValueError naming arg."""
+    import os
+    from pathlib import Path
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{arg} {str(p)!r} is a directory; give a file path")
+    _check_writable_parent(p.absolute().parent, p, arg)
+
+
+def check_output_dir(path, arg: str) -> None:
+    """Before any work: `path` (a folder to write files into, created if missing) must be a
+    directory or creatable in a writable parent. Raises ValueError naming arg."""
+    import os
+    from pathlib import Path
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            raise ValueError(f"{arg} {str(p)!r} exists and is not a directory")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise ValueError(f"{arg} {str(p)!r} is not writable")
+        return
+    _check_writable_parent(p.absolute().parent, p, arg)
+
+
+def _check_writable_parent(parent, p, arg: str) -> None:
+    import os
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{arg} {str(p)!r}: {str(parent)!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{arg} {str(p)!r}: {str(parent)!r} is not writable")
+
+
 def add_model_corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="hub name, local directory (transformers or physkern-quantized) or .gguf "

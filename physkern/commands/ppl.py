@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_eval_args, add_model_corpus_args, resolve_window
+from ._common import add_eval_args, add_model_corpus_args, check_output_file, resolve_window
 
 
 def register(sub) -> None:
@@ -50,6 +50,8 @@ PART_WORDS = {"evaluation": "evaluation part", "calibration": "calibration part"
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_file(args.json, "--json")  # before the evaluation, not after
     res = evaluate(args)
     print(f"model {res.model}\ncorpus {res.corpus} ({PART_WORDS[res.extra['part']]}), "
           f"{res.tokens_scored} tokens "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_eval_args, add_model_corpus_args, resolve_window
+from ._common import add_eval_args, add_model_corpus_args, check_output_dir, resolve_window
 
 
 def register(sub) -> None:
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"removed: fractions must be in (0, 1), got {f}")
     if args.stride is not None and args.stride != args.window:
         raise ValueError("stride: pruning comparisons use non-overlapping windows; omit --stride")
+    check_output_dir(args.out_dir, "--out-dir")
     corpus = load_corpus(args.corpus)
     model, tok = load_model(args.model, device=args.device)
     window = resolve_window(model, args.window)

@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from ._common import (add_eval_args, add_model_corpus_args, check_calib_window, int_in,
-                      resolve_window, seed_arg)
+from ._common import (add_eval_args, add_model_corpus_args, check_calib_window,
+                      check_output_file, int_in, resolve_window, seed_arg)
 from .quantize import DEFAULT_CALIB_WINDOW, DEFAULT_CALIB_WINDOWS
 
 
@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from ..provenance import provenance, write_json
     from ..quant.accounting import bits_report
     t0 = time.perf_counter()
+    if args.json:
+        check_output_file(args.json, "--json")  # before the work, not after
     corpus = load_corpus(args.corpus)
     model, tok = load_model(args.model, device=args.device)
     window = resolve_window(model, args.window)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import int_in, positive_float
+from ._common import check_output_file, int_in, positive_float
 
 
 def register(sub) -> None:
@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.prompt:
         raise ValueError("prompt must not be empty")
+    check_output_file(args.json, "--json")
     model, tok = load_model(args.model, device=args.device)
     layer = len(decoder_blocks(model)) // 2 if args.layer is None else args.layer
     res = steer(model, tok, args.prompt, args.target, layer, args.gain, args.max_new_tokens,
