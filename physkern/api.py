@@ -129,18 +129,30 @@ def select_layers(model: nn.Module, config: AnyConfig) -> list[tuple[LinearLayer
 
 
 def quantize(model: nn.Module, config: AnyConfig, calibration: Optional[torch.Tensor] = None,
-             progress: bool = True) -> QuantizationReport:
+             progress: bool = True, embedding: Optional[AnyConfig] = None) -> QuantizationReport:
     """Quantize the selected linear layers of `model` in place.
 
     config:      CodebookConfig, ScalarConfig or GPTQConfig (with `layers` patterns and
                  per-layer `overrides`)
     calibration: [n_windows, seq] token ids from calibration text (physkern.calibration_windows);
                  required when any selected layer's config needs calibration
-    Returns a QuantizationReport (per-layer bits, relative weight and output error).
+    embedding:   optional config for the output head [vocab, hidden] and the input embedding
+                 (physkern.head): tied models get one quantized tensor serving both, calibrated
+                 on the final hidden states after the blocks are quantized; untied models get
+                 the embedding quantized separately, without calibration. None: both stay dense.
+    Returns a QuantizationReport (per-layer bits, relative weight and output error; the head,
+    when quantized, is the last entry).
     """
     t0 = time.perf_counter()
     chosen = select_layers(model, config)
-    needs_calib = any(c.needs_calibration for _, c in chosen)
+    if embedding is not None:
+        if embedding.layers is not None or embedding.overrides:
+            raise ValueError("embedding: the head/embedding config takes no `layers` or "
+                             "`overrides` (it applies to the output head and input embedding)")
+        from .head import find_head_and_embedding
+        find_head_and_embedding(model)  # fails before any work if there is none to quantize
+    needs_calib = (any(c.needs_calibration for _, c in chosen)
+                   or (embedding is not None and embedding.needs_calibration))
     reports = []
     if needs_calib:  # checked before any layer is touched
         if calibration is None:
@@ -161,11 +173,52 @@ def quantize(model: nn.Module, config: AnyConfig, calibration: Optional[torch.Te
         else:
             reports = _quantize_sequential(model, chosen, calibration, bar)
             n_calib = calibration.numel()
+        if embedding is not None:
+            reports.append(_quantize_head(model, embedding, calibration))
     finally:
         bar.close()
     rep = bits_report(model)
     return QuantizationReport(reports, rep.quantized_bits_per_weight, rep.model_bits_per_weight,
                               rep.total_bytes, time.perf_counter() - t0, n_calib)
+
+
+def _quantize_head(model: nn.Module, cfg: AnyConfig,
+                   calibration: Optional[torch.Tensor]) -> LayerReport:
+    """The output head (and the tied or untied input embedding) under `cfg`; see physkern.head."""
+    import dataclasses
+
+    from .head import find_head_and_embedding, head_input_gram, install_quantized_head
+    t0 = time.perf_counter()
+    where = find_head_and_embedding(model)
+    w = where.head.weight.detach().float()
+    m2 = gram = None
+    if cfg.needs_calibration:
+        stats = head_input_gram(model, calibration)
+        m2 = torch.diagonal(stats.value) / stats.count
+        gram = stats.value if cfg.needs_hessian else None
+    name = where.head_name
+    for what, t in (("weight", w), ("E[x^2]", m2), ("X^T X", gram)):
+        if t is not None and not torch.isfinite(t).all():
+            raise ValueError(f"layer {name}: its {what} has NaN or Inf values; cannot quantize it")
+    qw = quantize_weight(w, cfg, m2, gram)
+    head = QuantizedLinear(qw.to(w.device), where.head.bias, "linear", recipe=cfg.to_dict())
+    table = None
+    if not where.tied:
+        # The embedding's inputs are one-hot token ids: no activation statistics to weight by.
+        ecfg = cfg
+        if cfg.method == "gptq":
+            from .config import ScalarConfig
+            ecfg = ScalarConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric)
+        elif cfg.method == "codebook" and cfg.calibrate:
+            ecfg = dataclasses.replace(cfg, calibrate=False, error_feedback=False, refine_steps=0)
+        ew = where.embedding.weight.detach().float()
+        table = QuantizedLinear(quantize_weight(ew, ecfg).to(ew.device), None, "linear",
+                                recipe=ecfg.to_dict())
+    rel_w, rel_o, basis = _errors(w.cpu(), qw.dequantize().cpu(), m2, gram)
+    install_quantized_head(model, where, head, table)
+    return LayerReport(name, cfg.method, layer_bits(head)["bits_per_weight"], rel_w, rel_o, basis,
+                       time.perf_counter() - t0,
+                       {k: v for k, v in cfg.to_dict().items() if k not in ("layers", "overrides")})
 
 
 def _check_calibration_length(model: nn.Module, calibration: torch.Tensor) -> None:

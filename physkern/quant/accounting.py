@@ -16,18 +16,31 @@ quantized layers (their bits over the out*in weights they replace) and in the wh
 (their tensors at their dtype; the parameters of the original model keep out*in for them). Each
 entry of `BitsReport.layers` carries a `kind` ("quantized" for QuantizedLinear, else the module's
 class name, e.g. "LowRankLinear"); `BitsReport.by_kind()` splits the first figure by kind.
+
+Dense tensors (norms, biases, position embeddings: everything not quantized) are stored at the
+model's dense storage dtype when one is set (`physkern.dense.set_dense_storage_dtype`: fp16 or
+bf16, recorded as `config.physkern_dense_dtype`), and counted at that width, as the file holds them.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
 
+from ..dense import dense_storage_dtype, is_dense
+
 
 def tensor_bits(t) -> int:
     return 0 if t is None else t.numel() * t.element_size() * 8
+
+
+def dense_storage_bits(model: nn.Module) -> Optional[int]:
+    """Bits per value of the dense (unquantized) float tensors on disk, or None (as in memory)."""
+    dtype = dense_storage_dtype(model)
+    return None if dtype is None else torch.finfo(dtype).bits
 
 
 def layer_bits(layer) -> dict:
@@ -105,15 +118,20 @@ def bits_report(model: nn.Module) -> BitsReport:
         q_weights += info["weights"]
         q_bits += info["total_bits"]
         compressed_prefixes.append(name + ".")
-    # Whole model: every stored tensor once (ties share storage), in its dtype.
+    # Whole model: every stored tensor once (ties share storage), in its stored dtype.
     seen, model_bits, other_params = set(), 0, 0
+    dense_bits = dense_storage_bits(model)
     for key, t in model.state_dict(keep_vars=True).items():
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if ptr in seen:
             continue
         seen.add(ptr)
-        model_bits += tensor_bits(t)
-        if not any(key.startswith(p) for p in compressed_prefixes):
+        dense = not any(key.startswith(p) for p in compressed_prefixes)
+        if dense_bits is not None and is_dense(key, t):
+            model_bits += t.numel() * min(dense_bits, t.element_size() * 8)
+        else:
+            model_bits += tensor_bits(t)
+        if dense:
             other_params += t.numel()
         elif key.endswith(".bias"):
             other_params += t.numel()

@@ -100,20 +100,38 @@ class QuantizedWeight:
         """Unpacked indices [S, out, n_blocks] int64."""
         return unpack_indices(self.packed, self.bits, self.n_blocks)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Reference reconstruction of W [out, in] (vectorised: one gather per stage)."""
-        idx = self.indices()                                     # [S, out, nb]
+    def dequantize(self, dtype: torch.dtype = torch.float32,
+                   rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Reference reconstruction of W [out, in] (vectorised: one gather per stage).
+
+        rows: optional int64 row numbers [n] (any order, repeats allowed): then only those rows
+        are rebuilt, W[rows] [n, in] (what a quantized embedding lookup needs).
+        """
+        packed, scales, offsets = self.packed, self.scales, self.offsets
+        row_ids = torch.arange(self.out_features, device=packed.device)
+        if rows is not None:
+            if rows.dim() != 1 or rows.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"rows must be a 1-d int64/int32 tensor, got {rows.dtype} "
+                                 f"{tuple(rows.shape)}")
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.out_features):
+                raise ValueError(f"rows must lie in [0, {self.out_features}), got "
+                                 f"[{int(rows.min())}, {int(rows.max())}]")
+            rows = rows.to(device=packed.device, dtype=torch.int64)
+            packed, row_ids = packed[:, rows], rows
+            scales = None if scales is None else scales[rows]
+            offsets = None if offsets is None else offsets[rows]
+        n = row_ids.numel()
+        idx = unpack_indices(packed, self.bits, self.n_blocks)   # [S, n, nb]
         cb = self.codebooks.to(dtype)                            # [S, C, K, d]
-        row_cb = torch.arange(self.out_features, device=idx.device) // self.codebook_rows
-        w = torch.zeros(self.out_features, self.n_blocks, self.block_dim, dtype=dtype,
-                        device=cb.device)
+        row_cb = row_ids // self.codebook_rows
+        w = torch.zeros(n, self.n_blocks, self.block_dim, dtype=dtype, device=cb.device)
         for s in range(self.stages):  # S is 1-3: a loop over stages, not rows
-            w += cb[s][row_cb[:, None], idx[s]]                  # [out, nb, d]
-        w = w.reshape(self.out_features, self.in_features)
-        if self.scales is not None:
-            w = w * self.scales.to(dtype).repeat_interleave(self.scale_group, dim=1)
-        if self.offsets is not None:
-            w = w + self.offsets.to(dtype).repeat_interleave(self.scale_group, dim=1)
+            w += cb[s][row_cb[:, None], idx[s]]                  # [n, nb, d]
+        w = w.reshape(n, self.in_features)
+        if scales is not None:
+            w = w * scales.to(dtype).repeat_interleave(self.scale_group, dim=1)
+        if offsets is not None:
+            w = w + offsets.to(dtype).repeat_interleave(self.scale_group, dim=1)
         return w
 
     def to(self, device) -> "QuantizedWeight":
