@@ -247,6 +247,11 @@ def _take(ids: torch.Tensor, n_tokens: Optional[int], part: str, corpus: Corpus)
     return ids[:n_tokens]
 
 
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**63 - 1:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+
+
 def calibration_windows(tokenizer, corpus: Corpus, n_windows: int = 32, window: int = 1024,
                         seed: int = 0) -> torch.Tensor:
     """[n_windows, window] token windows drawn at seeded random offsets from the calibration text.
@@ -254,8 +259,11 @@ def calibration_windows(tokenizer, corpus: Corpus, n_windows: int = 32, window: 
     The calibration text comes from documents disjoint from the evaluation text, so no window
     can overlap evaluation tokens.
     """
-    if n_windows <= 0 or window <= 0:
-        raise ValueError(f"n_windows and window must be positive, got {n_windows}, {window}")
+    if isinstance(n_windows, bool) or not isinstance(n_windows, int) or n_windows <= 0 or \
+            isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise ValueError(f"n_windows and window must be positive integers, got {n_windows!r}, "
+                         f"{window!r}")
+    _check_seed(seed)
     ids = calibration_tokens(tokenizer, corpus)
     if ids.numel() < window + 1:
         raise ValueError(f"window: {window} exceeds the calibration text ({ids.numel()} tokens)")
@@ -278,6 +286,7 @@ def calibration_tiles(tokenizer, corpus: Corpus, n_windows: int, window: int = 1
             isinstance(window, bool) or not isinstance(window, int) or window <= 0:
         raise ValueError(f"n_windows and window must be positive integers, got {n_windows!r}, "
                          f"{window!r}")
+    _check_seed(seed)
     ids = calibration_tokens(tokenizer, corpus)
     tiles = ids.numel() // window
     if n_windows > tiles:

@@ -165,3 +165,17 @@ def test_corpus_file_errors_name_the_file(tmp_path):
     bad.write_bytes(b"caf\xe9\n\nau lait\n")
     with pytest.raises(ValueError, match=r"corpus: '.*latin1\.txt' is not UTF-8 text"):
         load_corpus(str(bad))
+
+
+def test_window_seed_and_count_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHYSKERN_CACHE", str(tmp_path / "cache"))
+    corpus = Corpus("t", "test", ["c" * 300, "d" * 300], ["e" * 300, "f" * 300])
+    tok = CharTokenizer()
+    for fn in (calibration_windows, calibration_tiles):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63 - 1\]"):
+            fn(tok, corpus, 2, 16, seed=2**70)
+        with pytest.raises(ValueError, match="seed must be"):
+            fn(tok, corpus, 2, 16, seed=-1)
+        with pytest.raises(ValueError, match="n_windows and window must be positive integers"):
+            fn(tok, corpus, 2.5, 16)
+    assert calibration_windows(tok, corpus, 2, 16, seed=2**63 - 1).shape == (2, 16)
