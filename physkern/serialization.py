@@ -13,6 +13,7 @@ crash never leaves something that is taken for a valid model. Other files in the
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -29,6 +30,7 @@ MODEL_FILE = "model.safetensors"
 # inside an existing one; `.<name>.old-*` beside it (left by physkern versions that swapped whole
 # directories). Only these, for that target, are ever removed as leftovers of a killed save.
 _INNER_PARTIAL = ".physkern.partial-"
+_PREVIOUS_MARKER = "previous-" + MARKER  # the old marker, set aside in the temporary folder
 
 
 def is_quantized_dir(path) -> bool:
@@ -52,9 +54,11 @@ def validate_output_dir(path, overwrite: bool = False) -> Path:
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"--out {str(path)!r} exists and is not a directory")
-        if is_quantized_dir(path):
+        if is_quantized_dir(path) or _interrupted_saves(path):
             if not overwrite:
-                raise ValueError(f"--out {str(path)!r} already holds a physkern model; pass "
+                what = ("a physkern model" if is_quantized_dir(path)
+                        else "an interrupted physkern save")
+                raise ValueError(f"--out {str(path)!r} already holds {what}; pass "
                                  "overwrite=True (--overwrite) to replace it")
         else:
             try:
@@ -80,11 +84,14 @@ def validate_output_dir(path, overwrite: bool = False) -> Path:
     return path
 
 
-def _umask_mode() -> int:
-    """The mode a plain mkdir gives a directory (0o777 less the process umask)."""
-    old = os.umask(0o022)
-    os.umask(old)
-    return 0o777 & ~old
+def _interrupted_saves(path: Path) -> list[Path]:
+    """The `.physkern.partial-*` folders a killed save left inside `path` (such a directory may
+    lack its marker when the kill came while files were being swapped in)."""
+    try:
+        return [e for e in path.iterdir() if e.name.startswith(_INNER_PARTIAL) and e.is_dir()
+                and not e.is_symlink()]
+    except OSError:
+        return []
 
 
 def _make_temp_dir(parent: Path, prefix: str) -> Path:
@@ -146,13 +153,22 @@ def _owned_file(path: Path, rel) -> Optional[Path]:
     return target
 
 
-def _old_files(path: Path) -> list:
+def _listed_files(marker: Path) -> list:
     try:
-        with open(path / MARKER, "rb") as f:
+        with open(marker, "rb") as f:
             files = json.loads(f.read()).get("files", [])
         return files if isinstance(files, list) else []
     except (OSError, ValueError, AttributeError):
         return []
+
+
+def _old_files(path: Path) -> list:
+    """Files the previous model in `path` listed as its own: from its marker, and from the
+    marker a save killed mid-swap had set aside in its temporary folder."""
+    files = _listed_files(path / MARKER)
+    for d in _interrupted_saves(path):
+        files += _listed_files(d / _PREVIOUS_MARKER)
+    return files
 
 
 def save_quantized(model: nn.Module, path, tokenizer=None, extra: Optional[dict] = None,
@@ -194,6 +210,7 @@ def save_quantized(model: nn.Module, path, tokenizer=None, extra: Optional[dict]
     existing = path.is_dir()
     if not existing:
         path.parent.mkdir(parents=True, exist_ok=True)
+    old_files = _old_files(path) if existing else []  # before leftovers are cleaned
     _clean_leftovers(path)
     tmp = _make_temp_dir(path, _INNER_PARTIAL) if existing else \
         _make_temp_dir(path.parent, f".{path.name}.partial-")
@@ -202,8 +219,10 @@ def save_quantized(model: nn.Module, path, tokenizer=None, extra: Optional[dict]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_model(model, str(tmp / MODEL_FILE))
-        if (tmp / MARKER).exists():
-            raise ValueError(f"the tokenizer or config wrote a file named {MARKER}")
+        for reserved in (MARKER, _PREVIOUS_MARKER):
+            if (tmp / reserved).exists():
+                raise ValueError(f"the tokenizer or config wrote a file named {reserved}, "
+                                 "which physkern reserves")
         files = _files_under(tmp)
         meta["files"] = files
         marker_text = json.dumps(meta, indent=2)
@@ -212,7 +231,10 @@ def save_quantized(model: nn.Module, path, tokenizer=None, extra: Optional[dict]
                 f.write(marker_text)
             os.replace(tmp, path)
             return path
-        old_files = _old_files(path)
+        # The old marker goes first (set aside where a killed save's successor finds its
+        # "files" list), so a half-swapped directory is never taken for a model.
+        with open(tmp / _PREVIOUS_MARKER, "w") as f:
+            json.dump({"files": old_files}, f)
         try:
             os.unlink(path / MARKER)
         except FileNotFoundError:
@@ -236,32 +258,295 @@ def save_quantized(model: nn.Module, path, tokenizer=None, extra: Optional[dict]
     return path
 
 
+# ---- loading ---------------------------------------------------------------------------------
+
+# Floating dtypes a quantized layer may store its codebooks / scales / offsets / bias in.
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+MAX_K = 65536  # what the kernels take (csrc/codebook_matmul.cpp, packing's 16-bit limit)
+_LAYER_INTS = ("in_features", "out_features", "stages", "k", "block_dim", "codebook_rows",
+               "scale_group")
+_LAYER_DTYPES = ("codebook_dtype", "scales_dtype", "offsets_dtype", "bias_dtype")
+# safetensors dtype names -> (torch dtype, bytes per element)
+_ST_DTYPES = {"BOOL": (torch.bool, 1), "U8": (torch.uint8, 1), "I8": (torch.int8, 1),
+              "I16": (torch.int16, 2), "U16": (torch.uint16, 2), "F16": (torch.float16, 2),
+              "BF16": (torch.bfloat16, 2), "I32": (torch.int32, 4), "U32": (torch.uint32, 4),
+              "F32": (torch.float32, 4), "I64": (torch.int64, 8), "U64": (torch.uint64, 8),
+              "F64": (torch.float64, 8), "F8_E4M3": (torch.float8_e4m3fn, 1),
+              "F8_E5M2": (torch.float8_e5m2, 1)}
+_TORCH_TO_ST = {v[0]: k for k, v in _ST_DTYPES.items()}
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+# Rows of packed indices unpacked at a time by the index check (bounds its temporary memory).
+_INDEX_CHECK_ROWS = 4096
+
+
+def _read_marker(file: Path) -> dict:
+    try:
+        with open(file, "rb") as f:
+            meta = json.loads(f.read())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{file}: cannot be read as JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file}: must hold a JSON object, got {type(meta).__name__}")
+    version = meta.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ValueError(f"{file}: format_version {version!r} is not supported (this physkern "
+                         f"reads {FORMAT_VERSION})")
+    layers = meta.get("quantized_layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"{file}: quantized_layers must be an object of layer name -> layout, "
+                         f"got {type(layers).__name__}")
+    return meta
+
+
+def _check_layer_meta(file: Path, name, lm) -> dict:
+    """Types and ranges of one layer's layout in physkern.json (no tensor is touched)."""
+    if not isinstance(name, str) or not name or any(not p for p in name.split(".")):
+        raise ValueError(f"{file}: quantized layer name {name!r} is not a module path")
+    where = f"{file}: layer {name}"
+    if not isinstance(lm, dict):
+        raise ValueError(f"{where}: layout must be an object, got {type(lm).__name__}")
+    if lm.get("kind") not in ("linear", "conv1d"):
+        raise ValueError(f"{where}: kind must be 'linear' or 'conv1d', got {lm.get('kind')!r}")
+    for f in _LAYER_INTS:
+        v = lm.get(f)
+        if type(v) is not int or v < 1:
+            raise ValueError(f"{where}: {f} must be a positive integer, got {v!r}")
+    if lm["k"] > MAX_K:
+        raise ValueError(f"{where}: k must be in [1, {MAX_K}], got {lm['k']}")
+    if lm["in_features"] % lm["block_dim"]:
+        raise ValueError(f"{where}: block_dim ({lm['block_dim']}) must divide in_features "
+                         f"({lm['in_features']})")
+    if lm["out_features"] % lm["codebook_rows"]:
+        raise ValueError(f"{where}: codebook_rows ({lm['codebook_rows']}) must divide "
+                         f"out_features ({lm['out_features']})")
+    if lm["in_features"] % lm["scale_group"]:
+        raise ValueError(f"{where}: scale_group ({lm['scale_group']}) must divide in_features "
+                         f"({lm['in_features']})")
+    for f in _LAYER_DTYPES:
+        v = lm.get(f)
+        if (v is None and f != "codebook_dtype") or v in FLOAT_DTYPES:
+            continue
+        raise ValueError(f"{where}: {f} must be one of {FLOAT_DTYPES}"
+                         f"{'' if f == 'codebook_dtype' else ' or null'}, got {v!r}")
+    if lm.get("offsets_dtype") is not None and lm.get("scales_dtype") is None:
+        raise ValueError(f"{where}: offsets_dtype is set but scales_dtype is null (offsets need "
+                         "scales)")
+    if lm.get("recipe") is not None and not isinstance(lm["recipe"], dict):
+        raise ValueError(f"{where}: recipe must be an object or null, got "
+                         f"{type(lm['recipe']).__name__}")
+    return lm
+
+
+def _layer_tensors(lm: dict) -> dict:
+    """{buffer name: (torch dtype, shape)} that a layer with layout `lm` stores."""
+    from .quant.packing import index_bits, words_per_row
+    s, out, inf = lm["stages"], lm["out_features"], lm["in_features"]
+    k, d = lm["k"], lm["block_dim"]
+    want = {"packed": (torch.int32, (s, out, words_per_row(inf // d, index_bits(k)))),
+            "codebooks": (getattr(torch, lm["codebook_dtype"]),
+                          (s, out // lm["codebook_rows"], k, d))}
+    n_sc = (out, inf // lm["scale_group"])
+    if lm.get("scales_dtype"):
+        want["scales"] = (getattr(torch, lm["scales_dtype"]), n_sc)
+    if lm.get("offsets_dtype"):
+        want["offsets"] = (getattr(torch, lm["offsets_dtype"]), n_sc)
+    if lm.get("bias_dtype"):
+        want["bias"] = (getattr(torch, lm["bias_dtype"]), (out,))
+    return want
+
+
+def read_safetensors_header(file: Path) -> dict:
+    """{tensor name: (torch dtype, shape tuple)} from a safetensors file's header, reading only
+    the header (8-byte little-endian length + JSON) and checking every tensor's byte range
+    against the file size. Raises ValueError naming the file."""
+    file = Path(file)
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{file}: truncated ({size} bytes, no safetensors header)")
+            n = int.from_bytes(head, "little")
+            if n > size - 8 or n > _MAX_HEADER:
+                raise ValueError(f"{file}: header length {n} exceeds the file ({size} bytes) or "
+                                 f"{_MAX_HEADER} bytes: truncated or not a safetensors file")
+            raw = f.read(n)
+    except OSError as exc:
+        raise ValueError(f"{file}: cannot be read: {exc}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{file}: the safetensors header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: the safetensors header is not a JSON object")
+    data = size - 8 - n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(info, dict) and info.get("dtype") in _ST_DTYPES
+              and isinstance(info.get("shape"), list)
+              and all(type(x) is int and x >= 0 for x in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(type(x) is int for x in info["data_offsets"]))
+        if not ok:
+            raise ValueError(f"{file}: tensor {name!r} has a malformed header entry: "
+                             f"{str(info)[:200]}")
+        dtype, size_of = _ST_DTYPES[info["dtype"]]
+        shape = tuple(info["shape"])
+        b, e = info["data_offsets"]
+        if not 0 <= b <= e <= data:
+            raise ValueError(f"{file}: tensor {name!r} lies at bytes [{b}, {e}) beyond the "
+                             f"{data} data bytes of the file: truncated or corrupt")
+        if e - b != math.prod(shape) * size_of:
+            raise ValueError(f"{file}: tensor {name!r} has {e - b} bytes for shape "
+                             f"{list(shape)} of {info['dtype']}")
+        out[name] = (dtype, shape)
+    return out
+
+
+def _fmt(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_indices(file: Path, name: str, layer) -> None:
+    """Every stored index < K, so no kernel reads past a codebook. Skipped when K = 2**bits
+    (then every bit pattern is a valid index); the packed shape was checked before."""
+    from .quant.packing import index_bits, unpack_indices
+    k = layer.codebooks.shape[2]
+    bits = index_bits(k)
+    if (1 << bits) == k:
+        return
+    nb = layer.in_features // layer.codebooks.shape[3]
+    packed = layer.packed
+    for r0 in range(0, packed.shape[1], _INDEX_CHECK_ROWS):
+        idx = unpack_indices(packed[:, r0:r0 + _INDEX_CHECK_ROWS], bits, nb)
+        bad = (idx >= k).nonzero()
+        if bad.numel():
+            s, r, b = (int(v) for v in bad[0])
+            raise ValueError(f"{file}: layer {name}: packed holds index {int(idx[s, r, b])} "
+                             f"(stage {s}, row {r0 + r}, block {b}) >= k = {k}: corrupt or "
+                             f"crafted file")
+
+
 def load_quantized(path, device: str | torch.device = "cpu"):
-    """Load a model saved by save_quantized: returns (model, tokenizer or None)."""
+    """Load a model saved by save_quantized: returns (model, tokenizer or None).
+
+    Defensive against a corrupt or crafted directory: physkern.json's layer layouts (types,
+    ranges) and every tensor's dtype and shape in model.safetensors' header (read alone, byte
+    ranges checked against the file size) are checked against the model that config.json and
+    physkern.json describe BEFORE any tensor is allocated; missing and unexpected tensors are
+    errors; after loading, every packed index is checked < K once (when K is not a power of
+    two), so the kernels never read outside a codebook. Every failure is a ValueError naming
+    the file (and the layer and field); a missing directory is FileNotFoundError.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from .layers import QuantizedLinear
-    from .models import replace_layer
+    from .models import linear_layers, replace_layer
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"path: {str(path)!r} is not a directory")
     if not is_quantized_dir(path):
         raise ValueError(f"path: {str(path)!r} is not a physkern quantized model (no {MARKER})")
-    with open(path / MARKER) as f:
-        meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{MARKER}: format_version {meta.get('format_version')!r} is not "
-                         f"supported (this physkern reads {FORMAT_VERSION})")
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config)
-    for name, layer_meta in meta["quantized_layers"].items():
-        replace_layer(model, name, QuantizedLinear.empty(layer_meta))
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    marker, st_file, cfg_file = path / MARKER, path / MODEL_FILE, path / "config.json"
+    meta = _read_marker(marker)
+    layers = {name: _check_layer_meta(marker, name, lm)
+              for name, lm in meta["quantized_layers"].items()}
+    if not st_file.is_file():
+        raise ValueError(f"{st_file}: missing")
+    header = read_safetensors_header(st_file)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        raise ValueError(f"{cfg_file}: cannot build a model from it: {exc}") from None
+    # The quantized layers must replace linear layers of that shape.
+    originals = {l.name: l for l in linear_layers(skeleton)}
+    for name, lm in layers.items():
+        orig = originals.get(name)
+        if orig is None:
+            raise ValueError(f"{marker}: layer {name}: the model of {cfg_file.name} has no "
+                             "linear layer of that name")
+        if (orig.kind, orig.in_features, orig.out_features) != \
+                (lm["kind"], lm["in_features"], lm["out_features"]):
+            raise ValueError(f"{marker}: layer {name}: kind {lm['kind']}, in_features "
+                             f"{lm['in_features']}, out_features {lm['out_features']} do not "
+                             f"match the model's {orig.kind}, {orig.in_features}, "
+                             f"{orig.out_features} ({cfg_file.name})")
+    # Every tensor the loaded model will hold, checked against the file's header.
+    expected: dict = {}  # state-dict key -> (dtype, shape, layer name or None)
+    groups: dict = {}    # id of a (possibly tied) tensor -> its state-dict keys
+    quantized_keys = set()
+    for name, lm in layers.items():
+        for buf, (dt, shape) in _layer_tensors(lm).items():
+            expected[f"{name}.{buf}"] = (dt, shape, name)
+            quantized_keys.add(f"{name}.{buf}")
+    prefixes = tuple(f"{name}." for name in layers)
+    persistent_ids = set()
+    for key, t in skeleton.state_dict(keep_vars=True).items():
+        persistent_ids.add(id(t))
+        if key.startswith(prefixes):
+            continue
+        expected[key] = (t.dtype, tuple(t.shape), None)
+        groups.setdefault(id(t), []).append(key)
+    for key in quantized_keys:
+        groups[key] = [key]
+    unexpected = sorted(set(header) - set(expected))
     if unexpected:
-        raise ValueError(f"model.safetensors has tensors the model does not: {unexpected[:5]}")
+        raise ValueError(f"{st_file}: unexpected tensors the model does not have: "
+                         f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    missing = [keys[0] for keys in groups.values()
+               if not any(k in header for k in keys) and not keys[0].endswith("inv_freq")]
+    if missing:
+        for key in missing:
+            if key in quantized_keys:
+                raise ValueError(f"{st_file}: layer {expected[key][2]}: tensor "
+                                 f"{key.rsplit('.', 1)[1]} is missing")
+        raise ValueError(f"{st_file}: missing tensors: {sorted(missing)[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    for key, (st_dtype, st_shape) in header.items():
+        dt, shape, layer = expected[key]
+        what = (f"{st_file}: layer {layer}: {key.rsplit('.', 1)[1]}" if layer
+                else f"{st_file}: tensor {key}")
+        if st_shape != shape:
+            raise ValueError(f"{what} has shape {list(st_shape)}, "
+                             f"{MARKER if layer else cfg_file.name} implies {list(shape)}")
+        dtype_ok = (st_dtype == dt if layer or not dt.is_floating_point
+                    else st_dtype.is_floating_point)
+        if not dtype_ok:
+            raise ValueError(f"{what} has dtype {_TORCH_TO_ST[st_dtype]} ({_fmt(st_dtype)}), "
+                             f"{MARKER if layer else cfg_file.name} implies {_fmt(dt)}")
+    # Buffers that are not saved (rotary tables, masks) are sized by config.json alone: bound
+    # them by the weights file so a crafted config cannot make the real build allocate wildly.
+    unsaved = sum(b.numel() * b.element_size() for b in skeleton.buffers()
+                  if id(b) not in persistent_ids)
+    limit = max(256 * 2**20, os.path.getsize(st_file))
+    if unsaved > limit:
+        raise ValueError(f"{cfg_file}: the model's unsaved buffers need {unsaved} bytes, more "
+                         f"than {limit}: corrupt or crafted config")
+    del skeleton
+    # Everything agrees: build for real and read the tensors.
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise ValueError(f"{cfg_file}: cannot build a model from it: {exc}") from None
+    for name, lm in layers.items():
+        replace_layer(model, name, QuantizedLinear.empty(lm))
+    try:
+        missing, unexpected = load_model(model, str(st_file), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ValueError(f"{st_file}: cannot be read: {exc}") from None
+    if unexpected:
+        raise ValueError(f"{st_file}: unexpected tensors the model does not have: "
+                         f"{sorted(unexpected)[:5]}")
     real_missing = [m for m in missing if not m.endswith("inv_freq")]
     if real_missing:
-        raise ValueError(f"model.safetensors lacks tensors: {real_missing[:5]}")
+        raise ValueError(f"{st_file}: missing tensors: {sorted(real_missing)[:5]}")
+    for name in layers:
+        _check_indices(st_file, name, model.get_submodule(name))
     model.tie_weights()
     tok = None
     if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
