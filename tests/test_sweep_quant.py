@@ -125,3 +125,47 @@ def test_bad_recipes(tmp_path):
         load_recipes(str(p))
     with pytest.raises(FileNotFoundError):
         load_recipes(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize("content, what", [
+    ('{"setup": {"model": "m"}, "points": [{"recipe": "fp", "se', "not valid JSON"),  # truncated
+    ("[1, 2]", "JSON list"),
+    ('{"points": []}', "no 'setup'"),
+    ('{"setup": {}, "points": {"a": 1}}', "'points' must be a list"),
+    ('{"setup": {}, "points": [{"recipe": "fp"}]}', r"points\[0\]"),
+])
+def test_resume_from_corrupt_results_names_file_and_fresh(tmp_path, content, what):
+    from physkern.sweeps.quant import read_results
+    bad = tmp_path / "sweep.json"
+    bad.write_text(content)
+    with pytest.raises(ValueError, match=what) as exc:
+        read_results(bad)
+    assert str(bad) in str(exc.value) and "--fresh" in str(exc.value)
+    assert read_results(tmp_path / "missing.json") is None
+
+
+def test_corrupt_results_cli_error_then_fresh_keeps_backup(tiny_setup, tmp_path, capsys):
+    from physkern.cli import main
+    root, out = tiny_setup, tmp_path / "out"
+    out.mkdir()
+    bad = out / "fresh.json"
+    truncated = '{"experiment": "quantization recipes", "setup": {"model": '
+    bad.write_text(truncated)
+    args = _args(root, "--out-dir", str(out), "--name", "fresh", "--only", "fp")
+    assert main(args) == 2                      # one error line, no traceback
+    err = capsys.readouterr().err
+    assert str(bad) in err and "--fresh" in err and "not valid JSON" in err
+    assert bad.read_text() == truncated         # untouched
+
+    assert main(args + ["--fresh"]) == 0
+    backups = list(out.glob("fresh.json.bak-*"))
+    assert len(backups) == 1 and backups[0].read_text() == truncated
+    res = json.loads(bad.read_text())
+    assert [p["recipe"] for p in res["points"]] == ["fp"]
+    assert "moved" in capsys.readouterr().out
+    # a second --fresh keeps both backups (the first is never overwritten)
+    assert main(args + ["--fresh"]) == 0
+    assert len(list(out.glob("fresh.json.bak-*"))) == 2
+    # and a plain run resumes from the valid file
+    assert main(args) == 0
+    assert "skipped" in capsys.readouterr().out

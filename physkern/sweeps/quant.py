@@ -69,8 +69,10 @@ before/after, kept, loss curve, seconds) and the lattice settings.
 
 Writes <out-dir>/<name>.json after every point (resumable: points already there with the same
 recipe config, smooth, prune, finetune and lattice settings, seed and setup are skipped) and a
-PNG of perplexity vs true bits/weight: two panels (whole model, quantized layers), log y, one
-curve per label, mean with min-max spread over seeds.
+PNG of perplexity vs true bits/weight (physkern.sweeps.plot; `physkern sweep plot X.json`
+redraws it from the JSON alone). A results file that cannot be resumed (truncated or corrupt
+JSON, not a sweep results object, another setup) raises ValueError naming the file; `--fresh`
+starts over after moving the old file aside to <name>.json.bak-<UTC timestamp> (never deleted).
 """
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ import time
 from pathlib import Path
 
 from ..commands._common import add_eval_args, add_model_corpus_args, resolve_window
+from .plot import plot
 
 DEFAULT_TOKENS = 131072  # 128 windows of 1024: 130,944 scored tokens (acceptance: >= 100k)
 DEFAULT_OUT_DIR = "bench/results"
@@ -111,7 +114,9 @@ def register_sweep(kinds) -> None:
                    help="override the seeds of every random recipe (e.g. --seeds 0 for a quick "
                         "single-seed pass); deterministic recipes still run once")
     p.add_argument("--fresh", action="store_true",
-                   help="ignore points already in the output JSON")
+                   help="start over: move an existing output JSON aside to "
+                        "<name>.json.bak-<UTC timestamp> (kept, not deleted) instead of resuming "
+                        "from it")
     p.set_defaults(func=run)
 
 
@@ -390,6 +395,60 @@ def apply_prune(model, spec: dict) -> dict:
             "decoder_linear_parameters": total, "removed_fraction": removed / total}
 
 
+_FRESH_HINT = ("pass --fresh to start over (the old file is moved to "
+               "<name>.json.bak-<timestamp>, not deleted)")
+
+
+def read_results(json_path: Path) -> dict | None:
+    """The results a sweep resumes from: None when `json_path` does not exist, else its payload.
+
+    Raises ValueError naming the file, what is wrong with it and the --fresh flag when it is not
+    valid JSON (e.g. truncated by a killed run), not an object, or its "setup"/"points" are
+    missing or malformed (every point needs recipe, seed and config to be matched on resume)."""
+    json_path = Path(json_path)
+    if not json_path.exists():
+        return None
+    where = f"results: {str(json_path)!r}"
+    try:
+        payload = json.loads(json_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} cannot be resumed: it is not valid JSON ({exc}; truncated or "
+                         f"corrupt?); {_FRESH_HINT}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where} cannot be resumed: it is not UTF-8 text ({exc}); "
+                         f"{_FRESH_HINT}") from exc
+    if not isinstance(payload, dict):
+        raise ValueError(f"{where} cannot be resumed: it holds a JSON "
+                         f"{type(payload).__name__}, not a sweep results object; {_FRESH_HINT}")
+    if not isinstance(payload.get("setup"), dict):
+        raise ValueError(f"{where} cannot be resumed: it has no 'setup' object; {_FRESH_HINT}")
+    points = payload.get("points")
+    if not isinstance(points, list):
+        raise ValueError(f"{where} cannot be resumed: 'points' must be a list, got "
+                         f"{type(points).__name__}; {_FRESH_HINT}")
+    for i, p in enumerate(points):
+        if not isinstance(p, dict) or not {"recipe", "seed", "config"} <= set(p):
+            raise ValueError(f"{where} cannot be resumed: points[{i}] is not a point object "
+                             f"with recipe, seed and config; {_FRESH_HINT}")
+    return payload
+
+
+def move_aside(json_path: Path) -> Path | None:
+    """Rename an existing `json_path` to <name>.json.bak-<UTC timestamp> (a counter is added if
+    that exists); returns the new path, or None when there was nothing to move."""
+    json_path = Path(json_path)
+    if not json_path.exists():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    backup = json_path.with_name(f"{json_path.name}.bak-{stamp}")
+    n = 1
+    while backup.exists():
+        backup = json_path.with_name(f"{json_path.name}.bak-{stamp}-{n}")
+        n += 1
+    json_path.rename(backup)
+    return backup
+
+
 # ----------------------------------------------------------------------------------------------
 # run
 
@@ -419,6 +478,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"calib-windows must be positive, got {args.calib_windows}")
     name = args.name or Path(args.recipes).stem
     json_path = Path(args.out_dir) / f"{name}.json"
+    old = None
+    if args.fresh:
+        backup = move_aside(json_path)
+        if backup is not None:
+            print(f"--fresh: moved {json_path} to {backup}")
+    else:
+        old = read_results(json_path)
 
     corpus = load_corpus(args.corpus)
     model, tokenizer = load_model(args.model, device=args.device)
@@ -439,13 +505,13 @@ def run(args: argparse.Namespace) -> int:
                                      "offsets drawn with the point's seed",
                              "disjoint_from_evaluation": True}}
     points = []
-    if json_path.exists() and not args.fresh:
-        old = json.loads(json_path.read_text())
+    if old is not None:
         if _canon(old.get("setup")) != _canon(setup):
-            raise ValueError(f"{json_path} was made with another setup (model, corpus, tokens, "
-                             "window or calibration); pass --fresh to overwrite it or --name to "
-                             "write elsewhere")
-        points = old.get("points", [])
+            raise ValueError(f"results: {str(json_path)!r} was made with another setup (model, "
+                             "corpus, tokens, window or calibration); pass --fresh to start over "
+                             "(the old file is moved to <name>.json.bak-<timestamp>) or --name "
+                             "to write elsewhere")
+        points = old["points"]
     done = {_key_of(p) for p in points}
 
     def save():
@@ -582,50 +648,6 @@ def summarize(points: list[dict]) -> list[dict]:
                                      "kept": [p["finetune"]["kept"] for p in ps]}}
                        if ps[0].get("finetune") else {})})
     return out
-
-
-def plot(payload: dict, path: Path) -> None:
-    """Two panels (whole-model and quantized-layer bits/weight), log y, one curve per label."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = payload["summary"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    fp = [s for s in summary if s["label"] == "FP"]
-    labels = []
-    for s in summary:
-        if s["label"] != "FP" and s["label"] not in labels:
-            labels.append(s["label"])
-    for ax, key, title in ((axes[0], "model_bits_per_weight", "whole model (bits/parameter)"),
-                           (axes[1], "quantized_bits_per_weight",
-                            "quantized layers (bits/weight)")):
-        for lab in labels:
-            pts = sorted((s for s in summary if s["label"] == lab), key=lambda s: s[key])
-            xs = [s[key] for s in pts]
-            ys = [s["perplexity_mean"] for s in pts]
-            lo = [s["perplexity_mean"] - s["perplexity_min"] for s in pts]
-            hi = [s["perplexity_max"] - s["perplexity_mean"] for s in pts]
-            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", capsize=3, label=lab)
-            for s in pts:
-                ax.annotate(s["recipe"], (s[key], s["perplexity_mean"]), fontsize=6,
-                            xytext=(3, 3), textcoords="offset points")
-        for s in fp:
-            ax.axhline(s["perplexity_mean"], color="gray", ls="--",
-                       label=f"FP ({s['perplexity_mean']:.2f})")
-        ax.set_yscale("log")
-        ax.set_xlabel(f"true bits/weight: {title}")
-        ax.set_ylabel("perplexity")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    proto = payload["setup"]["protocol"]
-    fig.suptitle(f"{payload['setup']['model']}: {proto['tokens_input']} evaluation tokens, "
-                 f"{proto['kind']} windows of {proto['window']}; mean over seeds, bars min-max",
-                 fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def markdown_table(payload: dict) -> str:
