@@ -64,7 +64,8 @@ def validate_output_dir(path, overwrite: bool = False) -> Path:
             try:
                 non_empty = any(path.iterdir())
             except OSError as exc:
-                raise ValueError(f"--out {str(path)!r} cannot be listed: {exc}") from None
+                raise ValueError(f"--out {str(path)!r} cannot be listed: "
+                                 f"{_one_line(exc)}") from None
             if non_empty:
                 raise ValueError(f"--out {str(path)!r} is a non-empty directory that is not a "
                                  "physkern model; refusing to write into it (use a new or empty "
@@ -279,12 +280,18 @@ _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 _INDEX_CHECK_ROWS = 4096
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception as one short line (its type and message, whitespace collapsed)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
 def _read_marker(file: Path) -> dict:
     try:
         with open(file, "rb") as f:
             meta = json.loads(f.read())
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{file}: cannot be read as JSON: {exc}") from None
+        raise ValueError(f"{file}: cannot be read as JSON: {_one_line(exc)}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{file}: must hold a JSON object, got {type(meta).__name__}")
     version = meta.get("format_version")
@@ -372,11 +379,11 @@ def read_safetensors_header(file: Path) -> dict:
                                  f"{_MAX_HEADER} bytes: truncated or not a safetensors file")
             raw = f.read(n)
     except OSError as exc:
-        raise ValueError(f"{file}: cannot be read: {exc}") from None
+        raise ValueError(f"{file}: cannot be read: {_one_line(exc)}") from None
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"{file}: the safetensors header is not JSON: {exc}") from None
+        raise ValueError(f"{file}: the safetensors header is not JSON: {_one_line(exc)}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{file}: the safetensors header is not a JSON object")
     data = size - 8 - n
@@ -462,7 +469,7 @@ def load_quantized(path, device: str | torch.device = "cpu"):
         with torch.device("meta"):  # shapes only: nothing is allocated
             skeleton = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
-        raise ValueError(f"{cfg_file}: cannot build a model from it: {exc}") from None
+        raise ValueError(f"{cfg_file}: cannot build a model from it: {_one_line(exc)}") from None
     # The quantized layers must replace linear layers of that shape.
     originals = {l.name: l for l in linear_layers(skeleton)}
     for name, lm in layers.items():
@@ -532,13 +539,13 @@ def load_quantized(path, device: str | torch.device = "cpu"):
     try:
         model = AutoModelForCausalLM.from_config(config)
     except (ValueError, RuntimeError, TypeError) as exc:
-        raise ValueError(f"{cfg_file}: cannot build a model from it: {exc}") from None
+        raise ValueError(f"{cfg_file}: cannot build a model from it: {_one_line(exc)}") from None
     for name, lm in layers.items():
         replace_layer(model, name, QuantizedLinear.empty(lm))
     try:
         missing, unexpected = load_model(model, str(st_file), strict=False)
     except (SafetensorError, OSError, RuntimeError) as exc:
-        raise ValueError(f"{st_file}: cannot be read: {exc}") from None
+        raise ValueError(f"{st_file}: cannot be read: {_one_line(exc)}") from None
     if unexpected:
         raise ValueError(f"{st_file}: unexpected tensors the model does not have: "
                          f"{sorted(unexpected)[:5]}")
@@ -550,5 +557,9 @@ def load_quantized(path, device: str | torch.device = "cpu"):
     model.tie_weights()
     tok = None
     if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
-        tok = AutoTokenizer.from_pretrained(path)
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:  # tokenizers' Rust errors are plain Exceptions
+            raise ValueError(f"{path / 'tokenizer.json'} (or tokenizer_config.json): cannot be "
+                             f"loaded: {_one_line(exc)}") from None
     return model.to(device).eval(), tok

@@ -279,6 +279,12 @@ def test_unknown_format_version(crafted, version):
     _load_fails(crafted, MARKER, "format_version")
 
 
+def test_garbage_tokenizer(q_gpt2, tmp_path):
+    d = save_quantized(q_gpt2, tmp_path / "t", tokenizer=_tokenizer())
+    (d / "tokenizer.json").write_text('{"model": 1}')
+    _load_fails(d, "tokenizer.json")
+
+
 def test_garbage_config(crafted):
     (crafted / "config.json").write_text("{nope")
     _load_fails(crafted, "config.json")
