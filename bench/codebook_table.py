@@ -1,4 +1,4 @@
-"""The README's codebook table: true bits vs perplexity by scope, K, d and calibration.
+"""docs/RESULTS.md's codebook table: true bits vs perplexity by scope, K, d and calibration.
 
 Reads sweep results written by `physkern sweep quant` (default: bench/results/pareto_16k.json
 and bench/results/codebook_table_16k.json, same model, text, protocol and calibration) and

@@ -1,4 +1,4 @@
-"""The README's "pushing layer codebooks" table: what each addition to a layer-codebook recipe did.
+"""docs/RESULTS.md's "pushing layer codebooks" table: what each addition to a layer-codebook recipe did.
 
 Reads sweep results (default bench/results/codebook_push_16k.json, from
 `physkern sweep quant --recipes bench/recipes/codebook_push.json --name codebook_push_16k
@@ -9,7 +9,7 @@ quantized layers and the whole model, perplexity, and seconds spent quantizing a
 
     python bench/push_table.py [--results A.json B.json ...] [--only RECIPE ...] [--out FILE]
 
-The README's table adds the plain layer-codebook rows of bench/results/pareto_16k.json (same
+The table in docs/RESULTS.md adds the plain layer-codebook rows of bench/results/pareto_16k.json (same
 model, text, protocol and calibration) as the baseline: files of different setups are refused.
 """
 from __future__ import annotations
