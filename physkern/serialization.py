@@ -50,38 +50,38 @@ def validate_output_dir(path, overwrite: bool = False) -> Path:
     for a new directory, its nearest existing parent) is not writable."""
     path = Path(path)
     if path.is_symlink() and not path.exists():
-        raise ValueError(f"--out {str(path)!r} is a dangling symbolic link")
+        raise ValueError(f"output path {str(path)!r} is a dangling symbolic link")
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"--out {str(path)!r} exists and is not a directory")
+            raise ValueError(f"output path {str(path)!r} exists and is not a directory")
         if is_quantized_dir(path) or _interrupted_saves(path):
             if not overwrite:
                 what = ("a physkern model" if is_quantized_dir(path)
                         else "an interrupted physkern save")
-                raise ValueError(f"--out {str(path)!r} already holds {what}; pass "
+                raise ValueError(f"output path {str(path)!r} already holds {what}; pass "
                                  "overwrite=True (--overwrite) to replace it")
         else:
             try:
                 non_empty = any(path.iterdir())
             except OSError as exc:
-                raise ValueError(f"--out {str(path)!r} cannot be listed: "
+                raise ValueError(f"output path {str(path)!r} cannot be listed: "
                                  f"{_one_line(exc)}") from None
             if non_empty:
-                raise ValueError(f"--out {str(path)!r} is a non-empty directory that is not a "
+                raise ValueError(f"output path {str(path)!r} is a non-empty directory that is not a "
                                  "physkern model; refusing to write into it (use a new or empty "
                                  "directory)")
         if not _writable(path):
-            raise ValueError(f"--out {str(path)!r} is not writable")
+            raise ValueError(f"output path {str(path)!r} is not writable")
         return path
     parent = path.absolute().parent
     while not parent.exists():
         if parent.is_symlink():
-            raise ValueError(f"--out {str(path)!r}: {str(parent)!r} is a dangling symbolic link")
+            raise ValueError(f"output path {str(path)!r}: {str(parent)!r} is a dangling symbolic link")
         parent = parent.parent
     if not parent.is_dir():
-        raise ValueError(f"--out {str(path)!r}: {str(parent)!r} is not a directory")
+        raise ValueError(f"output path {str(path)!r}: {str(parent)!r} is not a directory")
     if not _writable(parent):
-        raise ValueError(f"--out {str(path)!r}: parent directory {str(parent)!r} is not writable")
+        raise ValueError(f"output path {str(path)!r}: parent directory {str(parent)!r} is not writable")
     return path
 
 
