@@ -43,7 +43,11 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def empty(cls, meta: dict) -> "QuantizedLinear":
-        """An uninitialised layer with the buffers described by `layer_meta()` (for loading)."""
+        """A zero-filled layer with the buffers described by `layer_meta()` (for loading).
+
+        Allocates what `meta` says without bounding it: for a file from elsewhere, check the
+        layout first (physkern.serialization.load_quantized checks every size and dtype against
+        the safetensors header before calling this, and the indices after loading)."""
         dt = lambda n: getattr(torch, n)
         s, out, inf = meta["stages"], meta["out_features"], meta["in_features"]
         k, d = meta["k"], meta["block_dim"]
