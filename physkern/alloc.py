@@ -45,7 +45,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .config import AnyConfig, CodebookConfig, GPTQConfig, ScalarConfig
+from .config import AnyConfig, CodebookConfig, GPTQConfig, ScalarConfig  # noqa: F401
 from .models import LinearLayer, decoder_linear_layers, replace_layer
 
 
@@ -57,13 +57,9 @@ _BITS_CACHE: dict = {}
 
 
 def _storage_probe_config(cfg: AnyConfig) -> AnyConfig:
-    """A config with the same storage format as `cfg` but data-independent and cheap to run."""
-    if cfg.method == "gptq":  # GPTQ stores exactly the RTN grid format (same bits/groups/sym)
-        return ScalarConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric)
-    if cfg.method == "codebook":
-        return replace(cfg, calibrate=False, error_feedback=False, iters=0, init="random",
-                       layers=None, overrides={})
-    return replace(cfg, layers=None, overrides={})
+    """A config with the same storage format as `cfg` but data-independent and cheap to run
+    (each method's config says how: its `storage_probe()`, physkern/methods/)."""
+    return cfg.storage_probe()
 
 
 def option_bits(cfg: AnyConfig, out_features: int, in_features: int) -> int:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .calib import Gram, SecondMoment
 from .config import AnyConfig
 from .layers import QuantizedLinear
+from .methods.registry import quantizer_for
 from .models import LinearLayer, decoder_linear_layers, replace_layer
 from .quant.accounting import bits_report, layer_bits
 from .quant.format import QuantizedWeight
@@ -60,28 +61,9 @@ def quantize_weight(weight: torch.Tensor, cfg: AnyConfig, m2: Optional[torch.Ten
 
     m2:   [in] E[x_j^2] of the layer's input (calibrated codebooks)
     gram: [in, in] X^T X of the layer's input (GPTQ / codebook error feedback)
+    The quantizer is the one registered for cfg's class (physkern.methods.registry).
     """
-    if cfg.method == "codebook":
-        from .quant.codebook import (quantize_codebook, quantize_codebook_error_feedback,
-                                     refine_codebooks)
-        common = dict(k=cfg.k, block_dim=cfg.block_dim, scope=cfg.scope,
-                      group_size=cfg.group_size, stages=cfg.stages,
-                      scales=cfg.effective_scales(), scale_group=cfg.scale_group,
-                      iters=cfg.iters, tol=cfg.tol, seed=cfg.seed, init=cfg.init,
-                      codebook_dtype=cfg.codebook_dtype, max_fit_blocks=cfg.max_fit_blocks)
-        if cfg.error_feedback:
-            qw = quantize_codebook_error_feedback(weight, gram, percdamp=cfg.percdamp, **common)
-            return refine_codebooks(qw, weight, gram, cfg.refine_steps)
-        return quantize_codebook(weight, input_importance=m2 if cfg.calibrate else None, **common)
-    if cfg.method == "rtn":
-        from .quant.scalar import rtn_quantize
-        return rtn_quantize(weight, cfg.bits, cfg.group_size, cfg.symmetric, cfg.per_tensor)
-    if cfg.method == "gptq":
-        from .quant.gptq import gptq_quantize_scalar
-        return gptq_quantize_scalar(weight, gram, cfg.bits, cfg.group_size, cfg.symmetric,
-                                    act_order=cfg.act_order, percdamp=cfg.percdamp,
-                                    blocksize=cfg.blocksize)
-    raise ValueError(f"unknown method {cfg.method!r}")
+    return quantizer_for(cfg)(weight, cfg, m2, gram)  # physkern.methods: one file per method
 
 
 def _errors(w: torch.Tensor, q: torch.Tensor, m2, gram):

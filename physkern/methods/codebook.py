@@ -1,0 +1,133 @@
+"""Codebook (k-means vector) quantization: CodebookConfig and its registered quantizer.
+
+The algorithms live in physkern.quant.codebook (k-means, error feedback over d-dim vectors,
+codebook refinement); this file is the config and the glue the registry calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
+
+from ..quant.format import SCOPES
+from ._base import (MAX_SEED, VALID_BLOCK_DIMS, _check_bool, _check_float, _check_int,
+                    _check_selection, _Selectable)
+from .registry import register_method
+
+
+@dataclass
+class CodebookConfig(_Selectable):
+    """k-means vector (codebook) quantization.
+
+    k:          centroids per codebook (>= 1; larger than the blocks in a scope is an error)
+    block_dim:  d, weights per vector (1, 2, 4, 8, 16); must divide in_features
+    scope:      "row" (one codebook per output row, the seeds), "group" (group_size consecutive
+                rows share one), "layer" (one codebook for the layer)
+    group_size: rows per codebook for scope="group"
+    stages:     residual stages (each quantizes the previous stages' residual)
+    scales:     "auto" (per-row scales for group/layer scope, none for row scope), "none", "row",
+                or "columns" (one scale per row per `scale_group` input columns)
+    calibrate:  weight k-means by E[x_j^2] of each input dimension (from calibration text)
+    error_feedback: GPTQ-style error feedback over d-dim vectors (GPTVQ); needs calibration
+    iters, tol: Lloyd iterations and relative tolerance on the objective
+    max_fit_blocks: fit centroids on a seeded sample of at most this many blocks per scope
+                (then assign all); None = all blocks
+    refine_steps: Adam steps re-fitting codebooks and scales on the layer's output loss after
+                error feedback (indices fixed; kept only if the loss falls); 0 = off
+    init:       "kmeans++" (seeded D^2 sampling) or "random" (seeded sample of distinct blocks);
+                "auto" uses k-means++ up to k=1024 and random beyond (k-means++ is O(k) passes)
+    """
+    k: int = 256
+    block_dim: int = 4
+    scope: str = "row"
+    group_size: Optional[int] = None
+    stages: int = 1
+    scales: str = "auto"
+    scale_group: Optional[int] = None
+    calibrate: bool = True
+    error_feedback: bool = False
+    iters: int = 25
+    tol: float = 1e-4
+    init: str = "auto"
+    max_fit_blocks: Optional[int] = 65536
+    seed: int = 0
+    codebook_dtype: str = "float16"
+    percdamp: float = 0.01
+    refine_steps: int = 0
+    layers: Optional[Sequence[str]] = None
+    overrides: dict = field(default_factory=dict)
+
+    method = "codebook"
+
+    def __post_init__(self):
+        _check_selection(self)
+        _check_int("k", self.k, 1, 65536)
+        if self.block_dim not in VALID_BLOCK_DIMS:
+            raise ValueError(f"block_dim must be one of {VALID_BLOCK_DIMS}, got {self.block_dim!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.scope == "group":
+            if self.group_size is None:
+                raise ValueError("scope='group' needs group_size (rows per codebook)")
+            _check_int("group_size", self.group_size, 1)
+        elif self.group_size is not None:
+            raise ValueError(f"group_size is only used with scope='group' (scope={self.scope!r})")
+        _check_int("stages", self.stages, 1, 8)
+        if self.scales not in ("auto", "none", "row", "columns"):
+            raise ValueError(f"scales must be 'auto', 'none', 'row' or 'columns', got {self.scales!r}")
+        if self.scales == "columns":
+            if self.scale_group is None:
+                raise ValueError("scales='columns' needs scale_group (input columns per scale)")
+            _check_int("scale_group", self.scale_group, 1)
+        _check_int("iters", self.iters, 0)
+        if self.max_fit_blocks is not None:
+            _check_int("max_fit_blocks", self.max_fit_blocks, 1)
+        if self.init not in ("auto", "kmeans++", "random"):
+            raise ValueError(f"init must be 'auto', 'kmeans++' or 'random', got {self.init!r}")
+        if self.codebook_dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"codebook_dtype must be float16, bfloat16 or float32, got "
+                             f"{self.codebook_dtype!r}")
+        if self.error_feedback and not self.calibrate:
+            raise ValueError("error_feedback=True needs calibrate=True (it uses the Hessian X^T X)")
+        _check_float("percdamp", self.percdamp, 0, 1)
+        _check_float("tol", self.tol, 0)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_bool("calibrate", self.calibrate)
+        _check_bool("error_feedback", self.error_feedback)
+        _check_int("refine_steps", self.refine_steps, 0)
+        if self.refine_steps and not self.error_feedback:
+            raise ValueError("refine_steps needs error_feedback=True (it uses X^T X)")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.calibrate
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.error_feedback
+
+    def storage_probe(self) -> "CodebookConfig":
+        """Same storage format, no calibration, no Lloyd iterations (physkern.alloc's bit count)."""
+        return replace(self, calibrate=False, error_feedback=False, iters=0, init="random",
+                       refine_steps=0, layers=None, overrides={})
+
+    def effective_scales(self) -> str:
+        if self.scales == "auto":
+            return "none" if self.scope == "row" else "row"
+        return self.scales
+
+
+@register_method(CodebookConfig)
+def quantize_codebook_weight(weight, cfg: CodebookConfig, m2=None, gram=None):
+    """k-means codebooks (weighted by m2 when calibrated); with error_feedback the GPTQ-style
+    loop over d-dim vectors on gram, then optional codebook refinement."""
+    from ..quant.codebook import (quantize_codebook, quantize_codebook_error_feedback,
+                                  refine_codebooks)
+    common = dict(k=cfg.k, block_dim=cfg.block_dim, scope=cfg.scope,
+                  group_size=cfg.group_size, stages=cfg.stages,
+                  scales=cfg.effective_scales(), scale_group=cfg.scale_group,
+                  iters=cfg.iters, tol=cfg.tol, seed=cfg.seed, init=cfg.init,
+                  codebook_dtype=cfg.codebook_dtype, max_fit_blocks=cfg.max_fit_blocks)
+    if cfg.error_feedback:
+        qw = quantize_codebook_error_feedback(weight, gram, percdamp=cfg.percdamp, **common)
+        return refine_codebooks(qw, weight, gram, cfg.refine_steps)
+    return quantize_codebook(weight, input_importance=m2 if cfg.calibrate else None, **common)
