@@ -231,7 +231,7 @@ def _snapshot(model: nn.Module, train_norms: bool) -> list[tuple[torch.Tensor, t
 
 
 def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.Tensor,
-                       steps: int = 100, lr: float = 1e-4, batch_size: int = 1, seed: int = 0,
+                       steps: int = 100, lr: float = 1e-3, batch_size: int = 1, seed: int = 0,
                        holdout: int = 2, progress: bool = True,
                        train_norms: bool = True, schedule: str = "constant") -> dict:
     """Fine-tune the codebooks, scales, offsets (and norms) of a quantized `model` in place.

@@ -1,19 +1,34 @@
-"""`physkern quantize`: quantize a model's linear layers and save it."""
+"""`physkern quantize`: quantize a model's linear layers and save it.
+
+The recipe comes from --preset NAME, --recipe FILE:NAME or the per-flag recipe (exclusive), with
+--embedding, --dense-dtype, --calib-* and --finetune-* on top; physkern.recipe.apply_recipe
+applies it."""
 from __future__ import annotations
 
 import argparse
-import json
 
 from ._common import (add_model_corpus_args, check_calib_window, int_in, positive_float,
                       seed_arg)
 
-DEFAULT_CALIB_WINDOWS = 32
+DEFAULT_CALIB_WINDOWS = 32     # = physkern.recipe.DEFAULT_CALIBRATION
 DEFAULT_CALIB_WINDOW = 1024
+# the per-flag recipe's flags (config fields of the same name); --seed and --calib-* are not in
+# it: they apply to --preset and --recipe too
+CONFIG_FLAGS = ("k", "block_dim", "scope", "group_size", "stages", "scales", "scale_group",
+                "calibrate", "error_feedback", "bits", "symmetric", "act_order", "iters",
+                "layers")
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("recipe")
-    g.add_argument("--method", choices=["codebook", "rtn", "gptq"], default="codebook")
+    from ..methods import CONFIG_CLASSES
+    g = p.add_argument_group("recipe (one of: --preset NAME, --recipe FILE:NAME, or the flags "
+                             "below with --method)")
+    g.add_argument("--preset", default=None, metavar="NAME",
+                   help="a recipe shipped with physkern (physkern/presets/NAME.json: 3bit, "
+                        "2.5bit, fast, rtn4); its fine-tuning and calibration included; "
+                        "exclusive with --recipe and the config flags; --seed, --calib-*, "
+                        "--finetune-*, --embedding and --dense-dtype apply")
+    g.add_argument("--method", choices=list(CONFIG_CLASSES), default="codebook")
     g.add_argument("--k", type=int_in(1, 65536), default=256, help="codebook entries (codebook method)")
     g.add_argument("--block-dim", type=int, choices=[1, 2, 4, 8, 16], default=4, help="weights per vector d (1,2,4,8,16)")
     g.add_argument("--scope", choices=["row", "group", "layer"], default="layer",
@@ -36,14 +51,27 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", nargs="*", default=None,
                    help="glob patterns of layer names to quantize (default: all decoder linears)")
     g.add_argument("--recipe", default=None, metavar="FILE:NAME",
-                   help="take the quantization config (per-layer overrides included) and its "
-                        "fine-tuning from recipe NAME of a `physkern sweep quant` recipes file "
-                        "(e.g. bench/recipes/codebook_push.json:cb_mixed3_layer_ef_ft150); the "
-                        "recipe flags above are then not used, --seed is")
-    g.add_argument("--calib-windows", type=int_in(1), default=DEFAULT_CALIB_WINDOWS,
-                   help=f"calibration windows (default {DEFAULT_CALIB_WINDOWS})")
-    g.add_argument("--calib-window", type=int_in(2), default=DEFAULT_CALIB_WINDOW,
-                   help=f"tokens per calibration window (default {DEFAULT_CALIB_WINDOW})")
+                   help="take the quantization config (per-layer overrides included), its "
+                        "fine-tuning, head/embedding config, dense dtype and calibration from "
+                        "recipe NAME of a recipes file (e.g. bench/recipes/codebook_push.json:"
+                        "cb_mixed3_layer_ef_ft150); the config flags above are then not used, "
+                        "--seed is")
+    g.add_argument("--embedding", default=None, metavar="SPEC",
+                   help="also quantize the output head and (tied) input embedding: METHOD or "
+                        "METHOD:key=value,... (config fields, e.g. rtn:bits=4,group_size=64 or "
+                        "codebook:k=256,block_dim=4,scope=layer) or a JSON config object; "
+                        "default: the recipe's (presets: none)")
+    g.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="store and count the unquantized tensors (norms, biases, a dense "
+                        "embedding/head) at this width; float32 = as loaded (default: the "
+                        "recipe's, else float32)")
+    g.add_argument("--calib-windows", type=int_in(1), default=None,
+                   help=f"calibration windows (default: the recipe's, else "
+                        f"{DEFAULT_CALIB_WINDOWS})")
+    g.add_argument("--calib-window", type=int_in(2), default=None,
+                   help=f"tokens per calibration window (default: the recipe's, else "
+                        f"{DEFAULT_CALIB_WINDOW})")
+    p.set_defaults(_config_flag_defaults={f: p.get_default(f) for f in CONFIG_FLAGS + ("method",)})
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:
@@ -51,87 +79,136 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
                              "model; indices and bits unchanged)")
     g.add_argument("--finetune-steps", type=int, default=None,
                    help="Adam steps of end-to-end fine-tuning; 0 turns it off (default: the "
-                        "--recipe's own fine-tuning, else none)")
+                        "recipe's own fine-tuning, else none)")
     g.add_argument("--finetune-lr", type=positive_float, default=None,
-                   help="relative learning rate (default 1e-3, or the --recipe's; "
-                        "physkern.finetune)")
+                   help="relative learning rate (default 1e-3, or the recipe's; "
+                        "physkern.recipe.FINETUNE_DEFAULTS)")
     g.add_argument("--finetune-schedule", choices=["constant", "cosine"], default=None,
-                   help="learning-rate schedule (default constant, or the --recipe's)")
+                   help="learning-rate schedule (default constant, or the recipe's)")
     g.add_argument("--finetune-windows", type=int, default=None,
                    help="fine-tune on this many non-overlapping calibration windows (default: "
                         "the quantizer's calibration windows)")
 
 
-def recipe_from_args(args: argparse.Namespace) -> tuple:
-    """(quantization config, validated fine-tuning spec or None) from --recipe or the flags."""
-    from ..sweeps.quant import load_recipes, parse_finetune, with_seed
-    finetune = None
-    if args.recipe is not None:
+def _given_config_flags(args: argparse.Namespace) -> list[str]:
+    defaults = getattr(args, "_config_flag_defaults", {})
+    return ["--" + f.replace("_", "-") for f, d in defaults.items() if getattr(args, f, d) != d]
+
+
+def embedding_from_spec(spec: str):
+    """--embedding SPEC -> a config: METHOD, METHOD:key=value,..., or a JSON config object."""
+    import json as _json
+
+    from ..config import config_from_dict
+    text = spec.strip()
+    if text.startswith("{"):
+        try:
+            d = _json.loads(text)
+        except _json.JSONDecodeError as exc:
+            raise ValueError(f"--embedding: not a valid JSON object: {exc}") from exc
+    else:
+        method, _, rest = text.partition(":")
+        d = {"method": method}
+        for item in filter(None, rest.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise ValueError(f"--embedding: expected key=value, got {item!r} (e.g. "
+                                 "rtn:bits=4,group_size=64)")
+            try:
+                d[key.strip()] = _json.loads(value)
+            except _json.JSONDecodeError:
+                d[key.strip()] = value  # a bare string (scope=layer)
+    try:
+        return config_from_dict(d)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--embedding: {exc}") from exc
+
+
+def recipe_from_args(args: argparse.Namespace):
+    """The physkern.recipe.Recipe `physkern quantize` applies: from --preset, --recipe or the
+    flags, then --embedding, --dense-dtype, --calib-* and --finetune-* on top."""
+    from dataclasses import replace
+
+    from ..recipe import Recipe, load_preset, load_recipe, parse_finetune
+    if args.preset is not None and args.recipe is not None:
+        raise ValueError("--preset and --recipe are exclusive: give one")
+    source = ("--preset" if args.preset is not None else
+              "--recipe" if args.recipe is not None else None)
+    if args.preset is not None:  # (--recipe keeps its old behaviour: the flags are unused)
+        flags = _given_config_flags(args)
+        if flags:
+            raise ValueError(f"{source} and the per-flag recipe are exclusive: drop "
+                             f"{', '.join(flags)} (or write them into a recipe file)")
+    if args.preset is not None:
+        recipe = load_preset(args.preset)
+    elif args.recipe is not None:
         path, sep, name = args.recipe.rpartition(":")
         if not sep or not path or not name:
             raise ValueError(f"--recipe must be FILE:NAME, got {args.recipe!r}")
         try:
-            recipes = {r["name"]: r for r in load_recipes(path)}
+            recipe = load_recipe(path, name)
         except ValueError as exc:  # name the file: a config error inside says only its key
             msg = str(exc)
             raise ValueError(msg if path in msg else f"--recipe {path}: {msg}") from exc
-        if name not in recipes:
-            raise ValueError(f"--recipe: no recipe {name!r} in {path}; valid: "
-                             f"{', '.join(recipes)}")
-        r = recipes[name]
-        extra = [k for k in ("smooth", "prune", "lattice") if r[k] is not None]
-        if r["config"] is None or extra:
-            raise ValueError(f"--recipe {name!r}: `physkern quantize` runs a quantization config "
-                             f"with optional fine-tuning; this recipe has "
-                             f"{'no config' if r['config'] is None else ', '.join(extra)} "
-                             "(run it with `physkern sweep quant`)")
-        config, finetune = with_seed(r["config"], args.seed), r["finetune"]
     else:
-        config = config_from_args(args)
+        recipe = Recipe(config=config_from_args(args), name="flags")
+    if source is not None:
+        extra = [k for k in ("smooth", "prune", "lattice") if recipe[k] is not None]
+        if recipe.config is None or extra:
+            raise ValueError(f"{source} {recipe.name!r}: `physkern quantize` runs a quantization "
+                             f"config with optional fine-tuning; this recipe has "
+                             f"{'no config' if recipe.config is None else ', '.join(extra)} "
+                             "(run it with `physkern sweep quant`)")
+    changes = {}
+    if args.embedding is not None:
+        changes["embedding"] = embedding_from_spec(args.embedding)
+    if args.dense_dtype is not None:
+        changes["dense_dtype"] = None if args.dense_dtype == "float32" else args.dense_dtype
+    cal = recipe.calibration_or_default()
+    changes["calibration"] = {
+        "windows": args.calib_windows if args.calib_windows is not None else cal["windows"],
+        "window": args.calib_window if args.calib_window is not None else cal["window"]}
     given = {k: v for k, v in (("steps", args.finetune_steps), ("lr", args.finetune_lr),
                                ("schedule", args.finetune_schedule),
                                ("windows", args.finetune_windows)) if v is not None}
     if given.get("steps") == 0:
-        return config, None
-    if finetune is None and given and "steps" not in given:
-        raise ValueError(f"--finetune-{sorted(given)[0]} needs --finetune-steps N (no --recipe "
-                         "fine-tuning to adjust)")
-    if given:  # flags override the recipe's own spec key by key; the rest are the defaults
-        base = {"lr": 1e-3} if finetune is None else finetune
-        finetune = parse_finetune({**base, **given}, "--finetune")
-    return config, finetune
+        changes["finetune"] = None
+    elif given:
+        if recipe.finetune is None and "steps" not in given:
+            raise ValueError(f"--finetune-{sorted(given)[0]} needs --finetune-steps N (no "
+                             "recipe fine-tuning to adjust)")
+        # flags override the recipe's own spec key by key; the rest are the defaults
+        changes["finetune"] = parse_finetune({**(recipe.finetune or {}), **given}, "--finetune")
+    return replace(recipe, **changes)
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..config import CodebookConfig, GPTQConfig, ScalarConfig
-    if args.method == "codebook":
-        calibrate = args.calibrate
-        return CodebookConfig(k=args.k, block_dim=args.block_dim, scope=args.scope,
-                              group_size=args.group_size if args.scope == "group" else None,
-                              stages=args.stages, scales=args.scales, scale_group=args.scale_group,
-                              calibrate=calibrate, error_feedback=args.error_feedback and calibrate,
-                              iters=args.iters, seed=args.seed, layers=args.layers)
-    if args.method == "rtn":
-        return ScalarConfig(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
-                            layers=args.layers)
-    return GPTQConfig(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
-                      act_order=args.act_order, layers=args.layers)
+    """The per-flag recipe: the --method's config class (physkern.methods registry) built from
+    the flags that are fields of it."""
+    from dataclasses import fields
 
-
-def calibration_for(config, tokenizer, corpus, args):
-    from ..api import select_layers  # noqa: F401  (config validated before loading text)
-    from ..data import calibration_windows
-    needs = config.needs_calibration or any(c.needs_calibration for c in config.overrides.values())
-    if not needs:
-        return None
-    return calibration_windows(tokenizer, corpus, args.calib_windows, args.calib_window, args.seed)
+    from ..methods import config_class
+    cls = config_class(args.method)
+    names = {f.name for f in fields(cls)}
+    kw = {f: getattr(args, f) for f in CONFIG_FLAGS if f in names}
+    if "seed" in names:
+        kw["seed"] = args.seed
+    if "scope" in kw and kw["scope"] != "group":
+        kw["group_size"] = None  # --group-size means rows per codebook only with scope=group
+    if "error_feedback" in kw:
+        kw["error_feedback"] = kw["error_feedback"] and kw.get("calibrate", True)
+    return cls(**kw)
 
 
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model and save it",
-                       description="Quantize the decoder linear layers of a model with a codebook "
-                                   "(k-means) or scalar (RTN/GPTQ) recipe and save it with "
-                                   "safetensors. Calibration text is the calibration half of "
+                       description="Quantize the decoder linear layers of a model with a recipe "
+                                   "(physkern.recipe): a shipped preset (--preset 3bit, 2.5bit, "
+                                   "fast, rtn4), a recipe of a file (--recipe FILE:NAME) or the "
+                                   "flags below; optionally the output head and embedding "
+                                   "(--embedding) and 16-bit dense tensors (--dense-dtype). "
+                                   "Saves with safetensors; physkern.json records the whole "
+                                   "recipe. Calibration text is the calibration half of "
                                    "--corpus (never the evaluation half).")
     add_model_corpus_args(p)
     add_recipe_args(p)
@@ -145,45 +222,34 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import copy
-
-    from ..api import quantize
-    from ..data import calibration_windows, load_corpus
+    from ..data import load_corpus
     from ..models import load_model
+    from ..quant.accounting import bits_report
+    from ..recipe import apply_recipe
     from ..serialization import save_quantized, validate_output_dir
-    from ..sweeps.quant import finetune_windows, run_finetune
     validate_output_dir(args.out, args.overwrite)  # before the (possibly long) work
-    config, ft = recipe_from_args(args)
+    recipe = recipe_from_args(args)
     model, tok = load_model(args.model, device=args.device)
-    if ft is not None or config.needs_calibration or \
-            any(c.needs_calibration for c in config.overrides.values()):
-        check_calib_window(model, args.calib_window)  # before loading text or quantizing
+    if recipe.needs_calibration():
+        # before loading text or quantizing
+        check_calib_window(model, recipe.calibration["window"])
     corpus = load_corpus(args.corpus)
-    calib = calibration_for(config, tok, corpus, args)
-    teacher, windows, tuned = None, None, None
-    if ft is not None:  # windows drawn first: a bad count fails before the long work
-        if calib is None and ft["windows"] is None:
-            calib_ft = calibration_windows(tok, corpus, args.calib_windows, args.calib_window,
-                                           args.seed)
-        else:
-            calib_ft = calib
-        windows, source = finetune_windows(ft, tok, corpus, calib_ft, args.calib_window,
-                                           args.seed)
-        teacher = copy.deepcopy(model)  # the full-precision model as loaded
-    report = quantize(model, config, calibration=calib)
-    if ft is not None:
-        tuned = run_finetune(model, teacher, windows, ft, args.seed, source)
-        del teacher
+    applied = apply_recipe(model, recipe, tok, corpus, args.seed)
+    report, tuned, calib = applied.quantization, applied.finetune, applied.calibration
     save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite,
-                   extra={"recipe": config.to_dict(), "calibration": {
-                       "corpus": corpus.describe(), "windows": args.calib_windows,
-                       "window": args.calib_window, "seed": args.seed} if calib is not None else None,
-                       "finetune": tuned, "report": report.to_dict()})
+                   extra={"recipe": applied.config.to_dict(),
+                          "whole_recipe": recipe.to_dict(), "seed": args.seed,
+                          "calibration": {
+                              "corpus": corpus.describe(), "windows": int(calib.shape[0]),
+                              "window": int(calib.shape[1]), "seed": args.seed}
+                          if calib is not None else None,
+                          "finetune": tuned, "report": report.to_dict()})
     print(report.table())
     if tuned is not None:
         print(f"\nfine-tuning ({tuned['steps']} steps, {tuned['seconds']:.0f} s): {tuned['note']}")
-    bits = report.quantized_bits_per_weight, report.model_bits_per_weight
+    final = bits_report(model)  # after the dense dtype, if any
+    bits = final.quantized_bits_per_weight, final.model_bits_per_weight
     print(f"\nquantized layers: {bits[0]:.3f} bits/weight; whole model "
-          f"{bits[1]:.3f} bits/parameter; {report.total_bytes / 2**20:.2f} MiB;"
+          f"{bits[1]:.3f} bits/parameter; {final.total_bytes / 2**20:.2f} MiB;"
           f" {report.seconds:.0f} s\nsaved to {args.out}")
     return 0

@@ -14,11 +14,11 @@ from .quantize import DEFAULT_CALIB_WINDOW, DEFAULT_CALIB_WINDOWS
 
 
 def default_recipe():
-    """The recipe `make run` uses: one 32-entry codebook of 2-dim vectors per layer, per-row
-    fp16 scales, calibrated with GPTQ-style error feedback (2.53 true bits/weight on the
-    packaged model's quantized layers)."""
-    from ..config import CodebookConfig
-    return CodebookConfig(k=32, block_dim=2, scope="layer", calibrate=True, error_feedback=True)
+    """The recipe `make run` uses, the "fast" preset's config (physkern/presets/fast.json): one
+    32-entry codebook of 2-dim vectors per layer, per-row fp16 scales, calibrated with GPTQ-style
+    error feedback (2.53 true bits/weight on the packaged model's quantized layers)."""
+    from ..recipe import load_preset
+    return load_preset("fast").config
 
 
 def register(sub) -> None:

@@ -1,5 +1,10 @@
 """`physkern sweep quant`: run a list of quantization recipes, record perplexity vs TRUE bits.
 
+The recipe format is read, validated and applied by physkern.recipe (Recipe, load_recipes,
+apply_recipe); this module runs the points, records them and resumes. Recipes also take
+"embedding", "dense_dtype" and "calibration" (physkern.recipe's docstring; a recipe's
+calibration must equal the sweep's --calib-windows/--calib-window).
+
 Recipes file: a JSON list of objects
     {"name": str,                       unique; the point's key in the results
      "config": {...} | null,            physkern.config.config_from_dict input; null = full precision
@@ -40,7 +45,7 @@ order on a freshly loaded model:
   2. "config": quantization of the decoder linear layers that are still nn.Linear / Conv1D. The
      factorised (LowRankLinear) layers are NOT quantized: their two factors stay at the model's
      dtype (float32) and are counted so. Calibration statistics are taken on the pruned model.
-  3. "finetune": {"steps": int >= 1 (default 100), "lr": number > 0 (default 1e-4, RELATIVE: each
+  3. "finetune": {"steps": int >= 1 (default 100), "lr": number > 0 (default 1e-3, RELATIVE: each
                   tensor moves by about lr x its mean |value| per Adam step),
                   "train_norms": bool (default true), "batch_size": int >= 1 (default 1),
                   "holdout": int >= 1 (default 2), "schedule": "constant" | "cosine" (default
@@ -77,11 +82,11 @@ starts over after moving the old file aside to <name>.json.bak-<UTC timestamp> (
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..commands._common import add_eval_args, add_model_corpus_args, resolve_window
@@ -124,227 +129,19 @@ def register_sweep(kinds) -> None:
 # recipes
 
 
-PRUNE_RULES = ("seeds", "opposite", "uniform")  # physkern.prune.RULES (checked in tests)
-PRUNE_AMOUNTS = ("removed_fraction", "relative_rank")
-LATTICE_KEYS = ("xi", "eps")
-FINETUNE_DEFAULTS = {"steps": 100, "lr": 1e-4, "train_norms": True, "batch_size": 1,
-                     "holdout": 2, "schedule": "constant", "windows": None}
-# (physkern.finetune.finetune_quantized's defaults; windows None = the point's calibration)
+# The recipe format, its validators and the steps' glue live in physkern.recipe (one place);
+# re-exported here for code that imports them from the sweep.
+from ..recipe import (FINETUNE_DEFAULTS, LATTICE_KEYS, PRUNE_AMOUNTS, PRUNE_RULES,  # noqa: F401,E402
+                      Recipe, apply_prune, apply_recipe, default_label, finetune_windows,
+                      is_random, needs_calibration, parse_finetune, parse_lattice, parse_prune,
+                      parse_smooth, run_finetune, with_seed)
+from ..recipe import load_recipes as _load_recipes  # noqa: E402
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def parse_prune(spec, where: str = "prune") -> dict | None:
-    """Validate a recipe's "prune" object; returns {"rule", <amount key>: float} or None."""
-    if spec is None:
-        return None
-    if not isinstance(spec, dict):
-        raise ValueError(f"{where}: must be an object {{rule, removed_fraction | relative_rank}} "
-                         f"or null, got {spec!r}")
-    unknown = set(spec) - {"rule", *PRUNE_AMOUNTS}
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: rule, "
-                         f"{', '.join(PRUNE_AMOUNTS)}")
-    rule = spec.get("rule")
-    if rule not in PRUNE_RULES:
-        raise ValueError(f"{where}.rule must be one of {', '.join(PRUNE_RULES)}, got {rule!r}")
-    given = [k for k in PRUNE_AMOUNTS if k in spec]
-    if len(given) != 1:
-        raise ValueError(f"{where}: give exactly one of {', '.join(PRUNE_AMOUNTS)}, got "
-                         f"{given or 'none'}")
-    key, value = given[0], spec[given[0]]
-    if key == "removed_fraction" and not (_number(value) and 0 < value < 1):
-        raise ValueError(f"{where}.removed_fraction must be a number in (0, 1) (fraction of the "
-                         f"decoder linear parameters removed), got {value!r}")
-    if key == "relative_rank" and not (_number(value) and 0 < value <= 1):
-        raise ValueError(f"{where}.relative_rank must be a number in (0, 1] (rank / min(out, in) "
-                         f"of every compressed type), got {value!r}")
-    return {"rule": rule, key: float(value)}
-
-
-def parse_smooth(spec, where: str = "smooth") -> dict | None:
-    """Validate a recipe's "smooth" object; returns {"alpha": float} or None."""
-    if spec is None:
-        return None
-    if not isinstance(spec, dict) or set(spec) != {"alpha"}:
-        raise ValueError(f"{where}: must be an object {{\"alpha\": a}} with a in [0, 1], or null, "
-                         f"got {spec!r}")
-    a = spec["alpha"]
-    if not (_number(a) and 0.0 <= a <= 1.0):
-        raise ValueError(f"{where}.alpha must be a number in [0, 1] (migration strength), got {a!r}")
-    return {"alpha": float(a)}
-
-
-def parse_lattice(spec, where: str = "lattice") -> dict | None:
-    """Validate a recipe's "lattice" object; returns {"xi": float or "inf", "eps": float or None}
-    or None."""
-    if spec is None:
-        return None
-    if not isinstance(spec, dict):
-        raise ValueError(f"{where}: must be an object {{xi, eps}} or null, got {spec!r}")
-    unknown = set(spec) - set(LATTICE_KEYS)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: xi, eps")
-    if "xi" not in spec:
-        raise ValueError(f"{where}.xi is required: a number > 0 or \"inf\"")
-    xi = spec["xi"]
-    if xi == "inf" or (_number(xi) and math.isinf(xi) and xi > 0):
-        xi = "inf"
-    elif not (_number(xi) and xi > 0):
-        raise ValueError(f"{where}.xi must be a number > 0 or \"inf\", got {xi!r}")
-    else:
-        xi = float(xi)
-    eps = spec.get("eps")
-    if eps is not None and not (_number(eps) and 0 < eps < 1):
-        raise ValueError(f"{where}.eps must be a number in (0, 1) or null (exact), got {eps!r}")
-    return {"xi": xi, "eps": None if eps is None else float(eps)}
-
-
-def parse_finetune(spec, where: str = "finetune") -> dict | None:
-    """Validate a recipe's "finetune" object; returns {"steps", "lr", "train_norms",
-    "batch_size", "holdout", "schedule", "windows"} with the defaults filled in (so resume keys
-    are canonical), or None."""
-    if spec is None:
-        return None
-    if not isinstance(spec, dict):
-        raise ValueError(f"{where}: must be an object {{{', '.join(FINETUNE_DEFAULTS)}}} or "
-                         f"null, got {spec!r}")
-    unknown = set(spec) - set(FINETUNE_DEFAULTS)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: "
-                         f"{', '.join(FINETUNE_DEFAULTS)}")
-    out = {**FINETUNE_DEFAULTS, **spec}
-    for key in ("steps", "batch_size", "holdout"):
-        v = out[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{where}.{key} must be an integer >= 1, got {v!r}")
-    lr = out["lr"]
-    if not (_number(lr) and 0 < lr < math.inf):
-        raise ValueError(f"{where}.lr must be a finite number > 0 (relative Adam step), "
-                         f"got {lr!r}")
-    from ..finetune import SCHEDULES
-    if out["schedule"] not in SCHEDULES:
-        raise ValueError(f"{where}.schedule must be one of {', '.join(SCHEDULES)}, got "
-                         f"{out['schedule']!r}")
-    w = out["windows"]
-    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or
-                          w <= out["holdout"]):
-        raise ValueError(f"{where}.windows must be null (the point's calibration windows) or an "
-                         f"integer > holdout = {out['holdout']}, got {w!r}")
-    if not isinstance(out["train_norms"], bool):
-        raise ValueError(f"{where}.train_norms must be true or false, got "
-                         f"{out['train_norms']!r}")
-    return {**out, "lr": float(lr)}
-
-
-def finetune_windows(spec: dict, tokenizer, corpus, calib, window: int,
-                     seed: int) -> tuple:
-    """(windows [n, window] token ids, description) a validated fine-tuning spec trains on:
-    with spec["windows"] n, n non-overlapping tiles of the calibration text picked with the seed
-    (physkern.data.calibration_tiles); else `calib`, the quantizer's calibration windows."""
-    if spec["windows"] is None:
-        return calib, "the quantizer's calibration windows"
-    from ..data import calibration_tiles
-    return (calibration_tiles(tokenizer, corpus, spec["windows"], window, seed),
-            f"{spec['windows']} non-overlapping {window}-token tiles of the calibration part, "
-            f"picked with seed {seed}")
-
-
-def run_finetune(model, teacher, windows, spec: dict, seed: int, source: str) -> dict:
-    """physkern.finetune.finetune_quantized with a validated spec; returns its report with
-    "spec" and "windows_source" added."""
-    from ..finetune import finetune_quantized
-    return {"spec": spec, "windows_source": source, **finetune_quantized(
-        model, teacher, windows, steps=spec["steps"], lr=spec["lr"],
-        batch_size=spec["batch_size"], seed=seed, holdout=spec["holdout"],
-        train_norms=spec["train_norms"], schedule=spec["schedule"])}
-
-
-def default_label(cfg, prune: dict | None, lattice: dict | None,
-                  smooth: dict | None = None, finetune: dict | None = None) -> str:
-    """"FP" for a plain model, else the parts that apply joined by "+" (e.g. codebook+prune)."""
-    parts = (["smooth"] if smooth else []) + ([cfg.method] if cfg is not None else []) + \
-        (["prune"] if prune else []) + (["finetune"] if finetune else []) + \
-        (["lattice"] if lattice else [])
-    return "+".join(parts) or "FP"
-
-
-def load_recipes(path: str) -> list[dict]:
-    """Read and validate a recipes file; returns [{name, config (object or None), smooth, prune,
-    finetune, lattice (each a dict or None), seeds, label, note}]."""
-    from ..config import config_from_dict
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"recipes: {path!r} is not a file")
-    try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"recipes: {path!r} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, list) or not raw:
-        raise ValueError(f"recipes: {path!r} must hold a non-empty JSON list of recipe objects")
-    out, names = [], set()
-    for i, r in enumerate(raw):
-        if not isinstance(r, dict) or not isinstance(r.get("name"), str) or not r["name"]:
-            raise ValueError(f"recipes[{i}]: must be an object with a non-empty string 'name'")
-        unknown = set(r) - {"name", "config", "smooth", "prune", "finetune", "lattice", "seeds",
-                            "label", "note"}
-        if unknown:
-            raise ValueError(f"recipes[{i}] ({r['name']}): unknown keys {sorted(unknown)}; "
-                             "valid: name, config, smooth, prune, finetune, lattice, seeds, "
-                             "label, note")
-        if r["name"] in names:
-            raise ValueError(f"recipes: name {r['name']!r} appears twice")
-        names.add(r["name"])
-        seeds = r.get("seeds", [0])
-        if not isinstance(seeds, list) or not seeds or not all(
-                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-            raise ValueError(f"recipes[{i}] ({r['name']}): seeds must be a non-empty list of "
-                             f"non-negative integers, got {seeds!r}")
-        cfg = None if r.get("config") is None else config_from_dict(r["config"])
-        where = f"recipes[{i}] ({r['name']})"
-        smooth = parse_smooth(r.get("smooth"), f"{where}: smooth")
-        prune = parse_prune(r.get("prune"), f"{where}: prune")
-        lattice = parse_lattice(r.get("lattice"), f"{where}: lattice")
-        finetune = parse_finetune(r.get("finetune"), f"{where}: finetune")
-        if finetune is not None and cfg is None:
-            raise ValueError(f"{where}: finetune needs a quantization config (it trains the "
-                             "quantized layers' codebooks and scales), got config null")
-        label = r.get("label") or default_label(cfg, prune, lattice, smooth, finetune)
-        out.append({"name": r["name"], "config": cfg, "smooth": smooth, "prune": prune,
-                    "finetune": finetune, "lattice": lattice,
-                    "seeds": seeds, "label": label, "note": r.get("note", "")})
-    return out
-
-
-def _all_configs(cfg):
-    yield cfg
-    for c in (cfg.overrides or {}).values():
-        yield from _all_configs(c)
-
-
-def is_random(cfg, finetune: dict | None = None) -> bool:
-    """A recipe varies with the seed when it fits codebooks (k-means init) or draws calibration
-    (for the quantizer or for fine-tuning)."""
-    if finetune is not None:
-        return True
-    if cfg is None:
-        return False
-    return any(c.method == "codebook" or c.needs_calibration for c in _all_configs(cfg))
-
-
-def with_seed(cfg, seed: int):
-    """Copy of cfg with every codebook config's k-means seed set to `seed`."""
-    from dataclasses import replace
-    ov = {k: with_seed(v, seed) for k, v in (cfg.overrides or {}).items()}
-    if cfg.method == "codebook":
-        return replace(cfg, seed=seed, overrides=ov)
-    return replace(cfg, overrides=ov)
-
-
-def needs_calibration(cfg) -> bool:
-    return cfg is not None and any(c.needs_calibration for c in _all_configs(cfg))
+def load_recipes(path: str) -> list[Recipe]:
+    """Read and validate a recipes file (physkern.recipe.load_recipes): a list of Recipe
+    objects (which also allow r["name"], r["config"], ... read access)."""
+    return _load_recipes(path)
 
 
 def _canon(obj) -> str:
@@ -353,10 +150,15 @@ def _canon(obj) -> str:
 
 def point_key(recipe: str, seed: int, config: dict | None, prune: dict | None,
               lattice: dict | None, smooth: dict | None = None,
-              finetune: dict | None = None) -> tuple:
-    """What makes a point the same point when resuming."""
-    return (recipe, seed, _canon(config), _canon(prune), _canon(lattice), _canon(smooth),
-            _canon(finetune))
+              finetune: dict | None = None, embedding: dict | None = None,
+              dense_dtype: str | None = None) -> tuple:
+    """What makes a point the same point when resuming. embedding and dense_dtype join the key
+    only when set, so the keys of points recorded before they existed are unchanged."""
+    key = (recipe, seed, _canon(config), _canon(prune), _canon(lattice), _canon(smooth),
+           _canon(finetune))
+    if embedding is not None or dense_dtype is not None:
+        key += (_canon(embedding), _canon(dense_dtype))
+    return key
 
 
 def _key_of(point: dict) -> tuple:
@@ -365,34 +167,8 @@ def _key_of(point: dict) -> tuple:
     ft = (point.get("finetune") or {}).get("spec")
     return point_key(point["recipe"], point["seed"], point["config"],
                      (point.get("prune") or {}).get("spec"), point.get("lattice"),
-                     point.get("smooth"), None if ft is None else {**FINETUNE_DEFAULTS, **ft})
-
-
-def apply_prune(model, spec: dict) -> dict:
-    """RG pruning of `model` in place by the validated spec (see module docstring).
-
-    Returns {"spec", "compressed_types", "relative_rank", "ranks" {type: rank},
-    "layers_factorised", "layers_considered", "parameters_removed", "decoder_linear_parameters",
-    "removed_fraction"}; parameters are counted by physkern.prune (both factors).
-    """
-    from ..analysis._common import weight_groups
-    from ..prune import (compressed_types, prune_model, ranks_at_fraction, ranks_for_target,
-                         total_parameters)
-    groups = weight_groups(model)
-    types = compressed_types(list(groups), spec["rule"])
-    total = total_parameters(groups)
-    if "relative_rank" in spec:
-        relative = spec["relative_rank"]
-        ranks = ranks_at_fraction(groups, types, relative)
-    else:
-        plan = ranks_for_target(groups, types, int(round(spec["removed_fraction"] * total)))
-        relative, ranks = plan["fraction"], plan["ranks"]
-    records = prune_model(model, groups, ranks)
-    removed = sum(r["dense_parameters"] - r["parameters"] for r in records)
-    return {"spec": spec, "compressed_types": types, "relative_rank": relative, "ranks": ranks,
-            "layers_factorised": sum(r["factorised"] for r in records),
-            "layers_considered": len(records), "parameters_removed": removed,
-            "decoder_linear_parameters": total, "removed_fraction": removed / total}
+                     point.get("smooth"), None if ft is None else {**FINETUNE_DEFAULTS, **ft},
+                     point.get("embedding"), point.get("dense_dtype"))
 
 
 _FRESH_HINT = ("pass --fresh to start over (the old file is moved to "
@@ -454,14 +230,11 @@ def move_aside(json_path: Path) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..api import quantize
-    from ..attention import enable_lattice
-    from ..data import calibration_windows, evaluation_tokens, load_corpus
+    from ..data import evaluation_tokens, load_corpus
     from ..eval import perplexity
     from ..models import decoder_linear_layers, load_model, resolve_model_name
     from ..provenance import provenance, write_json
     from ..quant.accounting import bits_report
-    from ..smoothquant import smooth_model
 
     recipes = load_recipes(args.recipes)
     if args.only:
@@ -521,45 +294,39 @@ def run(args: argparse.Namespace) -> int:
                    "points": points, "summary": summarize(points), **provenance(args.device)}
         write_json(json_path, payload)
 
+    sweep_calibration = {"windows": args.calib_windows, "window": calib_window}
     for r in recipes:
-        varies = is_random(r["config"], r["finetune"])
-        seeds = (args.seeds or r["seeds"]) if varies else r["seeds"][:1]
+        if r.calibration is not None and r.calibration != sweep_calibration:
+            raise ValueError(f"recipe {r.name!r}: calibration {r.calibration} differs from this "
+                             f"sweep's {sweep_calibration}; a sweep calibrates every point the "
+                             "same way: set it with --calib-windows / --calib-window")
+    for r in recipes:
+        varies = r.is_random()
+        seeds = (args.seeds or r.seeds) if varies else r.seeds[:1]
         for seed in seeds:
-            cfg = None if r["config"] is None else with_seed(r["config"], seed)
+            cfg = with_seed(r.config, seed)
             cfg_dict = None if cfg is None else cfg.to_dict()
-            if point_key(r["name"], seed, cfg_dict, r["prune"], r["lattice"],
-                         r["smooth"], r["finetune"]) in done:
-                print(f"{r['name']} seed {seed}: already in {json_path}, skipped")
+            emb = with_seed(r.embedding, seed)
+            emb_dict = None if emb is None else emb.to_dict()
+            if point_key(r.name, seed, cfg_dict, r.prune, r.lattice, r.smooth, r.finetune,
+                         emb_dict, r.dense_dtype) in done:
+                print(f"{r.name} seed {seed}: already in {json_path}, skipped")
                 continue
             t0 = time.perf_counter()
             m, _ = load_model(args.model, device=args.device)
-            # the fine-tuning teacher is the full-precision model as loaded (before smooth,
-            # prune and quantization); a copy is cheaper than a second load
-            teacher = copy.deepcopy(m) if r["finetune"] is not None else None
-            calib = None
-            if needs_calibration(cfg) or r["smooth"] is not None or r["finetune"] is not None:
-                calib = calibration_windows(tokenizer, corpus, args.calib_windows, calib_window,
-                                            seed)
-            if r["smooth"] is not None:  # 0. scale migration (model unchanged before quantizing)
-                smooth_model(m, calib, r["smooth"]["alpha"], args.batch_size)
-            pruned = None
-            if r["prune"] is not None:   # 1. RG pruning (SVD of the full-precision weights)
-                pruned = apply_prune(m, r["prune"])
-                pruned["seconds"] = time.perf_counter() - t0
-            report = None
-            if cfg is not None:          # 2. quantization of the layers still dense
-                report = quantize(m, cfg, calibration=calib if needs_calibration(cfg) else None)
-            t_q = time.perf_counter() - t0
-            tuned = None
-            if r["finetune"] is not None:  # 3. codebooks/scales (and norms) vs the FP teacher
-                windows, source = finetune_windows(r["finetune"], tokenizer, corpus, calib,
-                                                   calib_window, seed)
-                tuned = run_finetune(m, teacher, windows, r["finetune"], seed, source)
-                del teacher
-                print(f"{r['name']} seed {seed}: finetune {tuned['note']} "
+            t_load = time.perf_counter() - t0
+            # smooth -> prune -> quantize (+ head) -> dense dtype -> fine-tune -> lattice; the
+            # fine-tuning teacher is the full-precision model as loaded
+            applied = apply_recipe(m, replace(r, calibration=sweep_calibration), tokenizer,
+                                   corpus, seed, progress=True, batch_size=args.batch_size)
+            calib, report, pruned, tuned = (applied.calibration, applied.quantization,
+                                            applied.prune, applied.finetune)
+            if pruned is not None:
+                pruned["seconds"] += t_load  # since the load, as before recipes moved out
+            t_q = t_load + applied.seconds_quantize
+            if tuned is not None:
+                print(f"{r.name} seed {seed}: finetune {tuned['note']} "
                       f"({tuned['seconds']:.0f} s)")
-            if r["lattice"] is not None:  # 4. lattice attention for the evaluation
-                enable_lattice(m, float(r["lattice"]["xi"]), eps=r["lattice"]["eps"])
             rep = bits_report(m)
             res = perplexity(m, tokens, window, args.stride, args.batch_size,
                              model_name=model_name, corpus_name=corpus.name)
@@ -573,10 +340,12 @@ def run(args: argparse.Namespace) -> int:
             if not rep.layers:
                 ws = [l.weight() for l in decoder_linear_layers(m)]
                 fp_bits = ws[0].element_size() * 8
-            point = {"recipe": r["name"], "label": r["label"], "seed": seed,
+            point = {"recipe": r.name, "label": r.label, "seed": seed,
                      "deterministic": not varies, "config": cfg_dict,
-                     "smooth": r["smooth"], "prune": pruned, "finetune": tuned,
-                     "lattice": r["lattice"],
+                     "smooth": r.smooth, "prune": pruned, "finetune": tuned,
+                     "lattice": r.lattice,
+                     **({"embedding": emb_dict} if emb_dict is not None else {}),
+                     **({"dense_dtype": r.dense_dtype} if r.dense_dtype is not None else {}),
                      "perplexity": res.perplexity, "mean_nll": res.mean_nll,
                      "tokens_scored": res.tokens_scored, "windows": res.windows,
                      "bits": {"quantized_bits_per_weight": rep.quantized_bits_per_weight
@@ -591,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
                          "windows": int(calib.shape[0]), "window": int(calib.shape[1]),
                          "tokens": int(calib.numel()), "seed": seed},
                      "seconds_quantize": t_q, "seconds_eval": res.seconds,
-                     "note": r["note"]}
+                     "note": r.note}
             if report is not None:
                 point["layers"] = [{"name": l.name, "bits_per_weight": l.bits_per_weight,
                                     "relative_weight_error": l.relative_weight_error,
@@ -602,10 +371,10 @@ def run(args: argparse.Namespace) -> int:
             q = point["bits"]["quantized_bits_per_weight"]
             what = "quantized layers" if pruned is None else "quantized + factorised layers"
             if pruned is not None:
-                print(f"{r['name']}: pruned {pruned['layers_factorised']} layers "
+                print(f"{r.name}: pruned {pruned['layers_factorised']} layers "
                       f"({pruned['removed_fraction']:.2%} of decoder linear parameters), ranks "
                       f"{pruned['ranks']}")
-            print(f"{r['name']} seed {seed}: perplexity {res.perplexity:.3f}; "
+            print(f"{r.name} seed {seed}: perplexity {res.perplexity:.3f}; "
                   f"{q:.3f} bits/weight ({what}), "
                   f"{rep.model_bits_per_weight:.3f} (whole model); "
                   f"quantize {t_q:.0f} s, eval {res.seconds:.0f} s")

@@ -1,0 +1,117 @@
+"""Presets shipped in physkern/presets/*.json: loaded by name, equal to the bench recipes that
+produced the README figures, and usable from `physkern quantize --preset NAME`."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from physkern.cli import main
+from physkern.recipe import PRESETS_DIR, load_preset, load_recipe, preset_names
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = {"3bit": "codebook_push.json:cb_mixed3_layer_ef_ft150_tiles256_cos",
+           "2.5bit": "codebook_push.json:cb_k512_d4_layer_ef_ft100",
+           "fast": "pareto.json:cb_k32_d2_layer_ef",
+           "rtn4": "pareto.json:rtn4_g64"}
+
+
+def test_presets_are_package_data():
+    assert PRESETS_DIR.parent.name == "physkern"
+    assert set(preset_names()) == set(SOURCES)
+    setup = (ROOT / "setup.py").read_text()
+    assert '"presets/*.json"' in setup and '"physkern.methods"' in setup
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_preset_is_the_recipe_that_produced_its_figures(name):
+    preset = load_preset(name)
+    src = load_recipe(ROOT / "bench" / "recipes" / SOURCES[name].split(":")[0],
+                      SOURCES[name].split(":")[1])
+    assert preset.config == src.config and preset.finetune == src.finetune
+    assert preset.smooth is preset.prune is preset.lattice is None
+    assert preset.embedding is None and preset.dense_dtype is None  # the lead measures these
+    assert preset.calibration == {"windows": 32, "window": 1024}
+    assert "physkern sweep quant" in preset.description and "perplexity" in preset.description
+    raw = json.loads((PRESETS_DIR / f"{name}.json").read_text())
+    assert raw["name"] == name and SOURCES[name].split(":")[1] in raw["note"]
+
+
+def test_make_run_uses_the_fast_preset():
+    from physkern.commands.run import default_recipe
+    assert default_recipe() == load_preset("fast").config
+
+
+TEXT = "\n\n".join(
+    f"Article {i}. The quick brown fox {i % 7} jumps over the lazy dog near river {i % 5}. "
+    f"Numbers like {i * 37 % 101} and words such as alpha beta gamma follow."
+    for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    d = tmp_path_factory.mktemp("tiny_presets")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32,
+                                       n_layer=2, n_head=2)).eval()
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    (d / "corpus.txt").write_text(TEXT)
+    return d
+
+
+def _quantize(d, out, *extra):
+    return main(["quantize", "--model", str(d / "model"), "--corpus", str(d / "corpus.txt"),
+                 "--out", str(out), *extra])
+
+
+def test_quantize_preset_records_the_whole_recipe(saved_tiny):
+    out = saved_tiny / "fast"
+    assert _quantize(saved_tiny, out, "--preset", "fast", "--calib-windows", "4",
+                     "--calib-window", "64", "--seed", "2") == 0
+    meta = json.loads((out / "physkern.json").read_text())
+    whole = meta["whole_recipe"]
+    assert whole["name"] == "fast" and whole["calibration"] == {"windows": 4, "window": 64}
+    assert whole["config"] == load_preset("fast").config.to_dict()
+    assert meta["recipe"] == {**whole["config"], "seed": 2}  # the config as run (seeded)
+    assert meta["calibration"]["windows"] == 4 and meta["finetune"] is None
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--preset", "nope"], "no preset 'nope'; valid: 2.5bit, 3bit, fast, rtn4"),
+    (["--preset", "fast", "--k", "16"], "--preset and the per-flag recipe are exclusive: drop --k"),
+    (["--preset", "fast", "--method", "rtn"], "drop --method"),
+    (["--preset", "fast", "--recipe", "x.json:y"], "--preset and --recipe are exclusive"),
+    (["--embedding", "rtn:bits"], "--embedding: expected key=value"),
+    (["--embedding", "rtn:bits=1"], "--embedding: bits must be"),
+    (["--embedding", "rtn:layers=[\"x\"]"], "takes no `layers`"),
+    (["--dense-dtype", "float8"], "invalid choice"),
+])
+def test_quantize_preset_and_embedding_errors(saved_tiny, capsys, argv, msg):
+    out = saved_tiny / "bad"
+    rc = _quantize(saved_tiny, out, "--calib-windows", "4", "--calib-window", "64", *argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err and len(err.strip().splitlines()) <= 3, err
+    assert not out.exists()
+
+
+def test_quantize_with_embedding_and_dense_dtype(saved_tiny):
+    from physkern.quant.accounting import bits_report
+    from physkern.serialization import load_quantized
+    out = saved_tiny / "emb"
+    assert _quantize(saved_tiny, out, "--method", "rtn", "--bits", "4", "--group-size", "16",
+                     "--embedding", "rtn:bits=4,group_size=16", "--dense-dtype", "float16") == 0
+    meta = json.loads((out / "physkern.json").read_text())
+    whole = meta["whole_recipe"]
+    assert whole["embedding"]["method"] == "rtn" and whole["embedding"]["group_size"] == 16
+    assert whole["dense_dtype"] == "float16"
+    assert meta["report"]["layers"][-1]["name"] == "lm_head"
+    model, _ = load_quantized(out)
+    rep = bits_report(model)
+    assert re.search("lm_head", " ".join(rep.layers))
