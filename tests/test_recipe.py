@@ -174,3 +174,75 @@ def test_presets_are_listed():
     assert set(preset_names()) >= {"3bit", "2.5bit", "fast", "rtn4"}
     assert load_preset("fast").config == CodebookConfig(k=32, block_dim=2, scope="layer",
                                                         calibrate=True, error_feedback=True)
+
+
+def _committed_sweeps():
+    for path in sorted((ROOT / "bench" / "results").glob("*.json")):
+        try:
+            payload = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(payload, dict) and "recipes_file" in payload and payload.get("points"):
+            yield pytest.param(payload, id=path.name)
+
+
+@pytest.mark.parametrize("payload", list(_committed_sweeps()))
+def test_committed_points_keep_their_resume_keys(payload):
+    """Every committed point is found again by `sweep quant` resume with today's recipe files,
+    so rerunning its committed command skips it (and a fresh run recomputes the same point)."""
+    from physkern.sweeps.quant import _key_of, point_key, with_seed
+    recipes = {r.name: r for r in load_recipes(ROOT / payload["recipes_file"])}
+    for p in payload["points"]:
+        r = recipes[p["recipe"]]
+        cfg = with_seed(r.config, p["seed"])
+        assert point_key(r.name, p["seed"], None if cfg is None else cfg.to_dict(), r.prune,
+                         r.lattice, r.smooth, r.finetune, None, r.dense_dtype) == _key_of(p), \
+            (p["recipe"], p["seed"])
+
+
+def test_embedding_and_dense_dtype_join_the_resume_key_only_when_set():
+    from physkern.sweeps.quant import _key_of, point_key
+    plain = point_key("a", 0, {"method": "rtn"}, None, None, None, None)
+    assert len(plain) == 7 and point_key("a", 0, {"method": "rtn"}, None, None, None, None,
+                                         None, None) == plain
+    dense = point_key("a", 0, {"method": "rtn"}, None, None, None, None, None, "float16")
+    assert dense != plain
+    assert _key_of({"recipe": "a", "seed": 0, "config": {"method": "rtn"},
+                    "dense_dtype": "float16"}) == dense
+
+
+def test_sweep_records_embedding_and_dense_dtype_and_resumes(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from physkern.cli import main
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(60)) + "." for _ in range(12))
+    (tmp_path / "corpus.txt").write_text(text + "\n")
+    tok = _char_tokenizer(text + "\n")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True)).eval()
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rtn = {"method": "rtn", "bits": 4, "group_size": 16}
+    (tmp_path / "r.json").write_text(json.dumps([
+        {"name": "plain", "config": rtn},
+        {"name": "whole", "config": rtn, "embedding": rtn, "dense_dtype": "float16"}]))
+    argv = ["sweep", "quant", "--model", str(tmp_path / "model"), "--corpus",
+            str(tmp_path / "corpus.txt"), "--recipes", str(tmp_path / "r.json"), "--out-dir",
+            str(tmp_path / "out"), "--tokens", "128", "--window", "32", "--calib-windows", "2",
+            "--calib-window", "32"]
+    assert main(argv) == 0
+    pts = {p["recipe"]: p for p in json.loads((tmp_path / "out" / "r.json").read_text())["points"]}
+    assert "embedding" not in pts["plain"] and "dense_dtype" not in pts["plain"]
+    assert pts["whole"]["embedding"]["method"] == "rtn"
+    assert pts["whole"]["dense_dtype"] == "float16"
+    assert pts["whole"]["bits"]["model_bits_per_weight"] < \
+        pts["plain"]["bits"]["model_bits_per_weight"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "plain seed 0: already in" in out and "whole seed 0: already in" in out
