@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import reduce
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
