@@ -8,6 +8,11 @@ Public API (imported lazily so that `import physkern` stays fast):
   save_quantized, load_quantized, QuantizedLinear, StreamingHistogram,
   enable_lattice, disable_lattice
   finetune_quantized                              physkern.finetune
+  QuantizedEmbedding                              physkern.embedding
+  set_dense_storage_dtype                         physkern.dense
+
+Importing physkern also registers it with transformers (physkern.hf_quantizer): afterwards
+`AutoModelForCausalLM.from_pretrained(dir)` loads a directory written by save_quantized.
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ _EXPORTS = {
     "enable_lattice": "physkern.attention",
     "disable_lattice": "physkern.attention",
     "finetune_quantized": "physkern.finetune",
+    "QuantizedEmbedding": "physkern.embedding",
+    "set_dense_storage_dtype": "physkern.dense",
 }
 
 
@@ -47,3 +54,17 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(list(globals()) + list(_EXPORTS))
+
+
+def _register_with_transformers() -> None:
+    """Make transformers' Auto classes load physkern directories (see physkern.hf_quantizer).
+    Skipped, with nothing else affected, where transformers is missing or too old to take
+    custom quantizers."""
+    try:
+        from .hf_quantizer import register
+    except ImportError:
+        return
+    register()
+
+
+_register_with_transformers()

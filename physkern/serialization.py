@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .dense import QUANTIZED_BUFFERS
+
 MARKER = "physkern.json"
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -189,22 +191,14 @@ def save_quantized(model: nn.Module, path, tokenizer=None, extra: Optional[dict]
     physkern.json is removed first (a half-swapped directory is never taken for a model), each
     new file is moved in with os.replace, and the marker is written last.
     """
-    from safetensors.torch import save_model
-    from .layers import QuantizedLinear
     from .quant.accounting import bits_report
     path = Path(path)
     validate_output_dir(path, overwrite)
-    layers = {name: m.layer_meta() for name, m in model.named_modules()
-              if isinstance(m, QuantizedLinear)}
-    other = [name for name, m in model.named_modules()
-             if hasattr(m, "weight_numel") and hasattr(m, "storage_bits")
-             and not isinstance(m, QuantizedLinear)]
-    if other:
-        raise ValueError(f"save_quantized supports QuantizedLinear layers only; found other "
-                         f"compressed modules: {other[:3]}")
+    layers, embeddings = quantized_module_layouts(model)
     report = bits_report(model)
     meta = {"format_version": FORMAT_VERSION, "architecture": type(model).__name__,
-            "quantized_layers": layers, "bits": {
+            "quantized_layers": layers, "quantized_embeddings": embeddings,
+            "dense_dtype": getattr(model.config, "physkern_dense_dtype", None), "bits": {
                 "quantized_bits_per_weight": report.quantized_bits_per_weight,
                 "model_bits_per_weight": report.model_bits_per_weight,
                 "total_bytes": report.total_bytes}, **(extra or {})}
@@ -216,10 +210,10 @@ def save_quantized(model: nn.Module, path, tokenizer=None, extra: Optional[dict]
     tmp = _make_temp_dir(path, _INNER_PARTIAL) if existing else \
         _make_temp_dir(path.parent, f".{path.name}.partial-")
     try:
-        model.config.save_pretrained(tmp)
+        _write_config(model, layers, embeddings, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / MODEL_FILE))
+        _write_tensors(model, tmp / MODEL_FILE)
         for reserved in (MARKER, _PREVIOUS_MARKER):
             if (tmp / reserved).exists():
                 raise ValueError(f"the tokenizer or config wrote a file named {reserved}, "
@@ -257,6 +251,59 @@ def save_quantized(model: nn.Module, path, tokenizer=None, extra: Optional[dict]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def quantized_module_layouts(model: nn.Module) -> tuple[dict, dict]:
+    """({layer name: QuantizedLinear.layer_meta()}, {embedding name: QuantizedEmbedding meta
+    with "source", the layer holding its table}) of `model`; other compressed modules are an
+    error (save_quantized cannot store them yet)."""
+    from .embedding import QuantizedEmbedding
+    from .layers import QuantizedLinear
+    names = {id(m): n for n, m in model.named_modules()}
+    layers, embeddings, other = {}, {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            layers[name] = m.layer_meta()
+        elif isinstance(m, QuantizedEmbedding):
+            embeddings[name] = {**m.layer_meta(), "source": names[id(m.weight_source)]}
+        elif hasattr(m, "weight_numel") and hasattr(m, "storage_bits"):
+            other.append(name)
+    if other:
+        raise ValueError(f"save_quantized supports QuantizedLinear and QuantizedEmbedding "
+                         f"only; found other compressed modules: {other[:3]}")
+    return layers, embeddings
+
+
+def _write_config(model: nn.Module, layers: dict, embeddings: dict, folder: Path) -> None:
+    """config.json under model type "physkern" (physkern.hf_config) and, for a model that
+    generates, generation_config.json."""
+    from .hf_config import physkern_config_dict
+    d = physkern_config_dict(model.config.to_diff_dict(), layers, embeddings)
+    with open(folder / "config.json", "w") as f:
+        json.dump(d, f, indent=2, sort_keys=True)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(model, "can_generate", lambda: False)():
+        gen.save_pretrained(folder)
+
+
+def _write_tensors(model: nn.Module, file: Path) -> None:
+    """model.safetensors: every state-dict tensor once (a tensor shared by several names is
+    stored under the first), dense float tensors at the model's dense storage dtype
+    (physkern.dense; lossless: they were rounded to it in memory)."""
+    from safetensors.torch import save_file
+    from .dense import dense_storage_dtype, is_dense
+    dense = dense_storage_dtype(model)
+    seen, tensors = set(), {}
+    for key, t in model.state_dict().items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                 tuple(t.stride()), t.dtype)
+        if t.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        if dense is not None and is_dense(key, t) and t.element_size() > dense.itemsize:
+            t = t.to(dense)
+        tensors[key] = t.detach().contiguous().cpu()
+    save_file(tensors, str(file), metadata={"format": "pt"})
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -305,7 +352,7 @@ def _read_marker(file: Path) -> dict:
     return meta
 
 
-def _check_layer_meta(file: Path, name, lm) -> dict:
+def check_layer_meta(file: Path, name, lm) -> dict:
     """Types and ranges of one layer's layout in physkern.json (no tensor is touched)."""
     if not isinstance(name, str) or not name or any(not p for p in name.split(".")):
         raise ValueError(f"{file}: quantized layer name {name!r} is not a module path")
@@ -362,6 +409,99 @@ def _layer_tensors(lm: dict) -> dict:
     return want
 
 
+def check_embedding_meta(file, name, em, layers: dict) -> dict:
+    """Types and ranges of one quantized embedding's entry, and its source layer's layout."""
+    if not isinstance(name, str) or not name or any(not p for p in name.split(".")):
+        raise ValueError(f"{file}: quantized embedding name {name!r} is not a module path")
+    where = f"{file}: embedding {name}"
+    if not isinstance(em, dict):
+        raise ValueError(f"{where}: entry must be an object, got {type(em).__name__}")
+    if type(em.get("tied")) is not bool:
+        raise ValueError(f"{where}: tied must be true or false, got {em.get('tied')!r}")
+    for f in ("num_embeddings", "embedding_dim"):
+        if type(em.get(f)) is not int or em[f] < 1:
+            raise ValueError(f"{where}: {f} must be a positive integer, got {em.get(f)!r}")
+    if em.get("dtype") not in FLOAT_DTYPES:
+        raise ValueError(f"{where}: dtype must be one of {FLOAT_DTYPES}, got {em.get('dtype')!r}")
+    pad = em.get("padding_idx")
+    if pad is not None and (type(pad) is not int or not -em["num_embeddings"] <= pad
+                            < em["num_embeddings"]):
+        raise ValueError(f"{where}: padding_idx must be null or a token id, got {pad!r}")
+    src = em.get("source")
+    own_table = f"{name}.table"
+    if src not in layers or (src == own_table) == em["tied"]:
+        raise ValueError(f"{where}: source must name "
+                         f"{'the quantized output head' if em['tied'] else repr(own_table)} "
+                         f"among the quantized layers, got {src!r}")
+    lm = layers[src]
+    if (lm["out_features"], lm["in_features"]) != (em["num_embeddings"], em["embedding_dim"]):
+        raise ValueError(f"{where}: source {src} is [{lm['out_features']}, {lm['in_features']}], "
+                         f"the embedding [{em['num_embeddings']}, {em['embedding_dim']}]")
+    return em
+
+
+def check_quantized_modules(model: nn.Module, layers: dict, embeddings: dict,
+                            file) -> tuple[dict, dict]:
+    """Check stored layouts (types, ranges) and that each names a module of `model` (built from
+    its config) of the right kind and shape; allocates nothing. Returns (layers, embeddings).
+    Raises ValueError naming `file`, the layer and the field."""
+    from .linear import linear_layers
+    if not isinstance(embeddings, dict):
+        raise ValueError(f"{file}: quantized_embeddings must be an object, got "
+                         f"{type(embeddings).__name__}")
+    layers = {n: check_layer_meta(file, n, lm) for n, lm in layers.items()}
+    embeddings = {n: check_embedding_meta(file, n, em, layers) for n, em in embeddings.items()}
+    tables = {em["source"]: n for n, em in embeddings.items() if not em["tied"]}
+    originals = {l.name: l for l in linear_layers(model)}
+    for name, lm in layers.items():
+        if name in tables:  # an untied embedding's own table: checked against the embedding
+            emb = model.get_submodule(tables[name])
+            shape = tuple(getattr(getattr(emb, "weight", None), "shape", ()))
+            if not isinstance(emb, torch.nn.Embedding) or lm["kind"] != "linear" or \
+                    shape != (lm["out_features"], lm["in_features"]):
+                raise ValueError(f"{file}: layer {name}: the model's {tables[name]} is not an "
+                                 f"embedding of shape [{lm['out_features']}, {lm['in_features']}]")
+            continue
+        orig = originals.get(name)
+        if orig is None:
+            raise ValueError(f"{file}: layer {name}: the model has no linear layer of that name")
+        if (orig.kind, orig.in_features, orig.out_features) != \
+                (lm["kind"], lm["in_features"], lm["out_features"]):
+            raise ValueError(f"{file}: layer {name}: kind {lm['kind']}, in_features "
+                             f"{lm['in_features']}, out_features {lm['out_features']} do not "
+                             f"match the model's {orig.kind}, {orig.in_features}, "
+                             f"{orig.out_features}")
+    for name, em in embeddings.items():
+        try:
+            emb = model.get_submodule(name)
+        except AttributeError:
+            emb = None
+        if not isinstance(emb, torch.nn.Embedding) or \
+                tuple(emb.weight.shape) != (em["num_embeddings"], em["embedding_dim"]):
+            raise ValueError(f"{file}: embedding {name}: the model has no embedding of shape "
+                             f"[{em['num_embeddings']}, {em['embedding_dim']}] there")
+    return layers, embeddings
+
+
+def install_quantized_modules(model: nn.Module, layers: dict, embeddings: dict, file) -> None:
+    """Replace, in a model built from its config, each named linear layer by an empty
+    QuantizedLinear with the stored layout and each named embedding by a QuantizedEmbedding
+    reading its source layer, after check_quantized_modules. Run it under
+    `torch.device("meta")` to allocate nothing."""
+    from .embedding import QuantizedEmbedding
+    from .layers import QuantizedLinear
+    layers, embeddings = check_quantized_modules(model, layers, embeddings, file)
+    tables = {em["source"]: n for n, em in embeddings.items() if not em["tied"]}
+    built = {name: QuantizedLinear.empty(lm) for name, lm in layers.items()}
+    for name, em in embeddings.items():
+        model.set_submodule(name, QuantizedEmbedding(
+            built[em["source"]], tied=em["tied"], dtype=getattr(torch, em["dtype"]),
+            padding_idx=em.get("padding_idx")))
+    for name, layer in built.items():
+        if name not in tables:
+            model.set_submodule(name, layer)
+
+
 def read_safetensors_header(file: Path) -> dict:
     """{tensor name: (torch dtype, shape tuple)} from a safetensors file's header, reading only
     the header (8-byte little-endian length + JSON) and checking every tensor's byte range
@@ -416,7 +556,7 @@ def _fmt(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _check_indices(file: Path, name: str, layer) -> None:
+def check_indices(file: Path, name: str, layer) -> None:
     """Every stored index < K, so no kernel reads past a codebook. Skipped when K = 2**bits
     (then every bit pattern is a valid index); the packed shape was checked before."""
     from .quant.packing import index_bits, unpack_indices
@@ -436,6 +576,23 @@ def _check_indices(file: Path, name: str, layer) -> None:
                              f"crafted file")
 
 
+def _read_config(cfg_file: Path):
+    """The base architecture's config from config.json (physkern.hf_config), without importing
+    physkern.hf_quantizer: physkern's own loader needs no transformers registration."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from .hf_config import base_config_dict
+    try:
+        with open(cfg_file, "rb") as f:
+            d = json.loads(f.read())
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        d = base_config_dict(d, str(cfg_file))
+        d.pop("quantization_config", None)
+        return CONFIG_MAPPING[d["model_type"]].from_dict(d)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{cfg_file}: cannot build a model from it: {_one_line(exc)}") from None
+
+
 def load_quantized(path, device: str | torch.device = "cpu"):
     """Load a model saved by save_quantized: returns (model, tokenizer or None).
 
@@ -449,9 +606,7 @@ def load_quantized(path, device: str | torch.device = "cpu"):
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from .layers import QuantizedLinear
-    from .models import linear_layers, replace_layer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"path: {str(path)!r} is not a directory")
@@ -459,48 +614,48 @@ def load_quantized(path, device: str | torch.device = "cpu"):
         raise ValueError(f"path: {str(path)!r} is not a physkern quantized model (no {MARKER})")
     marker, st_file, cfg_file = path / MARKER, path / MODEL_FILE, path / "config.json"
     meta = _read_marker(marker)
-    layers = {name: _check_layer_meta(marker, name, lm)
-              for name, lm in meta["quantized_layers"].items()}
+    layers = meta["quantized_layers"]
+    embeddings = meta.get("quantized_embeddings", {})
     if not st_file.is_file():
         raise ValueError(f"{st_file}: missing")
     header = read_safetensors_header(st_file)
+    config = _read_config(cfg_file)
     try:
-        config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):  # shapes only: nothing is allocated
             skeleton = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
         raise ValueError(f"{cfg_file}: cannot build a model from it: {_one_line(exc)}") from None
-    # The quantized layers must replace linear layers of that shape.
-    originals = {l.name: l for l in linear_layers(skeleton)}
+    layers, embeddings = check_quantized_modules(skeleton, layers, embeddings, marker)
+    # Quantized buffers against the header from the layouts alone, before even the meta-device
+    # build of the quantized layers asks for their sizes.
     for name, lm in layers.items():
-        orig = originals.get(name)
-        if orig is None:
-            raise ValueError(f"{marker}: layer {name}: the model of {cfg_file.name} has no "
-                             "linear layer of that name")
-        if (orig.kind, orig.in_features, orig.out_features) != \
-                (lm["kind"], lm["in_features"], lm["out_features"]):
-            raise ValueError(f"{marker}: layer {name}: kind {lm['kind']}, in_features "
-                             f"{lm['in_features']}, out_features {lm['out_features']} do not "
-                             f"match the model's {orig.kind}, {orig.in_features}, "
-                             f"{orig.out_features} ({cfg_file.name})")
+        for buf, (dt, shape) in _layer_tensors(lm).items():
+            key = f"{name}.{buf}"
+            if key not in header:
+                raise ValueError(f"{st_file}: layer {name}: tensor {buf} is missing")
+            st_dtype, st_shape = header[key]
+            if st_shape != shape:
+                raise ValueError(f"{st_file}: layer {name}: {buf} has shape {list(st_shape)}, "
+                                 f"{MARKER} implies {list(shape)}")
+            if st_dtype != dt and (buf != "bias" or not st_dtype.is_floating_point):
+                raise ValueError(f"{st_file}: layer {name}: {buf} has dtype "
+                                 f"{_TORCH_TO_ST[st_dtype]} ({_fmt(st_dtype)}), {MARKER} "
+                                 f"implies {_fmt(dt)}")
+    with torch.device("meta"):
+        install_quantized_modules(skeleton, layers, embeddings, marker)
     # Every tensor the loaded model will hold, checked against the file's header.
     expected: dict = {}  # state-dict key -> (dtype, shape, layer name or None)
     groups: dict = {}    # id of a (possibly tied) tensor -> its state-dict keys
     quantized_keys = set()
-    for name, lm in layers.items():
-        for buf, (dt, shape) in _layer_tensors(lm).items():
-            expected[f"{name}.{buf}"] = (dt, shape, name)
-            quantized_keys.add(f"{name}.{buf}")
-    prefixes = tuple(f"{name}." for name in layers)
     persistent_ids = set()
     for key, t in skeleton.state_dict(keep_vars=True).items():
         persistent_ids.add(id(t))
-        if key.startswith(prefixes):
-            continue
-        expected[key] = (t.dtype, tuple(t.shape), None)
+        owner = key.rpartition(".")[0]
+        layer = owner if owner in layers else None
+        expected[key] = (t.dtype, tuple(t.shape), layer)
         groups.setdefault(id(t), []).append(key)
-    for key in quantized_keys:
-        groups[key] = [key]
+        if layer is not None:
+            quantized_keys.add(key)
     unexpected = sorted(set(header) - set(expected))
     if unexpected:
         raise ValueError(f"{st_file}: unexpected tensors the model does not have: "
@@ -521,8 +676,10 @@ def load_quantized(path, device: str | torch.device = "cpu"):
         if st_shape != shape:
             raise ValueError(f"{what} has shape {list(st_shape)}, "
                              f"{MARKER if layer else cfg_file.name} implies {list(shape)}")
-        dtype_ok = (st_dtype == dt if layer or not dt.is_floating_point
-                    else st_dtype.is_floating_point)
+        # Quantized buffers are read as stored; dense float tensors (norms, biases) may be
+        # stored at 16 bits (physkern.dense) and are cast to the model's dtype on loading.
+        dense = dt.is_floating_point and key.rpartition(".")[2] not in QUANTIZED_BUFFERS
+        dtype_ok = st_dtype.is_floating_point if dense else st_dtype == dt
         if not dtype_ok:
             raise ValueError(f"{what} has dtype {_TORCH_TO_ST[st_dtype]} ({_fmt(st_dtype)}), "
                              f"{MARKER if layer else cfg_file.name} implies {_fmt(dt)}")
@@ -540,8 +697,7 @@ def load_quantized(path, device: str | torch.device = "cpu"):
         model = AutoModelForCausalLM.from_config(config)
     except (ValueError, RuntimeError, TypeError) as exc:
         raise ValueError(f"{cfg_file}: cannot build a model from it: {_one_line(exc)}") from None
-    for name, lm in layers.items():
-        replace_layer(model, name, QuantizedLinear.empty(lm))
+    install_quantized_modules(model, layers, embeddings, marker)
     try:
         missing, unexpected = load_model(model, str(st_file), strict=False)
     except (SafetensorError, OSError, RuntimeError) as exc:
@@ -553,7 +709,7 @@ def load_quantized(path, device: str | torch.device = "cpu"):
     if real_missing:
         raise ValueError(f"{st_file}: missing tensors: {sorted(real_missing)[:5]}")
     for name in layers:
-        _check_indices(st_file, name, model.get_submodule(name))
+        check_indices(st_file, name, model.get_submodule(name))
     model.tie_weights()
     tok = None
     if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():

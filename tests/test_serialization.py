@@ -33,6 +33,7 @@ X = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(1))
 X1 = X[:1, :5]  # a few rows: the C++ decode path (M <= 32)
 LAYER = "transformer.h.0.attn.c_attn"  # a quantized GPT-2 layer
 ST = "model.safetensors"
+GEN = "generation_config.json"  # written for models that generate (GPT-2, LLaMA)
 
 
 def _quantized(model, k=K, block_dim=2):
@@ -109,7 +110,7 @@ def test_round_trip_logits_identical(fixture, k, request, tmp_path):
     assert torch.equal(loaded(X).logits, model(X).logits)
     assert torch.equal(loaded(X1).logits, model(X1).logits)
     meta = json.loads((out / MARKER).read_text())
-    assert set(meta["files"]) == {"config.json", ST, "tokenizer.json", "tokenizer_config.json"}
+    assert set(meta["files"]) == {"config.json", GEN, ST, "tokenizer.json", "tokenizer_config.json"}
 
 
 # ---- crafted directories -------------------------------------------------------------------
@@ -339,7 +340,7 @@ def test_resave_needs_overwrite_and_keeps_user_files(q_gpt2, tmp_path):
     assert (d.stat().st_mode & 0o777) == 0o755
     assert not (d / "tokenizer.json").exists() and not (d / "tokenizer_config.json").exists()
     assert sorted(p.name for p in d.iterdir()) == sorted(
-        ["notes.txt", "runs", "config.json", ST, MARKER])
+        ["notes.txt", "runs", "config.json", GEN, ST, MARKER])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     loaded, tok = load_quantized(d)
     assert tok is None and torch.equal(loaded(X).logits, other(X).logits)
@@ -378,7 +379,7 @@ def test_new_dir_gets_umask_mode(q_gpt2, tmp_path):
     finally:
         os.umask(old)
     assert (d.stat().st_mode & 0o777) == 0o755
-    assert json.loads((d / MARKER).read_text())["files"] == ["config.json", ST]
+    assert json.loads((d / MARKER).read_text())["files"] == ["config.json", GEN, ST]
     assert not [p for p in (tmp_path / "a").iterdir() if p.name != "new"]
 
 
@@ -397,11 +398,11 @@ def test_failed_save_leaves_previous_model(q_gpt2, tmp_path, monkeypatch):
     d = save_quantized(q_gpt2, tmp_path / "D")
     ref = q_gpt2(X).logits
 
-    def boom(model, filename, *a, **kw):
+    def boom(tensors, filename, *a, **kw):
         with open(filename, "wb") as f:
             f.write(b"\0" * 100)
         raise OSError("disk full")
-    monkeypatch.setattr(st, "save_model", boom)
+    monkeypatch.setattr(st, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         save_quantized(q_gpt2, d, overwrite=True)
     with pytest.raises(OSError, match="disk full"):
@@ -420,10 +421,10 @@ KILL_SCRIPT = textwrap.dedent("""
     d, where = sys.argv[1], sys.argv[2]
     model, _ = load_quantized(d)
     if where == "write":  # killed while writing the new tensors
-        def killed(model, filename, *a, **kw):
+        def killed(tensors, filename, *a, **kw):
             open(filename, "wb").write(b"\\0" * 100)
             os._exit(9)
-        st.save_model = killed
+        st.save_file = killed
     else:  # killed after the first file was swapped in (the marker already removed)
         real, calls = os.replace, []
         def killed(a, b):
@@ -456,7 +457,7 @@ def test_killed_save_recovers(q_gpt2, tmp_path, where):
             validate_output_dir(d)
     save_quantized(q_gpt2, d, overwrite=True)  # no tokenizer this time
     assert sorted(p.name for p in d.iterdir()) == sorted(
-        ["notes.txt", "config.json", ST, MARKER])  # leftovers and old tokenizer files gone
+        ["notes.txt", "config.json", GEN, ST, MARKER])  # leftovers, old tokenizer files gone
     assert not [p for p in tmp_path.iterdir() if p.name != "D"]
     assert torch.equal(load_quantized(d)[0](X).logits, ref)
 
