@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -58,3 +59,26 @@ def test_bad_dtype_and_overflow():
         model.model.norm.weight[0] = 1e6
     with pytest.raises(ValueError, match="model.norm.weight"):
         set_dense_storage_dtype(model, torch.float16)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_saved_at_16_bits_loads_identical(request, fixture, tmp_path):
+    from physkern.serialization import read_safetensors_header
+    model = _quantized(request.getfixturevalue(fixture))
+    set_dense_storage_dtype(model, "bfloat16")
+    path = physkern.save_quantized(model, tmp_path / "q")
+    header = read_safetensors_header(path / "model.safetensors")
+    for key, (dtype, shape) in header.items():
+        if key.rpartition(".")[2] in ("packed", "codebooks", "scales", "offsets"):
+            assert dtype != torch.bfloat16 or key.endswith("codebooks"), key
+        else:
+            assert dtype in (torch.bfloat16, torch.int64), (key, dtype)
+    stored = sum(math.prod(shape) * dtype.itemsize for dtype, shape in header.values())
+    rep = physkern.bits_report(model)
+    assert abs(stored - rep.total_bytes) <= 0.01 * stored
+    loaded, _ = physkern.load_quantized(path)
+    assert loaded.config.physkern_dense_dtype == "bfloat16"
+    ids = torch.tensor([[1, 5, 9, 33, 2, 70]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert physkern.bits_report(loaded).total_bytes == rep.total_bytes
