@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .embedding import QuantizedEmbedding
 from .layers import QuantizedLinear
 
 
@@ -147,11 +148,19 @@ def differentiable_quantized(model: nn.Module, train_norms: bool = True,
                     continue
                 t.norms.append((mod, name, p, nn.Parameter(p.detach().clone())))
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    # A quantized embedding reads its source layer's table (the tied head, or its own): it
+    # looks rows up in the same trainable W, so both roles of a tied tensor are trained.
+    copies = {id(layer.mod): layer for layer in t.layers}
+    embeddings = [m for m in model.modules() if isinstance(m, QuantizedEmbedding)
+                  and id(m.weight_source) in copies]
     try:
         for p, _ in grad_flags:
             p.requires_grad_(False)
         for layer in t.layers:
             layer.mod.forward = layer.forward       # instance attribute shadows the class's
+        for emb in embeddings:
+            src = copies[id(emb.weight_source)]
+            emb.forward = lambda ids, src=src, emb=emb: F.embedding(ids, src.weight().to(emb.dtype))
         for mod, name, _, copy in t.norms:
             mod._parameters[name] = copy
         yield t
@@ -164,6 +173,8 @@ def differentiable_quantized(model: nn.Module, train_norms: bool = True,
     finally:
         for layer in t.layers:
             layer.mod.__dict__.pop("forward", None)
+        for emb in embeddings:
+            emb.__dict__.pop("forward", None)
         for mod, name, orig, _ in t.norms:
             mod._parameters[name] = orig
         for p, flag in grad_flags:

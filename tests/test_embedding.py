@@ -161,3 +161,23 @@ def test_tied_weight_counted_and_stored_once(tiny_llama, tmp_path):
         assert torch.equal(loaded(IDS).logits, model(IDS).logits)
     assert loaded.get_input_embeddings().weight_source is loaded.get_output_embeddings()
     del head
+
+
+def test_finetuning_trains_the_tied_tensor_in_both_roles(tiny_llama):
+    from physkern.finetune import differentiable_quantized, finetune_quantized
+    model = copy.deepcopy(tiny_llama)
+    physkern.quantize(model, ScalarConfig(bits=4, group_size=16),
+                      embedding=CodebookConfig(k=12, block_dim=4, scope="layer", calibrate=False),
+                      progress=False)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    with differentiable_quantized(model) as t:
+        (copy_,) = [layer for layer in t.layers if layer.mod is head]
+        out = emb(IDS)
+        assert out.requires_grad  # the lookup goes through the trainable copy
+        torch.testing.assert_close(out, F.embedding(IDS, copy_.weight()))
+        out.sum().backward()
+        assert copy_.codebooks.grad is not None and copy_.codebooks.grad.abs().sum() > 0
+    assert not emb(IDS).requires_grad  # restored
+    windows = torch.randint(0, 96, (4, 16))
+    finetune_quantized(model, tiny_llama, windows, steps=3, lr=1e-2, holdout=1)
+    torch.testing.assert_close(emb(IDS), F.embedding(IDS, head.dequantize(torch.float32)))
