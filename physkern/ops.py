@@ -134,18 +134,31 @@ def codebook_matmul(x: torch.Tensor, qw: "QuantizedWeight", bias: Optional[torch
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    args = (x, qw.packed, qw.codebooks, qw.scales, qw.offsets, bias, qw.in_features,
-            qw.codebook_rows, qw.scale_group)
     if qw.packed.shape[1] != qw.out_features:
         raise ValueError(f"qw.packed has {qw.packed.shape[1]} rows, qw.out_features is "
                          f"{qw.out_features}")
+    args = (x, qw.packed, qw.codebooks, qw.scales, qw.offsets, bias, qw.in_features,
+            qw.codebook_rows, qw.scale_group)
     if backend == "auto":
-        if _eager_native_ok(x, bias, qw.in_features):
-            return torch.ops.physkern.codebook_matmul_cpu(*args, "direct")
-        return _codebook_matmul_op(*args)
+        return codebook_linear(*args)
     fn = {"triton": codebook_matmul_triton, "cpu": codebook_matmul_cpu,
           "reference": codebook_matmul_reference}[backend]
     return fn(*args)
+
+
+def codebook_linear(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor,
+                    scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], in_features: int, codebook_rows: int,
+                    scale_group: int) -> torch.Tensor:
+    """codebook_matmul(backend="auto") on plain tensors (QuantizedLinear's forward): the one
+    place that picks the path. Layouts are the caller's to have validated (QuantizedLinear
+    validates on construction, load_quantized before loading). Small-M CPU calls with nothing
+    to trace or differentiate go straight to the C++ op; everything else through the custom op
+    (its device dispatch, fake and autograd formula)."""
+    args = (x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows, scale_group)
+    if _eager_native_ok(x, bias, in_features):
+        return torch.ops.physkern.codebook_matmul_cpu(*args, "direct")
+    return _codebook_matmul_op(*args)
 
 
 def _eager_native_ok(x: torch.Tensor, bias: Optional[torch.Tensor], in_features: int) -> bool:
