@@ -19,7 +19,7 @@ SOURCES = {"3bit": "codebook_push.json:cb_mixed3_layer_ef_ft150_tiles256_cos",
 
 def test_presets_are_package_data():
     assert PRESETS_DIR.parent.name == "physkern"
-    assert set(preset_names()) == set(SOURCES)
+    assert set(preset_names()) == set(SOURCES) | {"deploy"}
     setup = (ROOT / "setup.py").read_text()
     assert '"presets/*.json"' in setup and '"physkern.methods"' in setup
 
@@ -38,9 +38,18 @@ def test_preset_is_the_recipe_that_produced_its_figures(name):
     assert raw["name"] == name and SOURCES[name].split(":")[1] in raw["note"]
 
 
-def test_make_run_uses_the_fast_preset():
+def test_deploy_preset_is_its_bench_recipe():
+    preset = load_preset("deploy")
+    src = load_recipe(ROOT / "bench" / "recipes" / "whole_model.json", "deploy")
+    assert (preset.config, preset.embedding, preset.dense_dtype) == \
+        (src.config, src.embedding, src.dense_dtype)
+    assert preset.embedding is not None and preset.dense_dtype == "bfloat16"
+    assert preset.finetune is None  # make run finishes in minutes
+
+
+def test_make_run_uses_the_deploy_preset():
     from physkern.commands.run import default_recipe
-    assert default_recipe() == load_preset("fast").config
+    assert default_recipe() == load_preset("deploy").config
 
 
 TEXT = "\n\n".join(
@@ -84,7 +93,7 @@ def test_quantize_preset_records_the_whole_recipe(saved_tiny):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--preset", "nope"], "no preset 'nope'; valid: 2.5bit, 3bit, fast, rtn4"),
+    (["--preset", "nope"], "no preset 'nope'; valid: 2.5bit, 3bit, deploy, fast, rtn4"),
     (["--preset", "fast", "--k", "16"], "--preset and the per-flag recipe are exclusive: drop --k"),
     (["--preset", "fast", "--method", "rtn"], "drop --method"),
     (["--preset", "fast", "--recipe", "x.json:y"], "--preset and --recipe are exclusive"),
