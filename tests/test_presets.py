@@ -110,17 +110,35 @@ def test_quantize_preset_and_embedding_errors(saved_tiny, capsys, argv, msg):
     assert not out.exists()
 
 
-def test_quantize_with_embedding_and_dense_dtype(saved_tiny):
-    from physkern.quant.accounting import bits_report
+def test_quantize_with_dense_dtype(saved_tiny):
+    from physkern.dense import dense_storage_dtype
     from physkern.serialization import load_quantized
-    out = saved_tiny / "emb"
+    out = saved_tiny / "dense"
     assert _quantize(saved_tiny, out, "--method", "rtn", "--bits", "4", "--group-size", "16",
-                     "--embedding", "rtn:bits=4,group_size=16", "--dense-dtype", "float16") == 0
-    meta = json.loads((out / "physkern.json").read_text())
-    whole = meta["whole_recipe"]
-    assert whole["embedding"]["method"] == "rtn" and whole["embedding"]["group_size"] == 16
-    assert whole["dense_dtype"] == "float16"
-    assert meta["report"]["layers"][-1]["name"] == "lm_head"
+                     "--dense-dtype", "float16") == 0
+    whole = json.loads((out / "physkern.json").read_text())["whole_recipe"]
+    assert whole["dense_dtype"] == "float16" and whole["embedding"] is None
     model, _ = load_quantized(out)
-    rep = bits_report(model)
-    assert re.search("lm_head", " ".join(rep.layers))
+    assert dense_storage_dtype(model) == torch.float16
+
+
+def test_embedding_flag_sets_the_recipes_head_config(saved_tiny):
+    """--embedding goes into the Recipe (apply_recipe quantizes the head with it: test_recipe);
+    --dense-dtype float32 means no rounding."""
+    import argparse
+
+    from physkern.commands.quantize import add_finetune_args, add_recipe_args, recipe_from_args
+    from physkern.config import CodebookConfig, ScalarConfig
+    p = argparse.ArgumentParser()
+    add_recipe_args(p)
+    add_finetune_args(p)
+    r = recipe_from_args(p.parse_args(["--preset", "rtn4", "--embedding",
+                                       "rtn:bits=4,group_size=16", "--dense-dtype", "float32"]))
+    assert r.embedding == ScalarConfig(bits=4, group_size=16) and r.dense_dtype is None
+    assert r.config == load_preset("rtn4").config and r.name == "rtn4"
+    r = recipe_from_args(p.parse_args(["--embedding", '{"method": "codebook", "k": 64, '
+                                       '"block_dim": 4, "scope": "layer"}',
+                                       "--dense-dtype", "bfloat16", "--finetune-steps", "5"]))
+    assert r.embedding == CodebookConfig(k=64, block_dim=4, scope="layer")
+    assert r.dense_dtype == "bfloat16" and r.finetune["steps"] == 5 and r.finetune["lr"] == 1e-3
+    assert r.to_dict()["embedding"]["k"] == 64

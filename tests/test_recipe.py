@@ -162,9 +162,12 @@ def test_apply_recipe_on_a_tiny_model(tiny_llama, tmp_path):
     tok = _char_tokenizer(text)
     model = copy.deepcopy(tiny_llama)
     r = Recipe(config=ScalarConfig(bits=4, group_size=16), dense_dtype="float16",
+               embedding=ScalarConfig(bits=4, group_size=16),
                finetune={"steps": 2, "holdout": 1}, calibration={"windows": 3, "window": 32})
     rep = apply_recipe(model, r, tok, corpus, seed=1, progress=False)
-    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 14
+    # 14 decoder linear layers + the head (tied: it serves the input embedding too)
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 15
+    assert rep.quantization.layers[-1].name == "lm_head"
     assert dense_storage_dtype(model) == torch.float16
     assert rep.finetune["spec"] == r.finetune and rep.calibration.shape == (3, 32)
     assert rep.to_dict()["recipe"] == r.to_dict()
