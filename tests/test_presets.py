@@ -142,3 +142,18 @@ def test_embedding_flag_sets_the_recipes_head_config(saved_tiny):
     assert r.embedding == CodebookConfig(k=64, block_dim=4, scope="layer")
     assert r.dense_dtype == "bfloat16" and r.finetune["steps"] == 5 and r.finetune["lr"] == 1e-3
     assert r.to_dict()["embedding"]["k"] == 64
+
+
+def test_quantize_with_embedding_saves_the_head(saved_tiny):
+    from physkern.quant.accounting import bits_report
+    from physkern.serialization import load_quantized
+    out = saved_tiny / "emb"
+    assert _quantize(saved_tiny, out, "--method", "rtn", "--bits", "4", "--group-size", "16",
+                     "--embedding", "rtn:bits=4,group_size=16", "--dense-dtype", "bfloat16") == 0
+    meta = json.loads((out / "physkern.json").read_text())
+    whole = meta["whole_recipe"]
+    assert whole["embedding"]["method"] == "rtn" and whole["embedding"]["group_size"] == 16
+    assert whole["dense_dtype"] == "bfloat16"
+    assert meta["report"]["layers"][-1]["name"] == "lm_head"
+    model, _ = load_quantized(out)
+    assert re.search("lm_head", " ".join(bits_report(model).layers))
