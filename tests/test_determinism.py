@@ -1,8 +1,9 @@
 """Quantization is bit-identical across runs and across torch thread counts.
 
 Issue 15 item 3: `make run` printed 48.35 where README quotes 46.63 for the same recipe and seed.
-The cause was not nondeterminism: on the packaged model the cb_k32_d2_layer_ef recipe (make run's default until 4d9a84d) gives bit-identical
-indices, codebooks and scales with 1 and 2 threads, and the pure-torch assignment path reproduces
+The cause was not nondeterminism: on the packaged model the cb_k32_d2_layer_ef recipe (make
+run's default until 4d9a84d) gives bit-identical indices, codebooks and scales with 1 and 2
+threads, and the pure-torch assignment path reproduces
 the committed figure's per-layer errors exactly; the C++ k-means assignment op (commit 9b85d4c,
 after the figure was made) picks a different, equally near centroid at one fp32 near-tie in
 layer 1 v_proj, and error feedback plus block-sequential calibration carry that into every
