@@ -197,10 +197,10 @@ def test_committed_points_keep_their_resume_keys(payload):
     recipes = {r.name: r for r in load_recipes(ROOT / payload["recipes_file"])}
     for p in payload["points"]:
         r = recipes[p["recipe"]]
-        cfg = with_seed(r.config, p["seed"])
+        cfg, emb = with_seed(r.config, p["seed"]), with_seed(r.embedding, p["seed"])
         assert point_key(r.name, p["seed"], None if cfg is None else cfg.to_dict(), r.prune,
-                         r.lattice, r.smooth, r.finetune, None, r.dense_dtype) == _key_of(p), \
-            (p["recipe"], p["seed"])
+                         r.lattice, r.smooth, r.finetune, None if emb is None else emb.to_dict(),
+                         r.dense_dtype) == _key_of(p), (p["recipe"], p["seed"])
 
 
 def test_embedding_and_dense_dtype_join_the_resume_key_only_when_set():
