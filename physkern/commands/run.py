@@ -9,11 +9,12 @@ short greedy sample from both models with their decode speed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
 from ._common import (add_eval_args, add_model_corpus_args, check_calib_window,
-                      check_output_file, resolve_window, seed_arg)
+                      check_output_file, int_in, resolve_window, seed_arg)
 
 DEFAULT_PRESET = "deploy"
 SAMPLE_PROMPT = "The history of the city begins"
@@ -41,10 +42,14 @@ def register(sub) -> None:
                    help=f"recipe preset (default {DEFAULT_PRESET}; physkern quantize --help "
                         "lists them)")
     p.add_argument("--seed", type=seed_arg, default=0)
+    p.add_argument("--calib-windows", type=int_in(1), default=None,
+                   help="calibration windows (default: the preset's)")
+    p.add_argument("--calib-window", type=int_in(2), default=None,
+                   help="tokens per calibration window (default: the preset's)")
     p.add_argument("--out", default=None,
                    help="where to save the quantized model (default: "
                         "$PHYSKERN_CACHE/run/<preset>, replaced on each run)")
-    p.add_argument("--sample-tokens", type=int, default=SAMPLE_TOKENS,
+    p.add_argument("--sample-tokens", type=int_in(0), default=SAMPLE_TOKENS,
                    help=f"tokens generated for the sample (default {SAMPLE_TOKENS}; 0 = none)")
     p.add_argument("--json", default=None, help="write the results JSON here")
     p.set_defaults(func=run)
@@ -86,8 +91,11 @@ def run(args: argparse.Namespace) -> int:
     validate_output_dir(out, overwrite=True)  # before the work, not after
     if args.json:
         check_output_file(args.json, "--json")
-    if args.sample_tokens < 0:
-        raise ValueError(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
+    cal = recipe.calibration_or_default()
+    if args.calib_windows is not None or args.calib_window is not None:
+        recipe = dataclasses.replace(recipe, calibration={
+            "windows": args.calib_windows or cal["windows"],
+            "window": args.calib_window or cal["window"]})
     corpus = load_corpus(args.corpus)
     model, tok = load_model(args.model, device=args.device)
     window = resolve_window(model, args.window)
