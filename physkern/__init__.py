@@ -10,6 +10,7 @@ Public API (imported lazily so that `import physkern` stays fast):
   finetune_quantized                              physkern.finetune
   QuantizedEmbedding                              physkern.embedding
   set_dense_storage_dtype                         physkern.dense
+  Recipe, load_recipe, load_preset, apply_recipe  physkern.recipe
 
 Importing physkern also registers it with transformers (physkern.hf_quantizer): afterwards
 `AutoModelForCausalLM.from_pretrained(dir)` loads a directory written by save_quantized.
@@ -42,6 +43,10 @@ _EXPORTS = {
     "disable_lattice": "physkern.attention",
     "finetune_quantized": "physkern.finetune",
     "QuantizedEmbedding": "physkern.embedding",
+    "Recipe": "physkern.recipe",
+    "load_recipe": "physkern.recipe",
+    "load_preset": "physkern.recipe",
+    "apply_recipe": "physkern.recipe",
     "set_dense_storage_dtype": "physkern.dense",
 }
 

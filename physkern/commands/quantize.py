@@ -21,11 +21,13 @@ CONFIG_FLAGS = ("k", "block_dim", "scope", "group_size", "stages", "scales", "sc
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     from ..methods import CONFIG_CLASSES
+    from ..recipe import preset_names
+    presets = ", ".join(preset_names())
     g = p.add_argument_group("recipe (one of: --preset NAME, --recipe FILE:NAME, or the flags "
                              "below with --method)")
     g.add_argument("--preset", default=None, metavar="NAME",
-                   help="a recipe shipped with physkern (physkern/presets/NAME.json: 3bit, "
-                        "2.5bit, fast, rtn4); its fine-tuning and calibration included; "
+                   help=f"a recipe shipped with physkern (physkern/presets/NAME.json: "
+                        f"{presets}); its fine-tuning and calibration included; "
                         "exclusive with --recipe and the config flags; --seed, --calib-*, "
                         "--finetune-*, --embedding and --dense-dtype apply")
     g.add_argument("--method", choices=list(CONFIG_CLASSES), default="codebook")
@@ -203,8 +205,8 @@ def config_from_args(args: argparse.Namespace):
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model and save it",
                        description="Quantize the decoder linear layers of a model with a recipe "
-                                   "(physkern.recipe): a shipped preset (--preset 3bit, 2.5bit, "
-                                   "fast, rtn4), a recipe of a file (--recipe FILE:NAME) or the "
+                                   "(physkern.recipe): a shipped preset (--preset NAME), a "
+                                   "recipe of a file (--recipe FILE:NAME) or the "
                                    "flags below; optionally the output head and embedding "
                                    "(--embedding) and 16-bit dense tensors (--dense-dtype). "
                                    "Saves with safetensors; physkern.json records the whole "
