@@ -33,3 +33,28 @@ def tiny_llama():
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).eval()
+
+
+TINY_TEXT = "\n\n".join(
+    f"Article {i}. The quick brown fox {i % 7} jumps over the lazy dog near river {i % 5}. "
+    f"Numbers like {i * 37 % 101} and words such as alpha beta gamma follow."
+    for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    """A folder with a tiny GPT-2 and a tokenizer trained on TINY_TEXT (model/) and that text
+    (corpus.txt): the CLI end to end without the packaged model."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    d = tmp_path_factory.mktemp("tiny")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TINY_TEXT], vocab_size=300, min_frequency=1, show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32,
+                                       n_layer=2, n_head=2)).eval()
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    (d / "corpus.txt").write_text(TINY_TEXT)
+    return d

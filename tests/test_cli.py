@@ -6,29 +6,6 @@ import torch
 
 from physkern.cli import main
 
-TEXT = "\n\n".join(
-    f"Article {i}. The quick brown fox {i % 7} jumps over the lazy dog near river {i % 5}. "
-    f"Numbers like {i * 37 % 101} and words such as alpha beta gamma follow."
-    for i in range(400))
-
-
-@pytest.fixture(scope="module")
-def saved_tiny(tmp_path_factory):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-    d = tmp_path_factory.mktemp("tiny")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32,
-                                       n_layer=2, n_head=2)).eval()
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
-    (d / "corpus.txt").write_text(TEXT)
-    return d
-
-
 def test_ppl_json(saved_tiny, capsys):
     out = saved_tiny / "out.json"
     rc = main(["ppl", "--model", str(saved_tiny / "model"), "--corpus",
@@ -148,3 +125,38 @@ def test_help_everywhere(capsys):
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
         assert e.value.code == 0
+
+
+def test_run_quantizes_the_whole_model_and_reports_the_file(saved_tiny, tmp_path, capsys):
+    from safetensors import safe_open
+
+    import physkern
+    out, js = tmp_path / "run-model", tmp_path / "run.json"
+    rc = main(["run", "--model", str(saved_tiny / "model"), "--corpus",
+               str(saved_tiny / "corpus.txt"), "--tokens", "1024", "--window", "64",
+               "--calib-windows", "2", "--calib-window", "64", "--out", str(out),
+               "--sample-tokens", "3", "--json", str(js)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "physkern deploy (saved)" in text and "decode" in text
+    r = json.loads(js.read_text())
+    assert r["preset"] == "deploy" and r["recipe"]["embedding"]["k"] == 256
+    file_bytes = (out / "model.safetensors").stat().st_size
+    assert r["bits"]["file_bytes"] == file_bytes
+    # the whole model is quantized: the tied head/embedding is stored once, as the head
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert "lm_head.packed" in keys and not any(k.startswith("transformer.wte") for k in keys)
+    assert r["bits"]["file_bits_per_parameter"] == pytest.approx(
+        file_bytes * 8 / r["bits"]["model_parameters"])
+    assert r["bits"]["model_bits_per_weight"] < 16
+    # what run evaluated is what it saved: the file, reloaded and scored by `physkern ppl`
+    # on the same (evaluation-half) tokens, gives the same perplexity
+    rc = main(["ppl", "--model", str(out), "--corpus", str(saved_tiny / "corpus.txt"),
+               "--part", "evaluation", "--tokens", "1024", "--window", "64",
+               "--json", str(tmp_path / "ppl.json")])
+    assert rc == 0
+    again = json.loads((tmp_path / "ppl.json").read_text())
+    assert again["tokens_scored"] == r["quantized"]["tokens_scored"]
+    assert again["perplexity"] == pytest.approx(r["quantized"]["perplexity"], rel=1e-6)
+    assert again["perplexity"] != pytest.approx(r["fp"]["perplexity"], rel=1e-6)

@@ -52,29 +52,6 @@ def test_make_run_uses_the_deploy_preset():
     assert default_recipe() == load_preset("deploy").config
 
 
-TEXT = "\n\n".join(
-    f"Article {i}. The quick brown fox {i % 7} jumps over the lazy dog near river {i % 5}. "
-    f"Numbers like {i * 37 % 101} and words such as alpha beta gamma follow."
-    for i in range(400))
-
-
-@pytest.fixture(scope="module")
-def saved_tiny(tmp_path_factory):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-    d = tmp_path_factory.mktemp("tiny_presets")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32,
-                                       n_layer=2, n_head=2)).eval()
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
-    (d / "corpus.txt").write_text(TEXT)
-    return d
-
-
 def _quantize(d, out, *extra):
     return main(["quantize", "--model", str(d / "model"), "--corpus", str(d / "corpus.txt"),
                  "--out", str(out), *extra])
