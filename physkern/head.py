@@ -22,10 +22,7 @@ from .calib import Gram
 from .embedding import QuantizedEmbedding
 from .layers import QuantizedLinear
 from .models import replace_layer
-
-
-class _StopForward(Exception):
-    """Raised by the head's pre-hook: the logits themselves are not needed for calibration."""
+from .sequential import inputs_reaching
 
 
 @dataclass
@@ -62,28 +59,18 @@ def find_head_and_embedding(model: nn.Module) -> HeadAndEmbedding:
 def head_input_gram(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> Gram:
     """X^T X of the head's inputs (the final hidden states) over calibration windows [n, seq].
 
-    The forward stops at the head (a pre-hook raises), so the [tokens, vocab] logits are never
-    computed. Run it after the blocks are quantized: the head then sees the hidden states the
+    The forward stops at the head (physkern.sequential.inputs_reaching), so the [tokens, vocab]
+    logits are never computed. Run it after the blocks are quantized: the head then sees the hidden states the
     quantized model produces, as every other layer did in physkern.sequential.
     """
     head = model.get_output_embeddings()
     gram = Gram(head.in_features)
 
-    def grab(_module, args):
-        x = args[0].detach()
+    def accumulate(args, kwargs):
+        x = (args[0] if args else kwargs["input"]).detach()
         gram.update(x.reshape(-1, x.shape[-1]).float())
-        raise _StopForward
 
-    handle = head.register_forward_pre_hook(grab)
-    device = windows.device if windows.device.type != "cpu" else next(model.parameters()).device
-    try:
-        for i in range(0, windows.shape[0], batch_size):
-            try:
-                model(input_ids=windows[i:i + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
+    inputs_reaching(model, head, windows, accumulate, batch_size)
     if gram.count == 0:
         raise ValueError("calibration: no tokens reached the output head")
     return gram

@@ -29,20 +29,15 @@ def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 1):
-    """Hidden states entering block 0 for each batch of windows, and the kwargs the model passes.
-
-    Returns (list of [b, seq, hidden] tensors, list of kwargs dicts).
-    """
-    _, blocks = transformer_blocks(model)
-    hidden, kwargs_list = [], []
-
+def inputs_reaching(model: nn.Module, module: nn.Module, windows: torch.Tensor,
+                    on_input: Callable[[tuple, dict], None], batch_size: int = 1) -> None:
+    """Run `model` over windows [n, seq] in batches and call on_input(args, kwargs) with what
+    each batch passes to `module`; the forward stops there (nothing after `module` runs)."""
     def grab(_module, args, kwargs):
-        hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-        kwargs_list.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        on_input(args, kwargs)
         raise _Captured
 
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
     device = next(model.parameters()).device
     try:
         for i in range(0, windows.shape[0], batch_size):
@@ -52,6 +47,21 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
                 pass
     finally:
         handle.remove()
+
+
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 1):
+    """Hidden states entering block 0 for each batch of windows, and the kwargs the model passes.
+
+    Returns (list of [b, seq, hidden] tensors, list of kwargs dicts).
+    """
+    _, blocks = transformer_blocks(model)
+    hidden, kwargs_list = [], []
+
+    def keep(args, kwargs):
+        hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        kwargs_list.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+    inputs_reaching(model, blocks[0], windows, keep, batch_size)
     return hidden, kwargs_list
 
 
