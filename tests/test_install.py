@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -79,9 +80,13 @@ def test_pytest_collects_from_repo_root_without_safe_path():
 
 
 def test_every_installed_package_is_locked_at_its_version():
+    # Only what is installed in the environment's site-packages: once imported, setuptools puts
+    # its own vendored copies (setuptools/_vendor/*.dist-info) on sys.path; those are not
+    # installed packages.
+    site = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     pins = _lock()
     off = []
-    for dist in md.distributions():
+    for dist in md.distributions(path=sorted(site)):
         name = _normal(dist.metadata["Name"])
         if name == "physkern":
             continue
