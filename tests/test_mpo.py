@@ -5,6 +5,7 @@ dense contraction, autograd for the optimality of a solved core, hand counts for
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from physkern.models import replace_layer
+from physkern.models import linear_layers, replace_layer
 from physkern.quant.accounting import bits_report
 from physkern.research.mpo import (MPOLinear, bits_per_weight, chi_for_bits, dmrg_sweeps,
                                    factorize, mpo_decompose, mpo_objective, mpo_to_dense)
@@ -196,6 +197,15 @@ def test_mpo_linear_default_factors_odd_shapes_no_bias():
         m(torch.randn(4, 12))
 
 
+def test_from_linear_layer_conv1d_full_bond_reproduces_layer(tiny_gpt2):
+    """A LinearLayer over GPT-2's Conv1D (weight stored [in, out]) is read as [out, in]."""
+    layer = next(l for l in linear_layers(tiny_gpt2) if l.kind == "conv1d")
+    m = MPOLinear.from_linear(layer, chi=10_000, cores=2, sweeps=1, dtype=torch.float32)
+    assert (m.out_features, m.in_features) == (layer.out_features, layer.in_features)
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(m(x), layer.module(x), rtol=1e-4, atol=1e-5)
+
+
 def test_mpo_linear_does_not_form_the_weight(monkeypatch):
     import physkern.research.mpo as mpo
     m = MPOLinear(mpo_decompose(_weight(12, 20), (3, 2, 2), (5, 2, 2), 2))
@@ -208,7 +218,7 @@ def test_mpo_linear_does_not_form_the_weight(monkeypatch):
 
 
 def test_accounting_counts_the_cores(tiny_llama):
-    model = tiny_llama
+    model = copy.deepcopy(tiny_llama)  # the fixture is shared by the session
     name = "model.layers.0.mlp.up_proj"  # nn.Linear(32 -> 64), no bias
     lin = model.get_submodule(name)
     before = bits_report(model)

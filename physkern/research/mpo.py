@@ -2,7 +2,7 @@
 
 A weight W [out, in] with out = prod(o_k) and in = prod(i_k) over N cores is written as
 
-    W[(a_1..a_N), (b_1..b_N)] = G_1[0, a_1, b_1, :] @ G_2[:, a_2, b_2, :] @ ... @ G_N[:, a_N, b_N, 0]
+    W[(a_1..a_N), (b_1..b_N)] = G_1[0, a_1, b_1, :] @ ... @ G_N[:, a_N, b_N, 0]
 
 (row-major multi-indices on both sides), each core G_k of shape [r_{k-1}, o_k, i_k, r_k] with
 r_0 = r_N = 1 and every bond r_k capped by the bond dimension chi.
@@ -71,14 +71,15 @@ def factorize(n: int, cores: int) -> tuple[int, ...]:
                 if best is None or key(cand) < key(best):
                     best = cand
             return
-        # non-increasing: the next factor d <= cap, and d >= rest ** (1 / left) is needed for the
-        # remaining factors (each <= d) to reach rest.
-        lo = max(1, math.ceil(round(rest ** (1.0 / left), 9)))
-        for d in range(min(cap, rest), lo - 1, -1):
+        # non-increasing factors: the next one d <= cap, and d >= rest ** (1 / left) so that
+        # the remaining factors (each <= d) can reach rest (one below, for float rounding:
+        # a d too small finds no completion).
+        lo = max(1, int(rest ** (1.0 / left)) - 1)
+        for d in range(lo, min(cap, rest) + 1):
             if rest % d == 0:
-                if best is not None and d > max(best):
-                    continue
                 rec(rest // d, left - 1, d, acc + (d,))
+                if not acc and best is not None:
+                    return  # the first factor is the largest: the smallest feasible one wins
 
     rec(n, cores, n, ())
     assert best is not None and math.prod(best) == n
