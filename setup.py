@@ -39,7 +39,7 @@ ext_modules, cmdclass = extension_modules()
 
 setup(
     packages=["physkern", "physkern.quant", "physkern.analysis", "physkern.commands",
-              "physkern.kernels", "physkern.methods", "physkern.sweeps"],
+              "physkern.kernels", "physkern.methods", "physkern.research", "physkern.sweeps"],
     package_dir={"physkern.kernels": "kernels"},
     # recipes shipped with the package (physkern.recipe.load_preset, `quantize --preset NAME`)
     package_data={"physkern": ["presets/*.json"]},

@@ -113,3 +113,15 @@ def test_core_pins_match_the_wheels_ci_uses(name):
     assert name in pins
     if name == "torch":
         assert pins[name].endswith("+cpu"), pins[name]
+
+
+def test_setup_lists_every_package():
+    # setup.py names its packages explicitly: a new sub-package left out would be missing from
+    # a non-editable install although every test here passes against the source tree.
+    import ast
+    setup = ast.parse((ROOT / "setup.py").read_text())
+    listed = next(set(ast.literal_eval(kw.value)) for node in ast.walk(setup)
+                  if isinstance(node, ast.Call) for kw in node.keywords if kw.arg == "packages")
+    found = {".".join(p.parent.relative_to(ROOT).parts)
+             for p in (ROOT / "physkern").rglob("__init__.py")} | {"physkern.kernels"}
+    assert found == listed, f"setup.py packages differ from the tree: {sorted(found ^ listed)}"
