@@ -21,8 +21,9 @@ refuses the directory. (A directory written by `save_pretrained` of a loaded mod
 model type and the quantization config: it loads with physkern; without physkern transformers
 warns instead of refusing.)
 
-The layer metadata is checked (physkern.serialization.check_layer_meta) before any buffer is
-built, and the loaded indices are checked against K after loading, as physkern.load_quantized does.
+The layouts are checked (physkern.serialization.install_quantized_modules: types, ranges, and
+against the modules they replace) before any buffer is built, and the loaded indices are checked
+against K after loading, as physkern.load_quantized does.
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ class PhyskernDispatchConfig(PreTrainedConfig):
 class PhyskernQuantizationConfig(QuantizationConfigMixin):
     """The `quantization_config` of a physkern model in config.json.
 
-    quantized_layers: {dotted module name: QuantizedLinear.layer_meta()}
+    quantized_layers:     {dotted module name: QuantizedLinear.layer_meta()}
+    quantized_embeddings: {dotted module name: QuantizedEmbedding meta + "source" layer}
     """
 
     def __init__(self, quantized_layers: dict[str, dict] | None = None,
