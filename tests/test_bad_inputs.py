@@ -12,31 +12,17 @@ import re
 import pytest
 import torch
 
+from _tiny import corpus_text, save_tiny_gpt2
 from physkern.cli import main
 from physkern.config import CodebookConfig, GPTQConfig, ScalarConfig, config_from_dict
 
-TEXT = "\n\n".join(
-    f"Paragraph {i}. The quick brown fox {i % 7} jumps over the lazy dog near river {i % 5}. "
-    f"Numbers like {i * 37 % 101} and words such as alpha beta gamma follow."
-    for i in range(200))
+TEXT = corpus_text("Paragraph", 200)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny GPT-2 (context 128) with a trained byte-level BPE tokenizer, and a corpus file."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-    d = tmp_path_factory.mktemp("bad")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([TEXT], vocab_size=300, min_frequency=1, show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32,
-                                       n_layer=2, n_head=2)).eval()
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
-    (d / "corpus.txt").write_text(TEXT)
-    return d
+    return save_tiny_gpt2(tmp_path_factory.mktemp("bad"), TEXT, 128)
 
 
 def _cli(capsys, argv):
