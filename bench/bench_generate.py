@@ -53,6 +53,8 @@ RECIPES = {
                   "calibrate": False, "error_feedback": False},
     "cb_k64_d2_ef": {"method": "codebook", "k": 64, "block_dim": 2, "scope": "layer",
                      "error_feedback": True},
+    # the whole model as `make run` saves it (physkern/presets/deploy.json, head included)
+    "deploy": "preset",
 }
 DEFAULT_RECIPES = ["fp32", "bf16", "rtn4_g64", "cb_k64_d2_ef"]
 CALIB_WINDOWS, CALIB_WINDOW, CALIB_SEED = 32, 1024, 0
@@ -72,7 +74,16 @@ def prepare(name: str):
     from physkern.quant.accounting import bits_report
 
     info: dict = {"recipe": name, "config": RECIPES[name]}
-    if RECIPES[name] is None:
+    if RECIPES[name] == "preset":
+        out = cache_dir() / "run" / name
+        if not is_quantized_dir(out):
+            raise SystemExit(f"--recipe {name}: no saved model at {out}; run `make run` first "
+                             "(it saves the deploy model there)")
+        model, tok = load_quantized(out)
+        import json
+        meta = json.loads((out / "physkern.json").read_text())
+        info.update(config=meta.get("recipe"), saved_dir=str(out), file_mb=_dir_mb(out))
+    elif RECIPES[name] is None:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
         model, tok = load_model(None, dtype=dtype)
         src = packaged_model_dir()
