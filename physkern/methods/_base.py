@@ -103,3 +103,12 @@ class _Selectable:
                 v = {k: c.to_dict() for k, c in (v or {}).items()}
             d[f.name] = list(v) if isinstance(v, tuple) else v
         return d
+
+
+def _check_scalar_grid(cfg) -> None:
+    """The fields RTN and GPTQ share: selection, bits in [2, 8], group_size, symmetric."""
+    _check_selection(cfg)
+    _check_int("bits", cfg.bits, 2, 8)
+    if cfg.group_size is not None:
+        _check_int("group_size", cfg.group_size, 1)
+    _check_bool("symmetric", cfg.symmetric)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from ._base import _check_bool, _check_float, _check_int, _check_selection, _Selectable
+from ._base import _check_bool, _check_float, _check_int, _check_scalar_grid, _Selectable
 from .registry import register_method
 
 
@@ -33,11 +33,7 @@ class GPTQConfig(_Selectable):
         return ScalarConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
 
     def __post_init__(self):
-        _check_selection(self)
-        _check_int("bits", self.bits, 2, 8)
-        if self.group_size is not None:
-            _check_int("group_size", self.group_size, 1)
-        _check_bool("symmetric", self.symmetric)
+        _check_scalar_grid(self)
         _check_bool("act_order", self.act_order)
         _check_float("percdamp", self.percdamp, 0, 1)
         _check_int("blocksize", self.blocksize, 1)

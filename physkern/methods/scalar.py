@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from ._base import _check_bool, _check_int, _check_selection, _Selectable
+from ._base import _check_bool, _check_scalar_grid, _Selectable
 from .registry import register_method
 
 
@@ -29,11 +29,7 @@ class ScalarConfig(_Selectable):
     needs_hessian = False
 
     def __post_init__(self):
-        _check_selection(self)
-        _check_int("bits", self.bits, 2, 8)
-        if self.group_size is not None:
-            _check_int("group_size", self.group_size, 1)
-        _check_bool("symmetric", self.symmetric)
+        _check_scalar_grid(self)
         _check_bool("per_tensor", self.per_tensor)
         if self.per_tensor and self.group_size is not None:
             raise ValueError("per_tensor=True and group_size are exclusive")
