@@ -38,7 +38,7 @@ def extension_modules():
 ext_modules, cmdclass = extension_modules()
 
 setup(
-    packages=["physkern", "physkern.quant", "physkern.analysis", "physkern.commands",
+    packages=["physkern", "physkern.quant", "physkern.research.analysis", "physkern.commands",
               "physkern.kernels", "physkern.methods", "physkern.research", "physkern.sweeps"],
     package_dir={"physkern.kernels": "kernels"},
     # recipes shipped with the package (physkern.recipe.load_preset, `quantize --preset NAME`)

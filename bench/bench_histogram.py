@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from physkern.histogram import extension_available, histogram_update  # noqa: E402
+from physkern.research.histogram import extension_available, histogram_update  # noqa: E402
 from physkern.provenance import provenance, write_json  # noqa: E402
 
 LO, HI = -4.0, 4.0

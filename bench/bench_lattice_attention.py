@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from physkern.attention import lattice_attention, record_work  # noqa: E402
+from physkern.research.attention import lattice_attention, record_work  # noqa: E402
 from physkern.kernels.lattice_attention import lattice_attention_reference  # noqa: E402
 from physkern.provenance import provenance, write_json  # noqa: E402
 

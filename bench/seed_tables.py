@@ -128,7 +128,7 @@ def _scalar_bits_formula(overrides, layers) -> float:
 
 
 def table_a(run: Runner) -> list[str]:
-    from physkern.alloc import correlation, entropy_linear, entropy_sensitivity, fisher_trace
+    from physkern.research.alloc import correlation, entropy_linear, entropy_sensitivity, fisher_trace
     from physkern.models import decoder_linear_layers
     layers = decoder_linear_layers(run.model)
     ent = run.cached_sens("entropy", lambda: entropy_sensitivity(run.model, run.calib[:4]))
@@ -156,7 +156,7 @@ def table_a(run: Runner) -> list[str]:
     out = ["## A. Entropy vs uniform at a 4-bit mean (000_*.txt, Direction 1)", "",
            "Bits per layer: linear in the layer's input-activation entropy (or diagonal-Fisher "
            "trace) over [2, 6], offset solved so the unweighted layer mean is exactly 4 "
-           "(physkern.alloc.entropy_linear). Grids: symmetric absmax per tensor, as theirs.", "",
+           "(physkern.research.alloc.entropy_linear). Grids: symmetric absmax per tensor, as theirs.", "",
            *_table(rows, fp), "",
            f"Entropy vs Fisher sensitivity over {c_sum['n']} layers (entropy: "
            f"{run.calib[:4].numel()} calibration tokens, 256 bins; Fisher: window-level gradients "
@@ -188,9 +188,9 @@ def table_a(run: Runner) -> list[str]:
 
 
 def table_b(run: Runner) -> list[str]:
-    from physkern.alloc import entropy_linear
+    from physkern.research.alloc import entropy_linear
     ent = run.data["sensitivity"].get("entropy") or run.cached_sens(
-        "entropy", lambda: __import__("physkern.alloc", fromlist=["x"]).entropy_sensitivity(
+        "entropy", lambda: __import__("physkern.research.alloc", fromlist=["x"]).entropy_sensitivity(
             run.model, run.calib[:4]))
     fp = run.point("fp", None)
     rows = [("FP (fp32)", "32", None, fp, 29.95)]
@@ -234,7 +234,7 @@ def _row_or_group(k: int, layer, d: int = 8) -> CodebookConfig:
 
 
 def table_c(run: Runner) -> list[str]:
-    from physkern.alloc import isolation_sensitivity, top_n
+    from physkern.research.alloc import isolation_sensitivity, top_n
     from physkern.models import decoder_linear_layers
     layers = decoder_linear_layers(run.model)
     mlp, attn = _mlp_attn(layers)
@@ -248,7 +248,7 @@ def table_c(run: Runner) -> list[str]:
         how = (f"single-layer isolation with per-row K=64 d=8, dPPL on {score.numel()} "
                "CALIBRATION tokens (theirs: on the evaluation split)")
     else:
-        from physkern.alloc import fisher_trace
+        from physkern.research.alloc import fisher_trace
         fis = run.cached_sens("fisher", lambda: fisher_trace(run.model, run.calib[:4]))
         sens = {l.name: fis[l.name]["sum"] for l in mlp}
         how = ("diagonal-Fisher trace on calibration text (NOT their single-layer isolation: "

@@ -7,7 +7,7 @@ once and feeds each hooked layer's input to its statistics. Built-in statistics:
 - `SecondMoment`: E[x_j^2] per input dimension (the importance s of weighted k-means).
 - `Gram`: X^T X summed over tokens (the GPTQ Hessian, up to a factor 2/N).
 
-Entropy histograms (physkern.histogram) plug in the same way.
+Entropy histograms (physkern.research.histogram) plug in the same way.
 """
 from __future__ import annotations
 

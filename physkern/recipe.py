@@ -46,7 +46,7 @@ from typing import Optional
 
 from .config import AnyConfig, config_from_dict
 
-PRUNE_RULES = ("seeds", "opposite", "uniform")  # physkern.prune.RULES (checked in tests)
+PRUNE_RULES = ("seeds", "opposite", "uniform")  # physkern.research.prune.RULES (checked in tests)
 PRUNE_AMOUNTS = ("removed_fraction", "relative_rank")
 LATTICE_KEYS = ("xi", "eps")
 # The one set of fine-tuning defaults (physkern.finetune.finetune_quantized has the same). lr 1e-3
@@ -477,10 +477,10 @@ def apply_prune(model, spec: dict) -> dict:
 
     Returns {"spec", "compressed_types", "relative_rank", "ranks" {type: rank},
     "layers_factorised", "layers_considered", "parameters_removed", "decoder_linear_parameters",
-    "removed_fraction"}; parameters are counted by physkern.prune (both factors).
+    "removed_fraction"}; parameters are counted by physkern.research.prune (both factors).
     """
-    from .analysis._common import weight_groups
-    from .prune import (compressed_types, prune_model, ranks_at_fraction, ranks_for_target,
+    from .research.analysis._common import weight_groups
+    from .research.prune import (compressed_types, prune_model, ranks_at_fraction, ranks_for_target,
                         total_parameters)
     groups = weight_groups(model)
     types = compressed_types(list(groups), spec["rule"])
@@ -577,7 +577,7 @@ def apply_recipe(model, recipe: Recipe, tokenizer, corpus, seed: int = 0, progre
             from .dense import set_dense_storage_dtype
             set_dense_storage_dtype(model, recipe.dense_dtype)
     if recipe.lattice is not None:  # 5. lattice attention
-        from .attention import enable_lattice
+        from .research.attention import enable_lattice
         enable_lattice(model, float(recipe.lattice["xi"]), eps=recipe.lattice["eps"])
     return RecipeReport(recipe, cfg, report, pruned, tuned, calib, t_q,
                         time.perf_counter() - t0)

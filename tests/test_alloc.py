@@ -1,4 +1,4 @@
-"""Allocators and sensitivities (physkern.alloc) on constructed cases and tiny models."""
+"""Allocators and sensitivities (physkern.research.alloc) on constructed cases and tiny models."""
 import copy
 import itertools
 import random
@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from physkern.alloc import (Option, correlation, entropy_linear, entropy_sensitivity,
+from physkern.research.alloc import (Option, correlation, entropy_linear, entropy_sensitivity,
                             fisher_diagonal, fisher_sensitivity, greedy_allocation,
                             isolation_sensitivity, knapsack_allocation, option_bits, top_n)
 from physkern.config import CodebookConfig, GPTQConfig, ScalarConfig
@@ -137,7 +137,7 @@ def test_fisher_matches_direct_autograd(fixture, request):
         torch.testing.assert_close(fisher[l.name], r, rtol=1e-4, atol=1e-10)
     sens = fisher_sensitivity(fisher)
     assert all(v > 0 for v in sens.values())
-    from physkern.alloc import fisher_trace
+    from physkern.research.alloc import fisher_trace
     tr = fisher_trace(model, windows)
     assert all(tr[n]["sum"] == pytest.approx(sens[n], rel=1e-6) for n in sens)
     assert all(p.requires_grad for p in model.parameters())  # flags restored
@@ -194,7 +194,7 @@ def test_knapsack_overrides_plug_into_config(tiny_llama):
     layers = decoder_linear_layers(model)
     cfgs = [ScalarConfig(bits=2, group_size=16), ScalarConfig(bits=4, group_size=16),
             ScalarConfig(bits=8, group_size=16)]
-    from physkern.alloc import build_options
+    from physkern.research.alloc import build_options
     opts = build_options(layers, cfgs, cost=lambda name, j, c: 2.0 ** -c.bits)
     lo = sum(min(o.bits for o in v) for v in opts.values())
     budget = lo + (sum(max(o.bits for o in v) for v in opts.values()) - lo) // 2

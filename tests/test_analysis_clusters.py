@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from physkern.analysis.clusters import (check_threshold, cluster_analysis, cluster_count,
+from physkern.research.analysis.clusters import (check_threshold, cluster_analysis, cluster_count,
                                         fit_inverse_square, mean_offdiag_cosine)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from physkern.analysis.energy import (energy_over_texts, energy_statistics, energy_terms,
+from physkern.research.analysis.energy import (energy_over_texts, energy_statistics, energy_terms,
                                       random_reinit)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from physkern.analysis.rg_flow import classify, growth_rates, rg_flow, singular_value_stack
+from physkern.research.analysis.rg_flow import classify, growth_rates, rg_flow, singular_value_stack
 
 
 def _orthogonal(n, gen):

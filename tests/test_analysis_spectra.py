@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from physkern.analysis.spectra import (analyse_matrix, correlation_eigenvalues, mp_cdf,
+from physkern.research.analysis.spectra import (analyse_matrix, correlation_eigenvalues, mp_cdf,
                                        power_law_alpha, spectra)
 
 

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from physkern.analysis.steering import (check_layer, greedy_generate, steering_delta,
+from physkern.research.analysis.steering import (check_layer, greedy_generate, steering_delta,
                                         target_logprob, target_token_id)
 
 

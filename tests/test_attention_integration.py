@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import physkern
-from physkern.attention import ATTN_NAME, record_work
+from physkern.research.attention import ATTN_NAME, record_work
 from physkern.kernels.lattice_attention import lattice_attention_reference
 
 INF = float("inf")
@@ -42,7 +42,7 @@ def _layer_qkv_hook(model):
     """Capture q/k/v of the first attention call through a wrapper registered under another
     name: compares the model's lattice output with the reference on the same tensors."""
     from transformers import AttentionInterface
-    from physkern.attention import lattice_attention_forward
+    from physkern.research.attention import lattice_attention_forward
     seen = []
 
     def spy(module, q, k, v, mask, **kw):

@@ -46,7 +46,7 @@ def _type_of(name):
 
 
 def test_recipe_validation_errors(tmp_path):
-    from physkern.prune import RULES
+    from physkern.research.prune import RULES
     from physkern.sweeps.quant import PRUNE_RULES, load_recipes
     assert PRUNE_RULES == RULES
     p = tmp_path / "r.json"

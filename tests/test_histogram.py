@@ -7,9 +7,9 @@ import pytest
 import torch
 from _subprocess import assert_snippet_prints_ok
 
-import physkern.histogram as H
+import physkern.research.histogram as H
 from physkern import StreamingHistogram
-from physkern.histogram import (FiniteRange, bin_edges, entropy_from_counts, histogram_two_pass,
+from physkern.research.histogram import (FiniteRange, bin_edges, entropy_from_counts, histogram_two_pass,
                                 histogram_update, histogram_update_torch)
 
 IMPLS = {"op": histogram_update, "torch": histogram_update_torch}
@@ -288,11 +288,11 @@ def test_fallback_when_extension_missing():
         "sys.modules['physkern._C'] = None\n"
         "warnings.simplefilter('error', RuntimeWarning)\n"
         "try:\n"
-        "    import physkern.histogram\n"
+        "    import physkern.research.histogram\n"
         "except RuntimeWarning as w:\n"
         "    assert 'fallback' in str(w), w\n"
         "warnings.simplefilter('ignore')\n"
-        "import physkern.histogram as H, torch\n"
+        "import physkern.research.histogram as H, torch\n"
         "assert H.EXTENSION_ERROR is not None and not H.extension_available()\n"
         "c = torch.zeros(7, dtype=torch.int64)\n"
         "torch.ops.physkern.histogram_update(torch.tensor([0., .5, 1., 2., math.nan]), c, 0., 1.)\n"
@@ -308,7 +308,7 @@ def test_fallback_when_extension_missing():
 
 
 def test_activation_entropy_tiny_llama(tiny_llama):
-    from physkern.histogram import activation_entropy
+    from physkern.research.histogram import activation_entropy
     from physkern.models import decoder_linear_layers
     windows = torch.randint(0, 96, (3, 16), generator=torch.Generator().manual_seed(0))
     res = activation_entropy(tiny_llama, windows, bins=32)
@@ -326,7 +326,7 @@ def test_entropy_analysis_outputs(tiny_gpt2, tmp_path):
     import argparse
     import json
 
-    from physkern.analysis.entropy import entropy_analysis, plot_entropy, register_analysis
+    from physkern.research.analysis.entropy import entropy_analysis, plot_entropy, register_analysis
     windows = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     res = entropy_analysis(tiny_gpt2, windows, bins=16)
     assert len(res["layers"]) == 8 and res["max_bits"] == pytest.approx(math.log2(18))

@@ -47,7 +47,7 @@ def _lock() -> dict[str, str]:
 def test_transformers_and_physkern_import_from_repo_root():
     hf_kernels = md.distribution("kernels")  # transformers depends on it: installed in the venv
     proc = _run_from_root(
-        "import transformers.modeling_utils, physkern, physkern.attention, physkern.ops\n"
+        "import transformers.modeling_utils, physkern, physkern.research.attention, physkern.ops\n"
         "import kernels, physkern.kernels.codebook_matmul as cm\n"
         "print(kernels.__file__)\nprint(cm.__file__)")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from physkern.attention import lattice_attention, record_work
+from physkern.research.attention import lattice_attention, record_work
 from physkern.kernels.lattice_attention import (
     error_bound, kernel_config, lattice_attention_banded, lattice_attention_reference,
     lattice_attention_triton, lattice_bias, lattice_plan, score_range_bound, truncation_distance)

@@ -75,7 +75,7 @@ def test_unregistered_config_is_a_clear_error():
     CodebookConfig(k=8, block_dim=2, scope="layer", error_feedback=True, refine_steps=3),
     GPTQConfig(bits=3, group_size=16), ScalarConfig(bits=4, group_size=16)])
 def test_storage_probe_stores_the_same_bits(cfg):
-    from physkern.alloc import option_bits
+    from physkern.research.alloc import option_bits
     from physkern.layers import QuantizedLinear
     from physkern.quant.accounting import layer_bits
     probe = cfg.storage_probe()

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from physkern.analysis._common import weight_groups
+from physkern.research.analysis._common import weight_groups
 from physkern.models import linear_layers, replace_layer
-from physkern.prune import (LowRankLinear, SVDCache, break_even_rank, compare_rules,
+from physkern.research.prune import (LowRankLinear, SVDCache, break_even_rank, compare_rules,
                             compressed_types, factor_parameters, parameters_removed, prune_model,
                             ranks_for_target, saves_bytes, storage_bytes, truncated_svd_factors)
 

@@ -103,7 +103,7 @@ def test_apply_recipe_runs_the_steps_in_order(monkeypatch):
     """smoothing -> pruning -> quantization (+embedding) -> dense dtype -> fine-tuning ->
     lattice, with the seed in every codebook config and the calibration of the recipe."""
     import physkern.api
-    import physkern.attention
+    import physkern.research.attention
     import physkern.data
     import physkern.dense
     import physkern.recipe
@@ -126,7 +126,7 @@ def test_apply_recipe_runs_the_steps_in_order(monkeypatch):
                         lambda m, d: calls.append(("dense", d)))
     monkeypatch.setattr(physkern.recipe, "run_finetune",
                         lambda m, t, w, spec, seed, src: calls.append(("finetune", seed)) or {})
-    monkeypatch.setattr(physkern.attention, "enable_lattice",
+    monkeypatch.setattr(physkern.research.attention, "enable_lattice",
                         lambda m, xi, eps: calls.append(("lattice", xi)))
     cb = CodebookConfig(k=4, block_dim=2, scope="layer", error_feedback=True)
     r = Recipe(config=cb, embedding=CodebookConfig(k=4, block_dim=2, scope="layer"),

@@ -1,6 +1,6 @@
 """`physkern analyze <name>`: the physics analyses.
 
-Each analysis lives in physkern/analysis/<module>.py and exposes `register_analysis(subparsers)`,
+Each analysis lives in physkern/research/analysis/<module>.py and exposes `register_analysis(subparsers)`,
 which adds its own sub-parser (with `set_defaults(func=...)`). This file only discovers them, so
 adding an analysis never means editing a central list.
 """
@@ -11,7 +11,7 @@ import pkgutil
 
 
 def _analysis_modules():
-    from .. import analysis
+    from ..research import analysis
     for info in sorted(pkgutil.iter_modules(analysis.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue

@@ -7,8 +7,8 @@ from ._common import add_eval_args, add_model_corpus_args, check_output_dir, res
 
 
 def register(sub) -> None:
-    from ..analysis._common import DEFAULT_OUT_DIR
-    from ..prune import RULES
+    from ..research.analysis._common import DEFAULT_OUT_DIR
+    from ..research.prune import RULES
     p = sub.add_parser("prune", help="RG-guided truncated-SVD pruning: compare rules by perplexity",
                        description="Factorise weight types by truncated SVD (only where the two "
                                    "factors are smaller than the dense weight) under each rule "
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import evaluation_tokens, load_corpus
     from ..models import load_model, resolve_model_name
     from ..provenance import provenance, write_json
-    from ..prune import compare_rules, plot_comparison
+    from ..research.prune import compare_rules, plot_comparison
     for f in args.removed:
         if not 0 < f < 1:
             raise ValueError(f"removed: fractions must be in (0, 1), got {f}")

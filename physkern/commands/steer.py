@@ -1,4 +1,4 @@
-"""`physkern steer`: Jacobian steering toward a target token (physkern.analysis.steering)."""
+"""`physkern steer`: Jacobian steering toward a target token (physkern.research.analysis.steering)."""
 from __future__ import annotations
 
 import argparse
@@ -34,8 +34,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis._common import decoder_blocks
-    from ..analysis.steering import steer
+    from ..research.analysis._common import decoder_blocks
+    from ..research.analysis.steering import steer
     from ..models import load_model, resolve_model_name
     from ..provenance import provenance, write_json
     if args.max_new_tokens < 1:

@@ -91,7 +91,7 @@ class _Selectable:
 
     def storage_probe(self):
         """A config with the same storage format (hence the same stored bits for a shape) that
-        needs no calibration and runs fast: physkern.alloc counts an option's bits with it."""
+        needs no calibration and runs fast: physkern.research.alloc counts an option's bits with it."""
         from dataclasses import replace
         return replace(self, layers=None, overrides={})
 

@@ -106,7 +106,7 @@ class CodebookConfig(_Selectable):
         return self.error_feedback
 
     def storage_probe(self) -> "CodebookConfig":
-        """Same storage format, no calibration, no Lloyd iterations (physkern.alloc's bit count)."""
+        """Same storage format, no calibration, no Lloyd iterations (physkern.research.alloc's bit count)."""
         return replace(self, calibrate=False, error_feedback=False, iters=0, init="random",
                        refine_steps=0, layers=None, overrides={})
 

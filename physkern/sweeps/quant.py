@@ -33,12 +33,12 @@ order on a freshly loaded model:
   1. "prune": {"rule": "seeds" | "opposite" | "uniform",
                and exactly one of
                "removed_fraction": f in (0, 1)  remove about f of the decoder linear parameters
-                                                (physkern.prune.ranks_for_target: one relative rank
+                                                (physkern.research.prune.ranks_for_target: one relative rank
                                                 for the compressed types; same meaning as
                                                 `physkern prune --removed`), or
                "relative_rank": f in (0, 1]     rank floor(f * min(out, in)) for every compressed
-                                                type (physkern.prune.ranks_at_fraction)}
-     The rule picks the types (physkern.prune.compressed_types: "seeds" compresses the input
+                                                type (physkern.research.prune.ranks_at_fraction)}
+     The rule picks the types (physkern.research.prune.compressed_types: "seeds" compresses the input
      projections and keeps the output projections, "opposite" the reverse, "uniform" all). Every
      layer of those types becomes a LowRankLinear (rank-r truncated SVD of its full-precision
      weight) where the two factors are smaller than the dense weight; elsewhere it stays dense.
@@ -63,7 +63,7 @@ order on a freshly loaded model:
      trained values are kept only if their KL went down (else the quantized values are
      restored; the point's "finetune" says which, with the KL before/after and the loss curve).
   4. "lattice": {"xi": number > 0 or "inf", "eps": number in (0, 1) or null (default null =
-     exact)}: physkern.attention.enable_lattice for the evaluation (decay bias -(i - j)/xi).
+     exact)}: physkern.research.attention.enable_lattice for the evaluation (decay bias -(i - j)/xi).
 Bits of a point: "quantized_bits_per_weight" is accounting's compressed-layer figure, i.e. over
 the quantized AND the factorised layers (factors at their dtype, over the out*in weights they
 replace; FP and lattice-only points: the dense width); "by_kind" splits it (kind "quantized" /

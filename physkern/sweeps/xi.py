@@ -66,7 +66,7 @@ def _xi_json(xi: float):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..attention import disable_lattice, enable_lattice, record_work
+    from ..research.attention import disable_lattice, enable_lattice, record_work
     from ..data import evaluation_tokens, load_corpus
     from ..eval import perplexity
     from ..models import load_model, resolve_model_name

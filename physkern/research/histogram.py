@@ -126,7 +126,7 @@ def _register_fallback() -> None:
 
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.physkern.histogram_update)
+    from .. import _C  # noqa: F401  (registers torch.ops.physkern.histogram_update)
 except ImportError as exc:  # extension not built: same op, pure torch
     EXTENSION_ERROR = exc
     warnings.warn(f"physkern._C could not be loaded ({exc}); histograms use the pure-torch "
@@ -398,8 +398,8 @@ def activation_entropy(model: torch.nn.Module, windows: torch.Tensor, bins: int 
     layer's input, then histograms with `bins` bins over that range, per layer and per input
     channel. Returns {layer name: LayerEntropy}; allocators read `.entropy`.
     """
-    from .calib import collect_statistics
-    from .models import decoder_linear_layers
+    from ..calib import collect_statistics
+    from ..models import decoder_linear_layers
 
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be an integer >= 1, got {bins!r}")

@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .kernels.lattice_attention import (
+from ..kernels.lattice_attention import (
     DEFAULT_BLOCK, XiLike, band_limits, check_inputs, kernel_config, lattice_attention_banded,
     lattice_attention_reference, lattice_attention_triton, lattice_bias, lattice_plan,
     xi_per_head)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..provenance import provenance, write_json
+from ...provenance import provenance, write_json
 from ._common import (add_model_args, add_output_args, output_path, pyplot, resolve_types,
                       short_type, weight_groups)
 
@@ -261,7 +261,7 @@ def register_analysis(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import load_model, resolve_model_name
+    from ...models import load_model, resolve_model_name
     if args.tw_margin < 0:
         raise ValueError(f"tw-margin must be >= 0, got {args.tw_margin}")
     model, _ = load_model(args.model, device=args.device)

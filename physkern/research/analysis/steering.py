@@ -206,7 +206,7 @@ def steer(model: nn.Module, tokenizer, prompt: str, target: str, layer: int, gai
           kinetic_scale: str = "none") -> dict:
     """Steer toward `target` and generate with and without the change.
 
-    Returns the delta summary, both texts, and the energy (physkern.analysis.energy definition,
+    Returns the delta summary, both texts, and the energy (physkern.research.analysis.energy definition,
     last-layer pre-norm state) at the steered step and over the continuation, without and with
     steering.
     """

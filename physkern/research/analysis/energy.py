@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..provenance import provenance, write_json
+from ...provenance import provenance, write_json
 from ._common import add_output_args, all_hidden_states, output_path, pyplot
 
 STATES = ("pre_norm", "post_norm")
@@ -134,7 +134,7 @@ def plot_energy(example: dict, summary: dict, path) -> None:
 
 
 def register_analysis(sub) -> None:
-    from ..commands._common import add_model_corpus_args
+    from ...commands._common import add_model_corpus_args
     p = sub.add_parser("energy", help="kinetic + point-perplexity 'energy' and its conservation",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_corpus_args(p)
@@ -153,8 +153,8 @@ def register_analysis(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import evaluation_tokens, load_corpus
-    from ..models import load_model, resolve_model_name
+    from ...data import evaluation_tokens, load_corpus
+    from ...models import load_model, resolve_model_name
     _check(args.state, args.kinetic_scale)
     if args.texts <= 0 or args.length < 2:
         raise ValueError(f"texts must be >= 1 and length >= 2, got {args.texts}, {args.length}")

@@ -34,7 +34,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .models import LinearLayer, replace_layer
+from ..models import LinearLayer, replace_layer
 
 RULES = ("seeds", "opposite", "uniform")
 # Last name parts of projections that write into the residual stream (output projections).
@@ -268,7 +268,7 @@ def prune_model(model: nn.Module, groups: dict, ranks: dict[str, int],
                 svd_cache: Optional[SVDCache] = None) -> list[dict]:
     """Factorise, in place, every layer of each type in `ranks` where that saves bytes.
 
-    groups: weight type -> [LinearLayer] (physkern.analysis._common.weight_groups).
+    groups: weight type -> [LinearLayer] (physkern.research.analysis._common.weight_groups).
     svd_cache: reuse SVDs across calls (keyed by layer name, so only for copies of one model).
     Returns one record per layer considered: name, shape, rank, factorised, parameters before and
     after.
@@ -309,7 +309,7 @@ def compare_rules(model: nn.Module, tokens: torch.Tensor, window: int,
     layers_factorised}]}.
     """
     from .analysis._common import weight_groups
-    from .eval import perplexity
+    from ..eval import perplexity
     groups = weight_groups(model)
     total = total_parameters(groups)
     base = perplexity(model, tokens, window, batch_size=batch_size, progress=progress)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..provenance import provenance, write_json
+from ...provenance import provenance, write_json
 from ._common import add_output_args, all_hidden_states, output_path, pyplot
 
 SEEDS_THRESHOLD = 0.05
@@ -152,7 +152,7 @@ def plot_clusters(result: dict, path) -> None:
 
 
 def register_analysis(sub) -> None:
-    from ..commands._common import add_model_corpus_args
+    from ...commands._common import add_model_corpus_args
     p = sub.add_parser("clusters", help="metastable token clusters across depth",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_corpus_args(p)
@@ -166,8 +166,8 @@ def register_analysis(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import evaluation_tokens, load_corpus
-    from ..models import load_model, resolve_model_name
+    from ...data import evaluation_tokens, load_corpus
+    from ...models import load_model, resolve_model_name
     for t in args.thresholds:
         check_threshold(t)
     if args.windows <= 0 or args.window < 2:

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..models import LinearLayer, decoder_linear_layers
+from ...models import LinearLayer, decoder_linear_layers
 
 # Outside the checkout's committed results: the README's commands that produced
 # bench/results/analysis pass --out-dir bench/results/analysis explicitly.

@@ -13,7 +13,7 @@ Sensitivities (one number per decoder linear layer; all computed on CALIBRATION 
   its mean per weight (reduce="mean"). `fisher_quant_cost` gives the second-order estimate of the
   loss increase of a concrete quantization, 0.5 * sum_ij F_ij (Q_ij - W_ij)^2 / n_windows.
 - `entropy_sensitivity`: Shannon entropy (bits, Miller-Madow) of each layer's input activations,
-  from physkern.histogram.activation_entropy (the project's streaming-histogram op).
+  from physkern.research.histogram.activation_entropy (the project's streaming-histogram op).
 
 Allocators (each returns per-layer choices and an `overrides` dict {layer name: config} usable
 as `config.overrides`; layer names contain no glob characters, so each matches exactly itself):
@@ -45,8 +45,8 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .config import AnyConfig, CodebookConfig, GPTQConfig, ScalarConfig  # noqa: F401
-from .models import LinearLayer, decoder_linear_layers, replace_layer
+from ..config import AnyConfig, CodebookConfig, GPTQConfig, ScalarConfig  # noqa: F401
+from ..models import LinearLayer, decoder_linear_layers, replace_layer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,9 +69,9 @@ def option_bits(cfg: AnyConfig, out_features: int, in_features: int) -> int:
 
     Raises ValueError when `cfg` cannot quantize that shape (e.g. K larger than a scope's blocks).
     """
-    from .api import quantize_weight
-    from .layers import QuantizedLinear
-    from .quant.accounting import layer_bits
+    from ..api import quantize_weight
+    from ..layers import QuantizedLinear
+    from ..quant.accounting import layer_bits
     probe = _storage_probe_config(cfg)
     key = (repr(sorted(probe.to_dict().items(), key=lambda kv: kv[0])), out_features, in_features)
     if key not in _BITS_CACHE:
@@ -137,9 +137,9 @@ def isolation_sensitivity(model: nn.Module, config: AnyConfig, calibration: torc
       text the perplexity is measured on. Both must come from calibration text, never evaluation
       text. The model is restored after each layer.
     """
-    from .api import quantize_weight
-    from .calib import Gram, SecondMoment, collect_statistics
-    from .layers import QuantizedLinear
+    from ..api import quantize_weight
+    from ..calib import Gram, SecondMoment, collect_statistics
+    from ..layers import QuantizedLinear
     _check_windows("calibration", calibration)
     score = calibration if score_windows is None else score_windows
     _check_windows("score_windows", score)
@@ -249,7 +249,7 @@ def fisher_quant_cost(fisher: torch.Tensor, weight: torch.Tensor, quantized: tor
 
 def entropy_sensitivity(model: nn.Module, calibration: torch.Tensor, bins: int = 256,
                         layers: Optional[Iterable[str]] = None) -> dict[str, float]:
-    """Input-activation entropy (bits, Miller-Madow) per layer, physkern.histogram's statistic."""
+    """Input-activation entropy (bits, Miller-Madow) per layer, physkern.research.histogram's statistic."""
     _check_windows("calibration", calibration)
     from .histogram import activation_entropy
     chosen = _select(model, layers)

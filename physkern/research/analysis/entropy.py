@@ -2,7 +2,7 @@
 Quantization": high-entropy layers get more bits).
 
 Calibration windows (first half of the corpus' documents) run through the model twice
-(physkern.histogram.activation_entropy): first the finite min/max of each layer's input, then
+(physkern.research.histogram.activation_entropy): first the finite min/max of each layer's input, then
 streaming int64 histograms with --bins equal-width bins over that range (C++ op
 physkern::histogram_update). Per layer: the entropy of all its input values in bits (Miller-Madow
 corrected, and plug-in), and the spread of its per-input-channel entropies (same range, so they
@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..provenance import provenance, write_json
+from ...provenance import provenance, write_json
 from ._common import DEFAULT_OUT_DIR, output_path, pyplot, split_layer_name
 
 DEFAULT_WINDOWS = 32
@@ -91,7 +91,7 @@ def plot_entropy(result: dict, path, title: str = "") -> None:
 
 
 def register_analysis(sub) -> None:
-    from ..commands._common import add_model_corpus_args
+    from ...commands._common import add_model_corpus_args
     p = sub.add_parser("entropy", help="activation entropy of every linear layer's input",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_corpus_args(p)
@@ -111,9 +111,9 @@ def register_analysis(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..commands._common import resolve_window
-    from ..data import calibration_windows, load_corpus
-    from ..models import load_model, resolve_model_name
+    from ...commands._common import resolve_window
+    from ...data import calibration_windows, load_corpus
+    from ...models import load_model, resolve_model_name
     if args.windows < 1:
         raise ValueError(f"windows must be >= 1, got {args.windows}")
     if args.bins < 1:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..provenance import provenance, write_json
+from ...provenance import provenance, write_json
 from ._common import (add_model_args, add_output_args, output_path, pyplot, resolve_types,
                       short_type, singular_values, weight_groups)
 
@@ -172,7 +172,7 @@ def register_analysis(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import load_model, resolve_model_name
+    from ...models import load_model, resolve_model_name
     if args.irrelevant > args.relevant:
         raise ValueError(f"irrelevant threshold ({args.irrelevant}) must not exceed the relevant "
                          f"threshold ({args.relevant})")
