@@ -30,6 +30,7 @@ from torch import nn
 
 from .embedding import QuantizedEmbedding
 from .layers import QuantizedLinear
+from .quant.reconstruct import reconstruct
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,17 +39,13 @@ from .layers import QuantizedLinear
 
 class _LayerCopy:
     """float32 trainable copies of one QuantizedLinear's codebooks / scales / offsets plus the
-    fixed indices, rebuilding W [out, in] differentiably (as QuantizedWeight.dequantize)."""
+    fixed indices, rebuilding W [out, in] differentiably with physkern.quant.reconstruct."""
 
     def __init__(self, mod: QuantizedLinear):
         qw = mod.quantized_weight()
-        s, n_cb, k, d = qw.codebooks.shape
-        idx = qw.indices()                                                   # [S, out, nb]
-        row_cb = torch.arange(qw.out_features, device=idx.device) // qw.codebook_rows
-        # one flat index per stage into the [n_cb * K, d] table: a single embedding lookup,
-        # whose backward is a cheap index_add (int32 halves the index memory)
-        self.flat = (idx + (row_cb * k)[None, :, None]).to(torch.int32)     # [S, out, nb]
-        self.mod, self.shape = mod, (qw.out_features, qw.in_features)
+        # int32 halves the fixed indices' memory; reconstruct keeps their dtype
+        self.idx = qw.indices().to(torch.int32)                              # [S, out, nb]
+        self.mod, self.codebook_rows = mod, qw.codebook_rows
         self.codebooks = nn.Parameter(mod.codebooks.detach().float().clone())
         self.scales = None if mod.scales is None else \
             nn.Parameter(mod.scales.detach().float().clone())
@@ -67,16 +64,8 @@ class _LayerCopy:
 
     def weight(self) -> torch.Tensor:
         """W [out, in] float32 from the trainable copies (differentiable, indices fixed)."""
-        s, n_cb, k, d = self.codebooks.shape
-        out, inf = self.shape
-        w = sum(F.embedding(self.flat[i], self.codebooks[i].reshape(n_cb * k, d))
-                for i in range(s))                                           # [out, nb, d]
-        if self.scales is not None:
-            g = self.scales.shape[1]                                         # groups per row
-            w = w.reshape(out, g, inf // g) * self.scales[:, :, None]
-            if self.offsets is not None:
-                w = w + self.offsets[:, :, None]
-        return w.reshape(out, inf)
+        return reconstruct(self.idx, self.codebooks, self.scales, self.offsets,
+                           codebook_rows=self.codebook_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out], the QuantizedLinear's function with the trainable copies."""

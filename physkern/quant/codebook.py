@@ -34,6 +34,7 @@ def kmeans_assign(blocks, centroids, importance=None):
     return ops.kmeans_assign(blocks, centroids, importance, backend=backend)
 from .format import QuantizedWeight
 from .packing import index_bits, pack_indices
+from .reconstruct import reconstruct
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -343,15 +344,9 @@ def refine_codebooks(qw: QuantizedWeight, weight: torch.Tensor, gram: torch.Tens
     h = gram.detach().float().cpu()
     h = h / torch.diagonal(h).mean().clamp_min(1e-30)
     idx = qw.indices()                                               # [S, out, nb]
-    row_cb = torch.arange(qw.out_features) // qw.codebook_rows
     loss_of = lambda q: float((((w - q) @ h) * (w - q)).sum())
-
-    def rebuild(cbs, scales):
-        rec = sum(cbs[s][row_cb[:, None], idx[s]] for s in range(qw.stages))
-        rec = rec.reshape(qw.out_features, qw.in_features)
-        if scales is not None:
-            rec = rec * scales.repeat_interleave(qw.scale_group, dim=1)
-        return rec
+    rebuild = lambda cbs, scales: reconstruct(idx, cbs, scales, qw.offsets,
+                                              codebook_rows=qw.codebook_rows, dtype=torch.float32)
 
     cbs = qw.codebooks.float().clone().requires_grad_(True)
     scales = qw.scales.float().clone().requires_grad_(True) if qw.scales is not None else None

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from .packing import index_bits, unpack_indices, words_per_row
+from .reconstruct import reconstruct
 
 SCOPES = ("row", "group", "layer")
 
@@ -102,13 +103,13 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32,
                    rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Reference reconstruction of W [out, in] (vectorised: one gather per stage).
+        """W [out, in] in `dtype`, rebuilt by physkern.quant.reconstruct.reconstruct.
 
         rows: optional int64 row numbers [n] (any order, repeats allowed): then only those rows
         are rebuilt, W[rows] [n, in] (what a quantized embedding lookup needs).
         """
         packed, scales, offsets = self.packed, self.scales, self.offsets
-        row_ids = torch.arange(self.out_features, device=packed.device)
+        row_ids = None   # all rows
         if rows is not None:
             if rows.dim() != 1 or rows.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"rows must be a 1-d int64/int32 tensor, got {rows.dtype} "
@@ -120,19 +121,9 @@ class QuantizedWeight:
             packed, row_ids = packed[:, rows], rows
             scales = None if scales is None else scales[rows]
             offsets = None if offsets is None else offsets[rows]
-        n = row_ids.numel()
-        idx = unpack_indices(packed, self.bits, self.n_blocks)   # [S, n, nb]
-        cb = self.codebooks.to(dtype)                            # [S, C, K, d]
-        row_cb = row_ids // self.codebook_rows
-        w = torch.zeros(n, self.n_blocks, self.block_dim, dtype=dtype, device=cb.device)
-        for s in range(self.stages):  # S is 1-3: a loop over stages, not rows
-            w += cb[s][row_cb[:, None], idx[s]]                  # [n, nb, d]
-        w = w.reshape(n, self.in_features)
-        if scales is not None:
-            w = w * scales.to(dtype).repeat_interleave(self.scale_group, dim=1)
-        if offsets is not None:
-            w = w + offsets.to(dtype).repeat_interleave(self.scale_group, dim=1)
-        return w
+        return reconstruct(unpack_indices(packed, self.bits, self.n_blocks), self.codebooks,
+                           scales, offsets, codebook_rows=self.codebook_rows, rows=row_ids,
+                           dtype=dtype)
 
     def to(self, device) -> "QuantizedWeight":
         mv = lambda t: None if t is None else t.to(device)
