@@ -1,7 +1,7 @@
 """A recipe: everything that turns a full-precision model into the quantized one, in one object.
 
     Recipe(config, embedding, dense_dtype, smooth, prune, finetune, lattice, calibration,
-           name, seeds, label, note, description)
+           name, seeds, label, note, description, factorize)
 
 is read and validated here and nowhere else (`Recipe.from_dict`, `load_recipe`, `load_recipes`,
 `load_preset`), written back by `Recipe.to_dict` (a round trip), and applied by `apply_recipe`.
@@ -24,6 +24,12 @@ JSON form (bench/recipes/*.json hold lists of these; a preset file holds one):
                   "schedule": "constant", "windows": null} | null   (defaults shown; lr is
                                         RELATIVE, see physkern.finetune; needs "config")
      "lattice": {"xi": number > 0 | "inf", "eps": number in (0, 1) | null} | null
+     "factorize": {"method": "mpo", "chi": int | "bits": b, "cores": 3, "sweeps": 2,
+                   "weighted": false, "dtype": "float16", "layers": [...]}
+                 | {"method": "svd", "rank": int | "bits": b, "weighted": false, ...} | null
+                                        layers REPLACED by an MPO / truncated SVD
+                                        (physkern.methods.factorized; not saveable yet); with
+                                        "finetune" the factors are healed too
      "calibration": {"windows": 32, "window": 1024} | null   calibration windows drawn from the
                                         calibration half of the corpus; null = the caller's
                                         (CLI flags / sweep setup; 32 x 1024 by default)
@@ -32,7 +38,8 @@ JSON form (bench/recipes/*.json hold lists of these; a preset file holds one):
 See physkern/sweeps/quant.py's docstring for what each step does and how a sweep records it.
 
 `apply_recipe(model, recipe, tokenizer, corpus, seed)` runs, in this order: smoothing ->
-pruning -> quantization (+ head/embedding) -> dense dtype -> fine-tuning -> lattice attention.
+pruning -> factorization -> quantization (+ head/embedding) -> dense dtype -> fine-tuning (healing
+of factorized layers too) -> lattice attention.
 """
 from __future__ import annotations
 
@@ -57,7 +64,7 @@ FINETUNE_DEFAULTS = {"steps": 100, "lr": 1e-3, "train_norms": True, "batch_size"
 DEFAULT_CALIBRATION = {"windows": 32, "window": 1024}
 DENSE_DTYPES = ("float16", "bfloat16")
 RECIPE_KEYS = ("name", "config", "embedding", "dense_dtype", "smooth", "prune", "finetune",
-               "lattice", "calibration", "seeds", "label", "note", "description")
+               "lattice", "calibration", "seeds", "label", "note", "description", "factorize")
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
@@ -213,6 +220,24 @@ def parse_embedding(spec, where: str = "embedding") -> AnyConfig | None:
     return cfg
 
 
+def parse_factorize(spec, where: str = "factorize"):
+    """A factorization config (physkern.methods.factorized: "mpo", "svd"; object or its dict)
+    or None."""
+    if spec is None:
+        return None
+    from .methods.factorized import factorization_from_dict, is_factorization
+    cfg = spec
+    if isinstance(spec, dict):
+        try:
+            cfg = factorization_from_dict(spec)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+    if not is_factorization(cfg):
+        raise ValueError(f"{where}: must be a factorization config (an object with method "
+                         f"\"mpo\" or \"svd\") or null, got {spec!r}")
+    return cfg
+
+
 def parse_dense_dtype(value, where: str = "dense_dtype") -> str | None:
     if value is None or value in DENSE_DTYPES:
         return value
@@ -260,9 +285,12 @@ def with_seed(cfg, seed: int):
 
 
 def default_label(cfg, prune: dict | None, lattice: dict | None,
-                  smooth: dict | None = None, finetune: dict | None = None) -> str:
+                  smooth: dict | None = None, finetune: dict | None = None,
+                  factorize=None) -> str:
     """"FP" for a plain model, else the parts that apply joined by "+" (e.g. codebook+prune)."""
-    parts = (["smooth"] if smooth else []) + ([cfg.method] if cfg is not None else []) + \
+    parts = (["smooth"] if smooth else []) + \
+        ([factorize.method] if factorize is not None else []) + \
+        ([cfg.method] if cfg is not None else []) + \
         (["prune"] if prune else []) + (["finetune"] if finetune else []) + \
         (["lattice"] if lattice else [])
     return "+".join(parts) or "FP"
@@ -290,6 +318,7 @@ class Recipe:
     label: str = ""
     note: str = ""
     description: str = ""
+    factorize: Optional[object] = None
 
     def __post_init__(self):
         self._validate("recipe")
@@ -308,9 +337,11 @@ class Recipe:
         self.lattice = parse_lattice(self.lattice, f"{where}: lattice")
         self.finetune = parse_finetune(self.finetune, f"{where}: finetune")
         self.calibration = parse_calibration(self.calibration, f"{where}: calibration")
-        if self.finetune is not None and self.config is None:
+        self.factorize = parse_factorize(self.factorize, f"{where}: factorize")
+        if self.finetune is not None and self.config is None and self.factorize is None:
             raise ValueError(f"{where}: finetune needs a quantization config (it trains the "
-                             "quantized layers' codebooks and scales), got config null")
+                             "quantized layers' codebooks and scales) or a factorize config "
+                             "(it heals the factors), got both null")
         if self.embedding is not None and self.config is None:
             raise ValueError(f"{where}: embedding needs a quantization config for the decoder "
                              "layers too, got config null")
@@ -327,7 +358,7 @@ class Recipe:
                 raise ValueError(f"{where}: {key} must be a string, got {getattr(self, key)!r}")
         if not self.label:
             self.label = default_label(self.config, self.prune, self.lattice, self.smooth,
-                                       self.finetune)
+                                       self.finetune, self.factorize)
 
     # dict-style read access (r["config"]) for code written against the old list-of-dicts loader
     def __getitem__(self, key: str):
@@ -363,16 +394,20 @@ class Recipe:
                 "dense_dtype": self.dense_dtype, "smooth": self.smooth, "prune": self.prune,
                 "finetune": self.finetune, "lattice": self.lattice,
                 "calibration": self.calibration, "seeds": list(self.seeds),
-                "label": self.label, "note": self.note, "description": self.description}
+                "label": self.label, "note": self.note, "description": self.description,
+                **({"factorize": self.factorize.to_dict()} if self.factorize is not None
+                   else {})}
 
     def needs_calibration(self) -> bool:
         """Whether applying it draws calibration windows (quantizer, smoothing or fine-tuning)."""
         return (needs_calibration(self.config) or needs_calibration(self.embedding)
-                or self.smooth is not None or self.finetune is not None)
+                or self.smooth is not None or self.finetune is not None
+                or (self.factorize is not None and self.factorize.needs_calibration))
 
     def is_random(self) -> bool:
         return is_random(self.config, self.finetune) or (
-            self.embedding is not None and is_random(self.embedding))
+            self.embedding is not None and is_random(self.embedding)) or (
+            self.factorize is not None and self.factorize.needs_calibration)
 
     def calibration_or_default(self) -> dict:
         return self.calibration or dict(DEFAULT_CALIBRATION)
@@ -512,6 +547,7 @@ class RecipeReport:
     calibration: object
     seconds_quantize: float
     seconds: float
+    factorize: Optional[dict] = None
 
     def to_dict(self) -> dict:
         calib = self.calibration
@@ -522,13 +558,14 @@ class RecipeReport:
                 "prune": self.prune, "finetune": self.finetune,
                 "calibration": None if calib is None else {
                     "windows": int(calib.shape[0]), "window": int(calib.shape[1])},
-                "seconds_quantize": self.seconds_quantize, "seconds": self.seconds}
+                "seconds_quantize": self.seconds_quantize, "seconds": self.seconds,
+                **({"factorize": self.factorize} if self.factorize is not None else {})}
 
 
 def apply_recipe(model, recipe: Recipe, tokenizer, corpus, seed: int = 0, progress: bool = True,
                  batch_size: int = 1) -> RecipeReport:
-    """Apply `recipe` to `model` in place: smoothing -> pruning -> quantization (+ head and
-    embedding) -> dense dtype -> fine-tuning -> lattice attention.
+    """Apply `recipe` to `model` in place: smoothing -> pruning -> factorization -> quantization
+    (+ head and embedding) -> dense dtype -> fine-tuning -> lattice attention.
 
     seed sets every codebook config's k-means seed and the draw of calibration windows (from
     the calibration half of `corpus`, recipe.calibration or DEFAULT_CALIBRATION) and of the
@@ -559,6 +596,10 @@ def apply_recipe(model, recipe: Recipe, tokenizer, corpus, seed: int = 0, progre
     if recipe.prune is not None:   # 1. RG pruning (SVD of the full-precision weights)
         pruned = apply_prune(model, recipe.prune)
         pruned["seconds"] = time.perf_counter() - t0
+    factorized = None
+    if recipe.factorize is not None:  # 1b. MPO / truncated SVD (layers replaced, not quantized)
+        from .methods.factorized import apply_factorization
+        factorized = apply_factorization(model, recipe.factorize, calib, progress=progress)
     report = None
     if cfg is not None:            # 2. quantization of the layers still dense (+ head)
         uses = needs_calibration(cfg) or needs_calibration(emb)
@@ -571,7 +612,16 @@ def apply_recipe(model, recipe: Recipe, tokenizer, corpus, seed: int = 0, progre
     tuned = None
     if recipe.finetune is not None:  # 4. codebooks/scales (and norms) vs the FP teacher
         windows, source = ft_windows
-        tuned = run_finetune(model, teacher, windows, recipe.finetune, seed, source)
+        if recipe.factorize is not None:  # factors (+ codebooks, norms) healed together
+            from .methods.factorized import heal_factorized
+            spec = recipe.finetune
+            tuned = {"spec": spec, "windows_source": source, **heal_factorized(
+                model, teacher, windows, steps=spec["steps"], lr=spec["lr"],
+                batch_size=spec["batch_size"], seed=seed, holdout=spec["holdout"],
+                progress=progress, train_norms=spec["train_norms"],
+                schedule=spec["schedule"])}
+        else:
+            tuned = run_finetune(model, teacher, windows, recipe.finetune, seed, source)
         del teacher
         if recipe.dense_dtype is not None:
             from .dense import set_dense_storage_dtype
@@ -580,4 +630,4 @@ def apply_recipe(model, recipe: Recipe, tokenizer, corpus, seed: int = 0, progre
         from .research.attention import enable_lattice
         enable_lattice(model, float(recipe.lattice["xi"]), eps=recipe.lattice["eps"])
     return RecipeReport(recipe, cfg, report, pruned, tuned, calib, t_q,
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, factorized)

@@ -124,11 +124,17 @@ class LowRankLinear(nn.Module):
         return cls(up, down, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x @ self.down.t()) @ self.up.t()
-        return y if self.bias is None else y + self.bias
+        # factors stored at 16 bits are computed in the input's dtype (fp32 for the model)
+        down = self.down if self.down.dtype == x.dtype else self.down.to(x.dtype)
+        up = self.up if self.up.dtype == x.dtype else self.up.to(x.dtype)
+        y = (x @ down.t()) @ up.t()
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def weight(self) -> torch.Tensor:
-        """The [out, in] weight this layer computes with (materialised)."""
+        """The [out, in] weight this layer computes with (materialised; float32 for 16-bit
+        factors)."""
+        if self.up.dtype in (torch.float16, torch.bfloat16):
+            return self.up.float() @ self.down.float()
         return self.up @ self.down
 
     # the accounting interface (physkern.quant.accounting)
