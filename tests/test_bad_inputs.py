@@ -463,7 +463,7 @@ def test_ppl_packaged_corpus_default_unchanged(saved, capsys, tmp_path, monkeypa
 
 def test_analysis_outputs_default_outside_results():
     from physkern.cli import build_parser
-    from physkern.research.analysis._common import DEFAULT_OUT_DIR
+    from physkern.commands._common import ANALYSIS_OUT_DIR as DEFAULT_OUT_DIR
     assert "bench/results" not in DEFAULT_OUT_DIR
     parser = build_parser()
     for argv in (["analyze", "spectra"], ["prune"], ["steer", "--prompt", "a", "--target", "b"]):

@@ -326,7 +326,8 @@ def test_entropy_analysis_outputs(tiny_gpt2, tmp_path):
     import argparse
     import json
 
-    from physkern.research.analysis.entropy import entropy_analysis, plot_entropy, register_analysis
+    from physkern.commands.analyze import register_entropy as register_analysis
+    from physkern.research.analysis.entropy import entropy_analysis, plot_entropy
     windows = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     res = entropy_analysis(tiny_gpt2, windows, bins=16)
     assert len(res["layers"]) == 8 and res["max_bits"] == pytest.approx(math.log2(18))

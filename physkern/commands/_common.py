@@ -6,6 +6,9 @@ import argparse
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 DEFAULT_WINDOW = 1024
 DEFAULT_EVAL_TOKENS = 16384  # 16 windows of 1024: 16,368 scored tokens, the issues' protocol
+# Where analyze / prune write by default: outside the checkout's committed results (the commands
+# that produced bench/results/analysis pass --out-dir bench/results/analysis explicitly).
+ANALYSIS_OUT_DIR = "physkern-analysis"
 
 
 def int_in(lo: int, hi: int | None = None, note: str = ""):

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_eval_args, add_model_corpus_args, check_output_dir, resolve_window
+from ._common import (ANALYSIS_OUT_DIR, add_eval_args, add_model_corpus_args, check_output_dir,
+                      resolve_window)
 
 
 def register(sub) -> None:
-    from ..research.analysis._common import DEFAULT_OUT_DIR
     from ..research.prune import RULES
     p = sub.add_parser("prune", help="RG-guided truncated-SVD pruning: compare rules by perplexity",
                        description="Factorise weight types by truncated SVD (only where the two "
@@ -20,8 +20,8 @@ def register(sub) -> None:
                    help="fractions of decoder linear parameters to remove (default 0.01 0.02 0.05 0.1)")
     p.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES,
                    help="rules to compare (default all)")
-    p.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
-                   help=f"folder for prune.json and prune.png (default ./{DEFAULT_OUT_DIR}; the "
+    p.add_argument("--out-dir", default=ANALYSIS_OUT_DIR,
+                   help=f"folder for prune.json and prune.png (default ./{ANALYSIS_OUT_DIR}; the "
                         "committed results were written with --out-dir bench/results/analysis)")
     p.add_argument("--name", default="prune", help="file stem (default 'prune')")
     p.set_defaults(func=run)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import check_output_file, int_in, positive_float
+from ._common import ANALYSIS_OUT_DIR, check_output_file, int_in, positive_float
 
 
 def register(sub) -> None:
@@ -27,7 +27,7 @@ def register(sub) -> None:
                    help="iterations toward the exact gain (default 20; 1 = first order)")
     p.add_argument("--tol", type=positive_float, default=1e-3, help="tolerance on the gain (nats)")
     p.add_argument("--max-new-tokens", type=int_in(1), default=20, help="tokens to generate")
-    p.add_argument("--json", default="physkern-analysis/steer.json",
+    p.add_argument("--json", default=f"{ANALYSIS_OUT_DIR}/steer.json",
                    help="result JSON (default ./physkern-analysis/steer.json; the committed "
                         "result was written with --json bench/results/analysis/steer.json)")
     p.set_defaults(func=run)

@@ -1,11 +1,9 @@
-"""Helpers shared by the analyses in this package: weight types, decoder blocks, hidden states,
-output paths and plotting setup."""
+"""Helpers shared by the analyses in this package: weight types, decoder blocks, hidden states
+and plotting setup. (Their command line, arguments and output paths: physkern.commands.analyze.)"""
 from __future__ import annotations
 
-import argparse
 import re
 from collections import OrderedDict
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -13,35 +11,10 @@ from torch import nn
 
 from ...models import LinearLayer, decoder_linear_layers
 
-# Outside the checkout's committed results: the README's commands that produced
-# bench/results/analysis pass --out-dir bench/results/analysis explicitly.
-DEFAULT_OUT_DIR = "physkern-analysis"
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 # Short names a user may type for a weight type (LLaMA and GPT-2 naming).
 TYPE_ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
                 "up": "up_proj", "down": "down_proj"}
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model and --device (analyses that need no text)."""
-    p.add_argument("--model", default=None,
-                   help="hub name, local directory or .gguf path; default: the packaged "
-                        "SmolLM2-135M-Instruct")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-
-
-def add_output_args(p: argparse.ArgumentParser, stem: str) -> None:
-    p.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
-                   help=f"folder for the JSON and PNG files (default {DEFAULT_OUT_DIR})")
-    p.add_argument("--name", default=stem,
-                   help=f"file stem of the outputs (default {stem!r})")
-
-
-def output_path(args: argparse.Namespace, suffix: str) -> Path:
-    """<--out-dir>/<name><suffix> (default ./physkern-analysis/), folder created."""
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return out / f"{args.name}{suffix}"
 
 
 def pyplot():

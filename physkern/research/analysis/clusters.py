@@ -18,15 +18,13 @@ mean).
 """
 from __future__ import annotations
 
-import argparse
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ...provenance import provenance, write_json
-from ._common import add_output_args, all_hidden_states, output_path, pyplot
+from ._common import all_hidden_states, pyplot
 
 SEEDS_THRESHOLD = 0.05
 DEFAULT_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.4)
@@ -145,54 +143,3 @@ def plot_clusters(result: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def register_analysis(sub) -> None:
-    from ...commands._common import add_model_corpus_args
-    p = sub.add_parser("clusters", help="metastable token clusters across depth",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_corpus_args(p)
-    p.add_argument("--windows", type=int, default=8, help="windows of text (default 8)")
-    p.add_argument("--window", type=int, default=128, help="tokens per window (default 128)")
-    p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS),
-                   help="distance thresholds on 1 - cos, each in (0, 2] "
-                        f"(default {' '.join(map(str, DEFAULT_THRESHOLDS))}; the seeds used 0.05)")
-    add_output_args(p, "clusters")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from ...data import evaluation_tokens, load_corpus
-    from ...models import load_model, resolve_model_name
-    for t in args.thresholds:
-        check_threshold(t)
-    if args.windows <= 0 or args.window < 2:
-        raise ValueError(f"windows must be >= 1 and window >= 2, got {args.windows}, "
-                         f"{args.window}")
-    corpus = load_corpus(args.corpus)
-    model, tok = load_model(args.model, device=args.device)
-    ids = evaluation_tokens(tok, corpus, args.windows * args.window)
-    windows = ids.view(args.windows, args.window).to(args.device)
-    result = cluster_analysis(model, windows, args.thresholds)
-    head = "".join(f"{'t=' + format(t, 'g'):>9}" for t in result["thresholds"])
-    print(f"{'depth':>12}{'mean cos':>10}{head}")
-    for d in result["depth"]:
-        row = "".join(f"{result['clusters'][str(t)][d]:>9.1f}" for t in result["thresholds"])
-        print(f"{d:>12}{result['mean_cosine'][d]:>10.3f}{row}")
-    row = "".join(f"{result['post_norm']['clusters'][str(t)]:>9.1f}" for t in result["thresholds"])
-    print(f"{'final norm':>12}{result['post_norm']['mean_cosine']:>10.3f}{row}")
-    for k, f in result["fits"].items():
-        print(f"fit a + b/t^2 to {k}: R^2 {f['r2']:.3f}; b/t^2 alone: R^2 {f['r2_no_intercept']:.3f}")
-    payload = {"analysis": "clusters", "model": resolve_model_name(args.model),
-               "corpus": corpus.describe(), "text": "evaluation part, consecutive windows",
-               "method": "average linkage on 1 - cos, flat clusters at distance threshold",
-               **result, "provenance": provenance(args.device)}
-    js = output_path(args, ".json")
-    write_json(js, payload)
-    plot_clusters(result, output_path(args, ".png"))
-    print(f"wrote {js}, {output_path(args, '.png')}")
-    return 0

@@ -17,21 +17,20 @@ token, which makes K_0 an outlier.
 """
 from __future__ import annotations
 
-import argparse
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ...provenance import provenance, write_json
-from ._common import add_output_args, all_hidden_states, output_path, pyplot
+from ._common import all_hidden_states, pyplot
 
 STATES = ("pre_norm", "post_norm")
 KINETIC_SCALES = ("none", "dim")
 
 
-def _check(state: str, kinetic_scale: str) -> None:
+def check_options(state: str, kinetic_scale: str) -> None:
+    """ValueError unless state is in STATES and kinetic_scale in KINETIC_SCALES."""
     if state not in STATES:
         raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
     if kinetic_scale not in KINETIC_SCALES:
@@ -47,7 +46,7 @@ def energy_terms(model: nn.Module, input_ids: torch.Tensor, state: str = "pre_no
     input_ids: [T] or [1, T] token ids, T >= 2. Returns {"K", "V", "E"}: float64 arrays [T - 1],
     entry t for the step from position t to t + 1.
     """
-    _check(state, kinetic_scale)
+    check_options(state, kinetic_scale)
     ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
     if ids.shape[0] != 1 or ids.shape[1] < 2:
         raise ValueError(f"input_ids: need one text of at least 2 tokens, got shape "
@@ -127,79 +126,3 @@ def plot_energy(example: dict, summary: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def register_analysis(sub) -> None:
-    from ...commands._common import add_model_corpus_args
-    p = sub.add_parser("energy", help="kinetic + point-perplexity 'energy' and its conservation",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_corpus_args(p)
-    p.add_argument("--texts", type=int, default=4, help="texts (windows of evaluation text)")
-    p.add_argument("--length", type=int, default=256, help="tokens per text (default 256)")
-    p.add_argument("--state", choices=STATES, default="pre_norm",
-                   help="last-layer hidden state before (default) or after the final norm")
-    p.add_argument("--kinetic-scale", choices=KINETIC_SCALES, default="none",
-                   help="divide K by 1 (none, default) or by the hidden size (dim)")
-    p.add_argument("--skip-first", type=int, default=0,
-                   help="drop this many steps at the start of each text (default 0)")
-    p.add_argument("--random-seeds", type=int, nargs="*", default=[0, 1, 2],
-                   help="seeds of randomly re-initialised models of the same architecture")
-    add_output_args(p, "energy")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from ...data import evaluation_tokens, load_corpus
-    from ...models import load_model, resolve_model_name
-    _check(args.state, args.kinetic_scale)
-    if args.texts <= 0 or args.length < 2:
-        raise ValueError(f"texts must be >= 1 and length >= 2, got {args.texts}, {args.length}")
-    if args.skip_first < 0 or args.skip_first > args.length - 3:
-        raise ValueError(f"skip-first must be in [0, length - 3], got {args.skip_first}")
-    corpus = load_corpus(args.corpus)
-    model, tok = load_model(args.model, device=args.device)
-    ids = evaluation_tokens(tok, corpus, args.texts * args.length)
-    texts = ids.view(args.texts, args.length).to(args.device)
-    opts = dict(state=args.state, kinetic_scale=args.kinetic_scale)
-    results = {"pretrained": energy_over_texts(model, texts, skip_first=args.skip_first, **opts)}
-    # the same with the first step dropped, to show how much the first token's jump weighs
-    alt_skip = 1 if args.skip_first == 0 else 0
-    alt = {"pretrained": energy_over_texts(model, texts, skip_first=alt_skip, **opts)["mean"]}
-    example = {"pretrained": energy_terms(model, texts[0], **opts)}
-    for seed in args.random_seeds:
-        rnd = random_reinit(model, seed)
-        name = f"random seed {seed}"
-        results[name] = energy_over_texts(rnd, texts, skip_first=args.skip_first, **opts)
-        alt[name] = energy_over_texts(rnd, texts, skip_first=alt_skip, **opts)["mean"]
-        if len(example) == 1:
-            example[name] = energy_terms(rnd, texts[0], **opts)
-        del rnd
-    print(f"{'model':<16}{'CV(E)':>9}{'CV(K)':>9}{'CV(V)':>9}{'mean K':>12}{'mean V':>9}"
-          f"{'K/V':>12}   (skip_first={args.skip_first})")
-    for name, r in results.items():
-        m = r["mean"]
-        print(f"{name:<16}{m['cv_E']:>9.3f}{m['cv_K']:>9.3f}{m['cv_V']:>9.3f}{m['mean_K']:>12.5g}"
-              f"{m['mean_V']:>9.3f}{m['kinetic_over_potential']:>12.5g}")
-    print(f"with skip_first={alt_skip}:")
-    for name, m in alt.items():
-        print(f"{name:<16}{m['cv_E']:>9.3f}{m['cv_K']:>9.3f}{m['cv_V']:>9.3f}{m['mean_K']:>12.5g}"
-              f"{m['mean_V']:>9.3f}{m['kinetic_over_potential']:>12.5g}")
-    payload = {"analysis": "energy", "model": resolve_model_name(args.model),
-               "corpus": corpus.describe(), "texts": args.texts, "length": args.length,
-               "definition": {"K": "0.5*||h_{t+1}-h_t||^2" + (" / hidden_size"
-                                                              if args.kinetic_scale == "dim" else ""),
-                              "V": "-ln p(x_{t+1}|x_<=t) (nats)", "E": "K + V",
-                              "state": args.state, "cv": "population std / |mean| over positions",
-                              "skip_first": args.skip_first,
-                              "random": "transformers from_config init, torch.manual_seed(seed)"},
-               "results": results, f"mean_with_skip_first_{alt_skip}": alt,
-               "provenance": provenance(args.device)}
-    js = output_path(args, ".json")
-    write_json(js, payload)
-    plot_energy(example, {k: v["mean"] for k, v in results.items()}, output_path(args, ".png"))
-    print(f"wrote {js}, {output_path(args, '.png')}")
-    return 0

@@ -11,15 +11,13 @@ outside-range cells, which stay empty with ranges from a first pass).
 """
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ...provenance import provenance, write_json
-from ._common import DEFAULT_OUT_DIR, output_path, pyplot, split_layer_name
+from ._common import pyplot, split_layer_name
 
 DEFAULT_WINDOWS = 32
 DEFAULT_BINS = 256
@@ -85,60 +83,6 @@ def plot_entropy(result: dict, path, title: str = "") -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def register_analysis(sub) -> None:
-    from ...commands._common import add_model_corpus_args
-    p = sub.add_parser("entropy", help="activation entropy of every linear layer's input",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_corpus_args(p)
-    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
-                   help=f"calibration windows (default {DEFAULT_WINDOWS})")
-    p.add_argument("--window", type=int, default=None,
-                   help="tokens per window (default min(model context, 1024))")
-    p.add_argument("--seed", type=int, default=0, help="seed of the window offsets (default 0)")
-    p.add_argument("--bins", type=int, default=DEFAULT_BINS,
-                   help=f"histogram bins (default {DEFAULT_BINS})")
-    p.add_argument("--no-per-channel", dest="per_channel", action="store_false",
-                   help="skip the per-input-channel histograms")
-    p.add_argument("--out", "--out-dir", dest="out_dir", default=DEFAULT_OUT_DIR,
-                   help=f"folder for the JSON and PNG (default {DEFAULT_OUT_DIR})")
-    p.add_argument("--name", default="entropy", help="file stem of the outputs (default entropy)")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from ...commands._common import resolve_window
-    from ...data import calibration_windows, load_corpus
-    from ...models import load_model, resolve_model_name
-    if args.windows < 1:
-        raise ValueError(f"windows must be >= 1, got {args.windows}")
-    if args.bins < 1:
-        raise ValueError(f"bins must be >= 1, got {args.bins}")
-    corpus = load_corpus(args.corpus)
-    model, tok = load_model(args.model, device=args.device)
-    window = resolve_window(model, args.window)
-    windows = calibration_windows(tok, corpus, args.windows, window, args.seed)
-    result = entropy_analysis(model, windows, args.bins, args.per_channel, progress=True)
-    report(result)
-    payload = {"analysis": "entropy", "model": resolve_model_name(args.model),
-               "corpus": corpus.describe(),
-               "protocol": {"windows": args.windows, "window": window, "seed": args.seed,
-                            "tokens": args.windows * window, "bins": args.bins,
-                            "text": "calibration half of the corpus documents",
-                            "range": "two passes: finite min/max per layer, then histograms",
-                            "estimator": "Miller-Madow (plug-in also given), bits"},
-               **result, "provenance": provenance(args.device)}
-    js = output_path(args, ".json")
-    write_json(js, payload)
-    png = output_path(args, ".png")
-    plot_entropy(result, png, title=f"Activation entropy: {resolve_model_name(args.model)}, "
-                                    f"{args.windows}x{window} tokens, {args.bins} bins")
-    print(f"wrote {js}, {png}")
-    return 0
 
 
 def report(result: dict, file=None) -> None:

@@ -13,7 +13,6 @@ Rank indices are classified relevant (rate > relevant threshold, default 0.1), i
 """
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Optional, Sequence
 
@@ -21,9 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...provenance import provenance, write_json
-from ._common import (add_model_args, add_output_args, output_path, pyplot, resolve_types,
-                      short_type, singular_values, weight_groups)
+from ._common import pyplot, resolve_types, short_type, singular_values, weight_groups
 
 DEFAULT_RELEVANT = 0.1
 DEFAULT_IRRELEVANT = -0.1
@@ -150,47 +147,3 @@ def plot_rg(result: dict, path_traj, path_hist) -> None:
     fig.tight_layout()
     fig.savefig(path_hist, dpi=110)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def register_analysis(sub) -> None:
-    p = sub.add_parser("rg", help="RG flow: singular-value growth rates across depth",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
-    p.add_argument("--types", nargs="*", default=None,
-                   help="weight types to analyse (default all; e.g. q k v o gate up down)")
-    p.add_argument("--relevant", type=float, default=DEFAULT_RELEVANT,
-                   help=f"growth rate above which an index is relevant (default {DEFAULT_RELEVANT})")
-    p.add_argument("--irrelevant", type=float, default=DEFAULT_IRRELEVANT,
-                   help=f"growth rate below which an index is irrelevant "
-                        f"(default {DEFAULT_IRRELEVANT})")
-    add_output_args(p, "rg_flow")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from ...models import load_model, resolve_model_name
-    if args.irrelevant > args.relevant:
-        raise ValueError(f"irrelevant threshold ({args.irrelevant}) must not exceed the relevant "
-                         f"threshold ({args.relevant})")
-    model, _ = load_model(args.model, device=args.device)
-    result = rg_flow(model, args.types, args.relevant, args.irrelevant)
-    print(f"{'type':<18}{'shape':>12}{'mean gamma':>12}{'mean slope':>12}"
-          f"{'rel/marg/irr (gamma)':>24}")
-    for wtype, t in result["types"].items():
-        c = t["classes_gamma"]
-        print(f"{short_type(wtype):<18}{'x'.join(map(str, t['shape'])):>12}"
-              f"{t['mean_gamma']:>+12.4f}{t['mean_slope']:>+12.4f}"
-              f"{c['relevant']:>10.2f}/{c['marginal']:.2f}/{c['irrelevant']:.2f}")
-    payload = {"analysis": "rg_flow", "model": resolve_model_name(args.model),
-               "definition": {"gamma": "ln(sigma_last[i]/sigma_first[i])/(L-1)",
-                              "slope": "least-squares slope of ln sigma_i over layers 0..L-1"},
-               **result, "provenance": provenance(args.device)}
-    js = output_path(args, ".json")
-    write_json(js, payload)
-    plot_rg(result, output_path(args, "_sigma.png"), output_path(args, "_gamma_hist.png"))
-    print(f"wrote {js}, {output_path(args, '_sigma.png')}, {output_path(args, '_gamma_hist.png')}")
-    return 0

@@ -19,7 +19,6 @@ candidate x_min, x_min chosen by minimum KS distance).
 """
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Optional, Sequence
 
@@ -27,9 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...provenance import provenance, write_json
-from ._common import (add_model_args, add_output_args, output_path, pyplot, resolve_types,
-                      short_type, weight_groups)
+from ._common import pyplot, resolve_types, short_type, weight_groups
 
 DEFAULT_TW_MARGIN = 4.0
 
@@ -180,7 +177,8 @@ def spectra(model: nn.Module, types: Optional[Sequence[str]] = None,
             tw_margin: float = DEFAULT_TW_MARGIN) -> dict:
     """Per layer and weight type ESD summaries: {"types": {type: [per-layer dict]}}.
 
-    The per-layer dicts keep "eigenvalues" (numpy) for plotting; `run` drops them from the JSON.
+    The per-layer dicts keep "eigenvalues" (numpy) for plotting; `physkern analyze spectra`
+    drops them from the JSON.
     """
     groups = weight_groups(model)
     chosen = resolve_types(list(groups), types)
@@ -241,52 +239,3 @@ def plot_spectra(result: dict, path_esd, path_depth) -> None:
     fig.tight_layout()
     fig.savefig(path_depth, dpi=110)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def register_analysis(sub) -> None:
-    p = sub.add_parser("spectra", help="ESD of W^T W/N, Marchenko-Pastur fit, outliers, tail alpha",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
-    p.add_argument("--types", nargs="*", default=None,
-                   help="weight types to analyse (default all; e.g. q k v o gate up down)")
-    p.add_argument("--tw-margin", type=float, default=DEFAULT_TW_MARGIN,
-                   help="Tracy-Widom scales above the MP edge for an eigenvalue to count as an "
-                        f"outlier (default {DEFAULT_TW_MARGIN:g})")
-    add_output_args(p, "spectra")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from ...models import load_model, resolve_model_name
-    if args.tw_margin < 0:
-        raise ValueError(f"tw-margin must be >= 0, got {args.tw_margin}")
-    model, _ = load_model(args.model, device=args.device)
-    result = spectra(model, args.types, args.tw_margin)
-    print(f"{'type':<12}{'q':>7}{'mean alpha':>12}{'mean outliers':>15}{'mean KS':>9}")
-    summary = {}
-    for t, layers in result["types"].items():
-        s = {"mean_alpha": float(np.mean([d["alpha"] for d in layers])),
-             "median_alpha": float(np.median([d["alpha"] for d in layers])),
-             "mean_outliers": float(np.mean([d["outliers"] for d in layers])),
-             "mean_ks": float(np.mean([d["ks"] for d in layers]))}
-        summary[t] = s
-        print(f"{short_type(t):<12}{layers[0]['q']:>7.3f}{s['mean_alpha']:>12.3f}"
-              f"{s['mean_outliers']:>15.2f}{s['mean_ks']:>9.3f}")
-    plot_spectra(result, output_path(args, "_esd.png"), output_path(args, "_depth.png"))
-    layers_json = {t: [{k: v for k, v in d.items() if k != "eigenvalues"} for d in ls]
-                   for t, ls in result["types"].items()}
-    payload = {"analysis": "spectra", "model": resolve_model_name(args.model),
-               "definition": "X = W^T W / N (W oriented N x M, N >= M), q = M/N; MP edge "
-                             "sigma^2 (1 + sqrt q)^2 with sigma^2 fitted by minimum KS distance; "
-                             "outliers above edge + tw_margin Tracy-Widom scales; alpha by "
-                             "Clauset-Shalizi-Newman power-law fit of the largest eigenvalues",
-               "tw_margin": args.tw_margin, "summary": summary, "types": layers_json,
-               "provenance": provenance(args.device)}
-    js = output_path(args, ".json")
-    write_json(js, payload)
-    print(f"wrote {js}, {output_path(args, '_esd.png')}, {output_path(args, '_depth.png')}")
-    return 0
