@@ -32,6 +32,13 @@ as `config.overrides`; layer names contain no glob characters, so each matches e
   coarser `unit` can be given: each option's extra bits are rounded UP to a multiple of it, so the
   budget still holds on true bits and the result is optimal for the rounded bit counts (reported).
 
+- `combined_allocation` (issue 21.4): both criteria at once. `combined_sensitivity` scores
+  each layer by a weighted geometric mean of its normalised entropy and normalised per-weight
+  Fisher, s = e^w f^(1-w) (w = 1: entropy alone, w = 0: Fisher alone); `sensitivity_allocation`
+  then solves the knapsack with cost s_i * n_i * 4^(-bits_i / n_i) per option (the high-rate
+  distortion model) on true stored bits, so every criterion is allocated by the same solver and
+  compared at the same budget.
+
 `correlation` gives Pearson and Spearman coefficients between two sensitivity dicts.
 """
 from __future__ import annotations
@@ -532,3 +539,106 @@ def entropy_linear(entropy: Mapping[str, float], mean_bits: float, lo: int, hi: 
             b[i] += 1
             used += float(wt[i])
     return {n: int(b[i]) for i, n in enumerate(names)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the combined entropy + Fisher allocator (issue 21.4)
+
+
+def normalized_sensitivity(sensitivity: Mapping[str, float]) -> dict[str, float]:
+    """Each value divided by the geometric mean over the layers (scale-free, mean log 0).
+
+    ValueError for an empty dict or a value that is not finite and > 0 (the combination is taken
+    in log space)."""
+    if not sensitivity:
+        raise ValueError("sensitivity: need at least one layer")
+    for n, v in sensitivity.items():
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"sensitivity[{n!r}] must be a finite number > 0, got {v!r}")
+    g = math.exp(sum(math.log(v) for v in sensitivity.values()) / len(sensitivity))
+    return {n: float(v) / g for n, v in sensitivity.items()}
+
+
+def combined_sensitivity(entropy: Mapping[str, float], fisher: Mapping[str, float],
+                         weight: float) -> dict[str, float]:
+    """Per-layer score from both criteria: a weighted geometric mean of the normalised values,
+
+        s_i = e_i^w * f_i^(1 - w),   e = entropy / geomean(entropy), f = fisher / geomean(fisher)
+
+    (a weighted sum of the log-sensitivities: entropy is a few bits everywhere while the Fisher
+    trace spans decades, so a sum of raw values would be the Fisher alone). weight = 1 gives the
+    entropy alone, weight = 0 the Fisher alone (exactly: the normalised values themselves).
+    Both dicts must name the same layers. Fisher: per-weight sensitivity (fisher_trace's "mean").
+    """
+    if not (isinstance(weight, (int, float)) and not isinstance(weight, bool)
+            and 0.0 <= weight <= 1.0):
+        raise ValueError(f"weight must be a number in [0, 1] (1 = entropy alone, 0 = Fisher "
+                         f"alone), got {weight!r}")
+    if set(entropy) != set(fisher):
+        diff = sorted(set(entropy) ^ set(fisher))
+        raise ValueError(f"entropy and fisher must name the same layers; differ in {diff[:4]}")
+    e, f = normalized_sensitivity(entropy), normalized_sensitivity(fisher)
+    if weight == 1.0:
+        return e
+    if weight == 0.0:
+        return f
+    return {n: math.exp(weight * math.log(e[n]) + (1.0 - weight) * math.log(f[n]))
+            for n in entropy}
+
+
+def distortion_cost(score: float, weights: int, bits: int) -> float:
+    """The allocation's cost model of one option: score x weights x 4^(-bits per weight)
+    (the high-rate distortion of a quantizer storing bits/weights bits per weight, weighted by
+    the layer's per-weight sensitivity)."""
+    return score * weights * 4.0 ** (-bits / weights)
+
+
+def sensitivity_allocation(shapes: Mapping[str, tuple[int, int]], configs: Sequence[AnyConfig],
+                           score: Mapping[str, float], budget_bits: float,
+                           labels: Optional[Sequence[str]] = None,
+                           max_states: int = 200_000) -> Allocation:
+    """Per-layer config minimising sum_i distortion_cost(score_i, n_i, bits_i(config)) subject to
+    sum_i bits_i <= budget_bits, with TRUE stored bits per option (option_bits) and the exact
+    multiple-choice knapsack (knapsack_allocation). When the exact state space exceeds
+    max_states, the extra bits are rounded UP to the smallest unit that fits (the budget still
+    holds on true bits; Allocation.notes says so).
+
+    shapes: {layer name: (out, in)}; score: {layer name: per-weight sensitivity > 0}.
+    """
+    missing = [n for n in shapes if n not in score]
+    if missing:
+        raise ValueError(f"score: no value for layers {missing[:4]}")
+    for n in shapes:
+        if not (math.isfinite(score[n]) and score[n] > 0):
+            raise ValueError(f"score[{n!r}] must be a finite number > 0, got {score[n]!r}")
+    numel = {n: o * i for n, (o, i) in shapes.items()}
+
+    def cost(name, j, cfg):
+        return distortion_cost(score[name], numel[name], option_bits(cfg, *shapes[name]))
+
+    options = build_options(shapes, configs, cost, labels)
+    total = sum(numel.values())
+    try:
+        return knapsack_allocation(options, budget_bits, weights=total, max_states=max_states)
+    except ValueError as exc:
+        if "max_states" not in str(exc):
+            raise
+    extra = sum(max(o.bits for o in opts) - min(o.bits for o in opts)
+                for opts in options.values())
+    unit = max(1, -(-extra // max(1, max_states - 1 - len(options))))
+    return knapsack_allocation(options, budget_bits, weights=total, unit=unit,
+                               max_states=max_states)
+
+
+def combined_allocation(shapes: Mapping[str, tuple[int, int]], configs: Sequence[AnyConfig],
+                        entropy: Mapping[str, float], fisher: Mapping[str, float],
+                        weight: float, budget_bits: float,
+                        labels: Optional[Sequence[str]] = None,
+                        max_states: int = 200_000) -> Allocation:
+    """The combined allocator: sensitivity_allocation on combined_sensitivity(entropy, fisher,
+    weight). weight = 1: entropy alone; 0: Fisher alone; in between: both."""
+    score = combined_sensitivity({n: entropy[n] for n in shapes if n in entropy},
+                                 {n: fisher[n] for n in shapes if n in fisher}, weight)
+    alloc = sensitivity_allocation(shapes, configs, score, budget_bits, labels, max_states)
+    alloc.method = f"combined(weight={weight:g})"
+    return alloc
