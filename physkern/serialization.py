@@ -23,6 +23,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .checkpoint import (INDEX_FILE, MAX_HEADER, ST_DTYPES, TORCH_TO_ST, Checkpoint,  # noqa: F401
+                         assign_tensor, init_empty_params, one_line, parse_size,
+                         read_safetensors_header, tensor_groups, write_sharded)
 from .dense import QUANTIZED_BUFFERS
 
 MARKER = "physkern.json"
@@ -175,7 +178,7 @@ def _old_files(path: Path) -> list:
 
 
 def save_quantized(model: nn.Module, path, tokenizer=None, extra: Optional[dict] = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, max_shard_size=None) -> Path:
     """Write `model` (with QuantizedLinear layers) to directory `path`; returns the path.
 
     path        a new directory (created, with the usual umask-derived mode), an empty one, or
@@ -185,6 +188,9 @@ def save_quantized(model: nn.Module, path, tokenizer=None, extra: Optional[dict]
                 physkern.json lists ("files") and this save does not write again are removed.
     tokenizer   saved beside the model when given.
     extra       extra JSON-serialisable keys for physkern.json.
+    max_shard_size  None: one model.safetensors; else bytes (int) or "500MB"/"2GB": tensors go
+                to shards of at most that size (model-00001-of-0000N.safetensors +
+                model.safetensors.index.json, Hugging Face's convention) when they do not fit one.
 
     Atomic: the files are written to a temporary folder first (beside a new target, inside an
     existing one). A new target is renamed into place; into an existing one, the old marker
@@ -193,15 +199,38 @@ def save_quantized(model: nn.Module, path, tokenizer=None, extra: Optional[dict]
     """
     from .quant.accounting import bits_report
     path = Path(path)
+    max_bytes = None if max_shard_size is None else parse_size(max_shard_size)
     validate_output_dir(path, overwrite)
     layers, embeddings = quantized_module_layouts(model)
     report = bits_report(model)
-    meta = {"format_version": FORMAT_VERSION, "architecture": type(model).__name__,
+    meta = model_marker(model, layers, embeddings, report, extra)
+
+    def write(tmp: Path) -> None:
+        _write_config(model, layers, embeddings, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _write_tensors(model, tmp, max_bytes)
+    return write_model_dir(path, meta, write)
+
+
+def model_marker(model: nn.Module, layers: dict, embeddings: dict, report,
+                 extra: Optional[dict] = None) -> dict:
+    """physkern.json's content (without "files") for `model` with these layouts and bits."""
+    return {"format_version": FORMAT_VERSION, "architecture": type(model).__name__,
             "quantized_layers": layers, "quantized_embeddings": embeddings,
             "dense_dtype": getattr(model.config, "physkern_dense_dtype", None), "bits": {
                 "quantized_bits_per_weight": report.quantized_bits_per_weight,
                 "model_bits_per_weight": report.model_bits_per_weight,
                 "total_bytes": report.total_bytes}, **(extra or {})}
+
+
+def write_model_dir(path, meta: dict, write) -> Path:
+    """The atomic part of save_quantized: write(folder) puts every file of the model (config,
+    tokenizer, tensors) in a temporary folder; this then installs them at `path` as
+    save_quantized's docstring says, physkern.json (`meta` + "files") last. Call
+    validate_output_dir(path, overwrite) first."""
+    path = Path(path)
+    meta = dict(meta)
     existing = path.is_dir()
     if not existing:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,10 +239,7 @@ def save_quantized(model: nn.Module, path, tokenizer=None, extra: Optional[dict]
     tmp = _make_temp_dir(path, _INNER_PARTIAL) if existing else \
         _make_temp_dir(path.parent, f".{path.name}.partial-")
     try:
-        _write_config(model, layers, embeddings, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _write_tensors(model, tmp / MODEL_FILE)
+        write(tmp)
         for reserved in (MARKER, _PREVIOUS_MARKER):
             if (tmp / reserved).exists():
                 raise ValueError(f"the tokenizer or config wrote a file named {reserved}, "
@@ -286,12 +312,20 @@ def _write_config(model: nn.Module, layers: dict, embeddings: dict, folder: Path
         gen.save_pretrained(folder)
 
 
-def _write_tensors(model: nn.Module, file: Path) -> None:
-    """model.safetensors: every state-dict tensor once (a tensor shared by several names is
-    stored under the first), dense float tensors at the model's dense storage dtype
-    (physkern.dense; lossless: they were rounded to it in memory)."""
-    from safetensors.torch import save_file
-    from .dense import dense_storage_dtype, is_dense
+def stored_tensor(key: str, t: torch.Tensor, dense: Optional[torch.dtype]) -> torch.Tensor:
+    """State-dict entry `key` as the file stores it: dense float tensors at the dense storage
+    dtype (physkern.dense; lossless: they were rounded to it in memory), contiguous, on CPU."""
+    from .dense import is_dense
+    if dense is not None and is_dense(key, t) and t.element_size() > dense.itemsize:
+        t = t.to(dense)
+    return t.detach().contiguous().cpu()
+
+
+def _write_tensors(model: nn.Module, folder: Path, max_bytes: Optional[int] = None) -> None:
+    """model.safetensors (or shards under max_bytes, physkern.checkpoint.write_sharded): every
+    state-dict tensor once (a tensor shared by several names is stored under the first), dense
+    float tensors at the model's dense storage dtype."""
+    from .dense import dense_storage_dtype
     dense = dense_storage_dtype(model)
     seen, tensors = set(), {}
     for key, t in model.state_dict().items():
@@ -300,10 +334,9 @@ def _write_tensors(model: nn.Module, file: Path) -> None:
         if t.numel() and ident in seen:
             continue
         seen.add(ident)
-        if dense is not None and is_dense(key, t) and t.element_size() > dense.itemsize:
-            t = t.to(dense)
-        tensors[key] = t.detach().contiguous().cpu()
-    save_file(tensors, str(file), metadata={"format": "pt"})
+        tensors[key] = stored_tensor(key, t, dense)
+    write_sharded(folder, [(k, t.numel() * t.element_size()) for k, t in tensors.items()],
+                  tensors.__getitem__, max_bytes)
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -314,23 +347,12 @@ MAX_K = 65536  # what the kernels take (csrc/codebook_matmul.cpp, packing's 16-b
 _LAYER_INTS = ("in_features", "out_features", "stages", "k", "block_dim", "codebook_rows",
                "scale_group")
 _LAYER_DTYPES = ("codebook_dtype", "scales_dtype", "offsets_dtype", "bias_dtype")
-# safetensors dtype names -> (torch dtype, bytes per element)
-_ST_DTYPES = {"BOOL": (torch.bool, 1), "U8": (torch.uint8, 1), "I8": (torch.int8, 1),
-              "I16": (torch.int16, 2), "U16": (torch.uint16, 2), "F16": (torch.float16, 2),
-              "BF16": (torch.bfloat16, 2), "I32": (torch.int32, 4), "U32": (torch.uint32, 4),
-              "F32": (torch.float32, 4), "I64": (torch.int64, 8), "U64": (torch.uint64, 8),
-              "F64": (torch.float64, 8), "F8_E4M3": (torch.float8_e4m3fn, 1),
-              "F8_E5M2": (torch.float8_e5m2, 1)}
-_TORCH_TO_ST = {v[0]: k for k, v in _ST_DTYPES.items()}
-_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+_ST_DTYPES, _TORCH_TO_ST, _MAX_HEADER = ST_DTYPES, TORCH_TO_ST, MAX_HEADER
 # Rows of packed indices unpacked at a time by the index check (bounds its temporary memory).
 _INDEX_CHECK_ROWS = 4096
 
 
-def _one_line(exc: BaseException) -> str:
-    """An exception as one short line (its type and message, whitespace collapsed)."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+_one_line = one_line
 
 
 def _read_marker(file: Path) -> dict:
@@ -502,56 +524,6 @@ def install_quantized_modules(model: nn.Module, layers: dict, embeddings: dict, 
             model.set_submodule(name, layer)
 
 
-def read_safetensors_header(file: Path) -> dict:
-    """{tensor name: (torch dtype, shape tuple)} from a safetensors file's header, reading only
-    the header (8-byte little-endian length + JSON) and checking every tensor's byte range
-    against the file size. Raises ValueError naming the file."""
-    file = Path(file)
-    try:
-        size = os.path.getsize(file)
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{file}: truncated ({size} bytes, no safetensors header)")
-            n = int.from_bytes(head, "little")
-            if n > size - 8 or n > _MAX_HEADER:
-                raise ValueError(f"{file}: header length {n} exceeds the file ({size} bytes) or "
-                                 f"{_MAX_HEADER} bytes: truncated or not a safetensors file")
-            raw = f.read(n)
-    except OSError as exc:
-        raise ValueError(f"{file}: cannot be read: {_one_line(exc)}") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"{file}: the safetensors header is not JSON: {_one_line(exc)}") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{file}: the safetensors header is not a JSON object")
-    data = size - 8 - n
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        ok = (isinstance(info, dict) and info.get("dtype") in _ST_DTYPES
-              and isinstance(info.get("shape"), list)
-              and all(type(x) is int and x >= 0 for x in info["shape"])
-              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-              and all(type(x) is int for x in info["data_offsets"]))
-        if not ok:
-            raise ValueError(f"{file}: tensor {name!r} has a malformed header entry: "
-                             f"{str(info)[:200]}")
-        dtype, size_of = _ST_DTYPES[info["dtype"]]
-        shape = tuple(info["shape"])
-        b, e = info["data_offsets"]
-        if not 0 <= b <= e <= data:
-            raise ValueError(f"{file}: tensor {name!r} lies at bytes [{b}, {e}) beyond the "
-                             f"{data} data bytes of the file: truncated or corrupt")
-        if e - b != math.prod(shape) * size_of:
-            raise ValueError(f"{file}: tensor {name!r} has {e - b} bytes for shape "
-                             f"{list(shape)} of {info['dtype']}")
-        out[name] = (dtype, shape)
-    return out
-
-
 def _fmt(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -604,8 +576,6 @@ def load_quantized(path, device: str | torch.device = "cpu"):
     two), so the kernels never read outside a codebook. Every failure is a ValueError naming
     the file (and the layer and field); a missing directory is FileNotFoundError.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = Path(path)
     if not path.is_dir():
@@ -616,9 +586,11 @@ def load_quantized(path, device: str | torch.device = "cpu"):
     meta = _read_marker(marker)
     layers = meta["quantized_layers"]
     embeddings = meta.get("quantized_embeddings", {})
-    if not st_file.is_file():
-        raise ValueError(f"{st_file}: missing")
-    header = read_safetensors_header(st_file)
+    if not st_file.is_file() and not (path / INDEX_FILE).is_file():
+        raise ValueError(f"{st_file}: missing (and no {INDEX_FILE})")
+    ckpt = Checkpoint(path)  # headers only (one file or the shards its index names)
+    st_file = ckpt.where
+    header = ckpt.header
     config = _read_config(cfg_file)
     try:
         with torch.device("meta"):  # shapes only: nothing is allocated
@@ -692,25 +664,24 @@ def load_quantized(path, device: str | torch.device = "cpu"):
         raise ValueError(f"{cfg_file}: the model's unsaved buffers need {unsaved} bytes, more "
                          f"than {limit}: corrupt or crafted config")
     del skeleton
-    # Everything agrees: build for real and read the tensors.
+    # Everything agrees: build the skeleton again with its parameters on the meta device (only
+    # the unsaved buffers, bounded above, are real), then materialise exactly the stored
+    # tensors, one at a time: peak memory is about the file size, never an fp32 copy first.
     try:
-        model = AutoModelForCausalLM.from_config(config)
+        with init_empty_params():
+            model = AutoModelForCausalLM.from_config(config)
     except (ValueError, RuntimeError, TypeError) as exc:
         raise ValueError(f"{cfg_file}: cannot build a model from it: {_one_line(exc)}") from None
-    install_quantized_modules(model, layers, embeddings, marker)
-    try:
-        missing, unexpected = load_model(model, str(st_file), strict=False)
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise ValueError(f"{st_file}: cannot be read: {_one_line(exc)}") from None
-    if unexpected:
-        raise ValueError(f"{st_file}: unexpected tensors the model does not have: "
-                         f"{sorted(unexpected)[:5]}")
-    real_missing = [m for m in missing if not m.endswith("inv_freq")]
-    if real_missing:
-        raise ValueError(f"{st_file}: missing tensors: {sorted(real_missing)[:5]}")
+    with torch.device("meta"):
+        install_quantized_modules(model, layers, embeddings, marker)
+    with ckpt:
+        fill_from_checkpoint(model, ckpt, expected)
     for name in layers:
         check_indices(st_file, name, model.get_submodule(name))
     model.tie_weights()
+    left = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    if left:
+        raise ValueError(f"{st_file}: missing tensors: {sorted(left)[:5]}")
     tok = None
     if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
         try:
@@ -719,3 +690,22 @@ def load_quantized(path, device: str | torch.device = "cpu"):
             raise ValueError(f"{path / 'tokenizer.json'} (or tokenizer_config.json): cannot be "
                              f"loaded: {_one_line(exc)}") from None
     return model.to(device).eval(), tok
+
+
+def fill_from_checkpoint(model: nn.Module, ckpt: Checkpoint, expected: dict) -> None:
+    """Materialise every tensor of `ckpt` (checked against `expected`: key -> (dtype, shape,
+    layer) beforehand) into `model`, whose parameters may be on the meta device: one tensor read
+    at a time, dense floats cast to the model's dtype, tied names given the same tensor."""
+    groups = tensor_groups(model)
+    alias = {k: keys for keys in groups.values() for k in keys}
+    for key in ckpt.keys():
+        dt = expected[key][0]
+        t = ckpt.get(key)
+        if t.dtype != dt:
+            t = t.to(dt)
+        owner, _, name = key.rpartition(".")
+        old = (model.get_submodule(owner) if owner else model)._parameters.get(name)
+        if old is not None:  # one Parameter object for every tied name (`a.weight is b.weight`)
+            t = nn.Parameter(t, requires_grad=old.requires_grad)
+        for k in alias.get(key, [key]):
+            assign_tensor(model, k, t)
