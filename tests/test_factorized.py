@@ -205,3 +205,16 @@ def test_mpo_bits_target_picks_the_largest_fitting_chi():
     assert bits_per_weight(of, inf, chi) <= 3.0
     assert chi == max(max_bonds(of, inf)) or bits_per_weight(of, inf, chi + 1) > 3.0
     assert MPOConfig(chi=5).chi_for(64, 32)[0] == 5
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_svd_at_full_rank_reproduces_the_model(tiny_llama, monkeypatch, weighted):
+    m = copy.deepcopy(tiny_llama)
+    rec = Recipe.from_dict({"name": "f", "factorize": {"method": "svd", "rank": 64,
+                                                        "weighted": weighted, "percdamp": 0.0,
+                                                        "dtype": "float32",
+                                                        "layers": ["*.mlp.*"]}})
+    _apply(m, rec, monkeypatch)
+    assert sum(isinstance(mod, LowRankLinear) for mod in m.modules()) == 6
+    with torch.no_grad():
+        torch.testing.assert_close(m(X).logits, tiny_llama(X).logits, rtol=1e-3, atol=1e-3)
