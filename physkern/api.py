@@ -70,11 +70,12 @@ def _errors(w: torch.Tensor, q: torch.Tensor, m2, gram):
     e = (q - w).float()
     rel_w = float(e.norm() / w.norm().clamp_min(1e-30))
     if gram is not None:
-        g = gram.float()
+        g = gram.float().cpu()
         num = torch.einsum("oi,ij,oj->", e, g, e)
         den = torch.einsum("oi,ij,oj->", w, g, w)
         return rel_w, float((num / den.clamp_min(1e-30)).clamp_min(0).sqrt()), "X^T X (exact)"
     if m2 is not None:
+        m2 = m2.cpu()
         num = (e.pow(2) * m2[None]).sum()
         den = (w.pow(2) * m2[None]).sum()
         return rel_w, float((num / den.clamp_min(1e-30)).sqrt()), "diag E[x^2] (approximate)"
@@ -220,8 +221,10 @@ def _check_calibration_length(model: nn.Module, calibration: torch.Tensor) -> No
                          f"({ctx} tokens); use windows of at most {ctx} tokens")
 
 
-def _quantize_sequential(model, chosen, calibration, bar) -> list[LayerReport]:
-    from .sequential import iter_block_names, run_blocks_sequentially
+def block_of_layers(model: nn.Module, chosen) -> dict[str, int]:
+    """{layer name: index of the transformer block holding it} for the chosen layers; a layer
+    outside the blocks is a ValueError (calibrated methods quantize block by block)."""
+    from .sequential import iter_block_names
     block_of = {}
     prefixes = list(iter_block_names(model))
     for layer, cfg in chosen:
@@ -230,55 +233,74 @@ def _quantize_sequential(model, chosen, calibration, bar) -> list[LayerReport]:
             raise ValueError(f"layers: {layer.name!r} is outside the transformer blocks; "
                              "calibrated methods only quantize layers inside them")
         block_of[layer.name] = owner[0]
+    return block_of
+
+
+def block_statistics(here, block: nn.Module, run) -> dict[str, tuple]:
+    """{layer name: (m2 [in] or None, gram [in, in] or None)} of the inputs each of `here`'s
+    layers (list of (LinearLayer, config) inside `block`) sees while run() pushes the
+    calibration batches through the block. Accumulations are fp32 products summed in fp64
+    (physkern.calib), whatever the activations' dtype."""
+    stats, hooks = {}, []
+    batch_seen: dict[int, object] = {}
+
+    def reset(_m, _a):
+        batch_seen.clear()
+
+    def make_hook(layer, cfg):
+        def hook(_m, inputs):
+            x = inputs[0].detach()
+            x = x.reshape(-1, x.shape[-1]).float()
+            st = stats[layer.name]
+            if cfg.needs_calibration and st.get("m2") is not None:
+                st["m2"].update(x)
+            if cfg.needs_hessian:
+                # q/k/v (and gate/up) read the same tensor: one Gram serves them all.
+                # batch_seen keeps the tensor alive, so its id cannot be reused meanwhile.
+                key = id(inputs[0])
+                if key in batch_seen:
+                    if st["gram"] is None:
+                        st["gram"] = batch_seen[key][1]
+                    return
+                if st["gram"] is None:
+                    st["gram"] = Gram(x.shape[-1], device=x.device)
+                batch_seen[key] = (inputs[0], st["gram"])
+                st["gram"].update(x)
+        return hook
+
+    for layer, cfg in here:
+        stats[layer.name] = {"m2": SecondMoment(layer.in_features) if cfg.needs_calibration
+                             and not cfg.needs_hessian else None, "gram": None}
+        if cfg.needs_calibration:
+            hooks.append(layer.module.register_forward_pre_hook(make_hook(layer, cfg)))
+    hooks.append(block.register_forward_pre_hook(reset))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for layer, cfg in here:
+        st = stats[layer.name]
+        gram = st["gram"].value if st["gram"] is not None else None
+        m2 = st["m2"].value if st["m2"] is not None else (
+            torch.diagonal(gram) / st["gram"].count if gram is not None else None)
+        out[layer.name] = (m2, gram)
+    return out
+
+
+def _quantize_sequential(model, chosen, calibration, bar) -> list[LayerReport]:
+    from .sequential import run_blocks_sequentially
+    block_of = block_of_layers(model, chosen)
     reports = []
 
     def on_block(i, block, run):
         here = [(l, c) for l, c in chosen if block_of[l.name] == i]
         if not here:
             return
-        stats, hooks, shared = {}, [], {}
-        batch_seen: dict[int, object] = {}
-
-        def reset(_m, _a):
-            batch_seen.clear()
-
-        def make_hook(layer, cfg):
-            def hook(_m, inputs):
-                x = inputs[0].detach()
-                x = x.reshape(-1, x.shape[-1]).float()
-                st = stats[layer.name]
-                if cfg.needs_calibration and st.get("m2") is not None:
-                    st["m2"].update(x)
-                if cfg.needs_hessian:
-                    # q/k/v (and gate/up) read the same tensor: one Gram serves them all.
-                    # batch_seen keeps the tensor alive, so its id cannot be reused meanwhile.
-                    key = id(inputs[0])
-                    if key in batch_seen:
-                        if st["gram"] is None:
-                            st["gram"] = batch_seen[key][1]
-                        return
-                    if st["gram"] is None:
-                        st["gram"] = Gram(x.shape[-1])
-                    batch_seen[key] = (inputs[0], st["gram"])
-                    st["gram"].update(x)
-            return hook
-
+        stats = block_statistics(here, block, run)
         for layer, cfg in here:
-            stats[layer.name] = {"m2": SecondMoment(layer.in_features) if cfg.needs_calibration
-                                 and not cfg.needs_hessian else None, "gram": None}
-            if cfg.needs_calibration:
-                hooks.append(layer.module.register_forward_pre_hook(make_hook(layer, cfg)))
-        hooks.append(block.register_forward_pre_hook(reset))
-        try:
-            run()
-        finally:
-            for h in hooks:
-                h.remove()
-        for layer, cfg in here:
-            st = stats[layer.name]
-            gram = st["gram"].value if st["gram"] is not None else None
-            m2 = st["m2"].value if st["m2"] is not None else (
-                torch.diagonal(gram) / st["gram"].count if gram is not None else None)
+            m2, gram = stats[layer.name]
             reports.append(_quantize_one(model, layer, cfg, m2, gram))
             bar.update()
 
