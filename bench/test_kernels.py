@@ -1,7 +1,10 @@
-"""Kernel microbenchmarks as pytest-benchmark cases: one per benchmark script (see conftest.py).
+"""Kernel microbenchmarks as pytest-benchmark cases (see conftest.py).
 
-Each case runs the script's main() with the arguments below and checks the JSON it wrote; the
-script's JSON goes into the benchmark's extra_info, so `--benchmark-json` holds every result.
+1. test_benchmark_script: one case per benchmark script; it runs the script's main() with the
+   arguments below and checks the JSON it wrote; that JSON also goes into the benchmark's
+   extra_info, so `--benchmark-json` holds every result.
+2. Per-kernel cases (CPU): each physkern kernel and its baseline timed by pytest-benchmark itself,
+   at the scripts' shapes; `-k "not benchmark_script"` runs only these (about a minute).
 """
 from __future__ import annotations
 
@@ -74,3 +77,102 @@ def test_benchmark_script(case, benchmark, bench_out, bench_quick):
     assert not missing, f"{path} lacks {missing}"
     benchmark.extra_info.update({"script": f"bench/{module}.py", "argv": argv,
                                  "results_file": str(path), "results": results})
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-kernel cases with pytest-benchmark's own statistics (calibrated rounds; compare two runs
+# with --benchmark-compare), each physkern path beside its baseline in one group, at the
+# scripts' shapes and recipes, built by the scripts' own helpers. CPU only: a CUDA call returns
+# before its kernel ends, so GPU timings come from the scripts above (CUDA graphs, do_bench).
+# The thread count is torch's (set OMP_NUM_THREADS); each case records it.
+
+
+def _script(module: str):
+    return importlib.import_module(module)
+
+
+MATMUL_SHAPE = (1536, 576)  # the packaged model's MLP gate/up projection (out x in)
+MATMUL_RECIPES = list(_script("bench_kernels").RECIPES)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("recipe", MATMUL_RECIPES)
+@pytest.mark.parametrize("path", ["dense_fp32", "codebook"])
+def test_codebook_matmul(benchmark, path, recipe, m):
+    from physkern import ops
+    bk = _script("bench_kernels")
+    out_f, in_f = MATMUL_SHAPE
+    d, k, scope, rows, stages, group = bk.RECIPES[recipe]
+    qw = bk.make_weight(out_f, in_f, d, k, rows, stages, group)
+    g = torch.Generator().manual_seed(1)
+    x, bias = torch.randn(m, in_f, generator=g), torch.randn(out_f, generator=g)
+    w = qw.dequantize()                       # the same weight, dense fp32
+    benchmark.group = f"codebook_matmul {out_f}x{in_f} M={m} {recipe}"
+    benchmark.extra_info.update({"threads": torch.get_num_threads(), "m": m, "recipe": recipe,
+                                 "out_features": out_f, "in_features": in_f})
+    if path == "dense_fp32":
+        y = benchmark(torch.addmm, bias, x, w.T)
+    else:
+        y = benchmark(ops.codebook_matmul, x, qw, bias)
+    torch.testing.assert_close(y, torch.addmm(bias, x, w.T), rtol=1e-4,
+                               atol=1e-4 * float((x.abs() @ w.abs().T).max()))
+
+
+@pytest.mark.parametrize("importance", [False, True], ids=["no_importance", "importance_per_dim"])
+@pytest.mark.parametrize("path", ["cpu_path", "torch_fallback"])
+def test_kmeans_assign(benchmark, path, importance):
+    """bench_kernels.py's layer: 3072 x 768, d = 8, K = 64, row scope (3072 scopes of 96 blocks)."""
+    from physkern import ops
+    from physkern.kernels.kmeans_assign import kmeans_assign_torch
+    torch.manual_seed(0)
+    out_f, in_f, d, k = 3072, 768, 8, 64
+    blocks = (torch.randn(out_f, in_f) * 0.02).view(out_f, in_f // d, d)
+    nb = blocks.shape[1]
+    pick = torch.stack([torch.randperm(nb)[:k] for _ in range(out_f)])
+    centroids = torch.gather(blocks, 1, pick[:, :, None].expand(out_f, k, d)).clone()
+    imp = (torch.rand(in_f) + 0.1).view(1, nb, d) if importance else None
+    benchmark.group = ("kmeans_assign 3072x768 d=8 K=64 row"
+                       + (" importance per dim" if importance else ""))
+    benchmark.extra_info.update({"threads": torch.get_num_threads(),
+                                 "pairs": out_f * nb * k, "block_dim": d})
+    fn = ((lambda: ops.kmeans_assign(blocks, centroids, imp, backend="cpu"))
+          if path == "cpu_path" else (lambda: kmeans_assign_torch(blocks, centroids, imp)))
+    idx, _ = benchmark(fn)
+    ref, _ = ops.kmeans_assign(blocks, centroids, imp, backend="reference")
+    assert float((idx == ref).float().mean()) > 0.999
+
+
+HISTOGRAM_N = 10_000_000  # bench_histogram.py's default is 1e8; the same per-value work
+
+
+@pytest.mark.parametrize("bins", [256, 4096])
+@pytest.mark.parametrize("method", ["physkern.histogram_update", "torch.histc",
+                                    "numpy.histogram"])
+def test_histogram(benchmark, method, bins):
+    bh = _script("bench_histogram")
+    x = torch.randn(HISTOGRAM_N, generator=torch.Generator().manual_seed(0))
+    benchmark.group = f"histogram n=1e7 bins={bins}"
+    benchmark.extra_info.update({"threads": torch.get_num_threads(), "n": HISTOGRAM_N,
+                                 "bins": bins})
+    benchmark(bh.methods(x, bins, "cpu")[method])
+
+
+@pytest.mark.parametrize("method", ["full_causal_sdpa", "lattice_eps"])
+def test_lattice_attention(benchmark, method):
+    """bench_lattice_attention.py's layout (9 query / 3 key-value heads of dim 64), n = 1024,
+    xi = 64, eps = 1e-3, float32."""
+    from physkern.research.attention import lattice_attention
+    bl = _script("bench_lattice_attention")
+    n, xi, eps = 1024, 64.0, 1e-3
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, bl.HEADS, n, bl.HEAD_DIM, generator=g)
+    k = torch.randn(1, bl.KV_HEADS, n, bl.HEAD_DIM, generator=g)
+    v = torch.randn(1, bl.KV_HEADS, n, bl.HEAD_DIM, generator=g)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    fn = ((lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True)) if method == "full_causal_sdpa"
+          else (lambda: lattice_attention(q, k, v, xi, eps=eps)))
+    benchmark.group = f"attention n={n} xi={xi:g}"
+    benchmark.extra_info.update({"threads": torch.get_num_threads(), "n": n, "xi": xi,
+                                 "eps": eps})
+    with torch.no_grad():
+        benchmark(fn)
