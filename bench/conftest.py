@@ -3,19 +3,20 @@
     .venv/bin/python -P -m pytest bench/ --benchmark-json out.json            # as the scripts
     .venv/bin/python -P -m pytest bench/ --benchmark-json out.json --bench-quick   # smoke sizes
 
-Each test_benchmark_script case (bench/test_kernels.py) runs one benchmark script's main() (bench/bench_kernels.py,
-bench_histogram.py, bench_lattice_attention.py, and on a CUDA machine bench_kernels_gpu.py,
-bench_matmul_variants_gpu.py and the --device cuda runs) with the arguments its docstring
-documents, so it writes exactly the JSON the script writes: into --bench-out (default
-bench/results/, where the scripts write; with --bench-quick, pytest's temporary folder unless
---bench-out is given, so smoke numbers never replace the committed ones). The recorded command
-(provenance) is the script's own command line. pytest-benchmark times each script once (one
-round: the script's own interleaved timings are in its JSON), and each benchmark entry carries
-the script's JSON under extra_info["results"], so --benchmark-json gathers every result in one
-file. Beside them, per-kernel CPU cases (codebook matmul vs dense, k-means assignment, histogram,
-lattice attention) are timed by pytest-benchmark itself (`-k "not benchmark_script"`). Without
-CUDA the GPU cases are skipped. `make test` runs `pytest tests`, which never collects bench/
-(pyproject's testpaths is tests/ too).
+Each test_benchmark_script case (bench/test_kernels.py) runs one benchmark script's main()
+(bench/bench_kernels.py, bench_histogram.py, bench_lattice_attention.py, and on a CUDA machine
+bench_kernels_gpu.py, bench_matmul_variants_gpu.py and the --device cuda runs) with the
+arguments its docstring documents, so it writes exactly the JSON the script writes: into
+--bench-out (default bench/results/, where the scripts write; with --bench-quick, pytest's
+temporary folder unless --bench-out is given, so smoke numbers never replace the committed
+ones). The recorded command (provenance) is the script's own command line. pytest-benchmark
+times each script once (one round: the script's own interleaved timings are in its JSON), and
+each benchmark entry carries the script's JSON under extra_info["results"], so
+--benchmark-json gathers every result in one file. Beside them, per-kernel CPU cases (codebook
+matmul vs dense, k-means assignment, histogram, lattice attention) are timed by
+pytest-benchmark itself (`-k "not benchmark_script"`). Without CUDA the GPU cases are
+skipped. `make test` runs `pytest tests`, which never collects bench/ (pyproject's testpaths
+is tests/ too).
 """
 from __future__ import annotations
 
