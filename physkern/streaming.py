@@ -446,6 +446,7 @@ def quantize_streaming(source, out, config: AnyConfig, calibration: Optional[tor
             set_dense_storage_dtype(model, dense_dtype)
         finally:
             setattr(parent, prefix.rpartition(".")[2], blocks)
+    _placeholders(blocks)  # finished blocks live in the state folder; only shapes are needed
     rep = bits_report(model)
     n_calib = calibration.numel() if needs_calib else 0
     report = QuantizationReport(reports, rep.quantized_bits_per_weight, rep.model_bits_per_weight,
@@ -470,6 +471,19 @@ def quantize_streaming(source, out, config: AnyConfig, calibration: Optional[tor
     dist.barrier()
     ckpt.close()
     return StreamReport(report, n_blocks, done, block_seconds, activation_bytes, str(out))
+
+
+def _placeholders(module: nn.Module) -> None:
+    """Replace every meta tensor under `module` by a one-element tensor expanded to its shape:
+    shape, dtype and a storage of its own (what the bit accounting, which tells tensors apart by
+    storage, and the layouts need), no memory."""
+    for m in module.modules():
+        for store in (m._parameters, m._buffers):
+            for n, t in store.items():
+                if t is not None and t.is_meta:
+                    p = torch.zeros((), dtype=t.dtype).expand(t.shape)
+                    store[n] = nn.Parameter(p, requires_grad=False) \
+                        if isinstance(t, nn.Parameter) else p
 
 
 def _final_entries(model: nn.Module, prefix: str, dense, state_dir: Path):

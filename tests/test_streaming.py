@@ -5,6 +5,7 @@ same file again."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -50,6 +51,9 @@ def _same_files(a, b):
     assert any(k.endswith(".packed") for k in ta) and any(k.endswith(".codebooks") for k in ta)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / "config.json").read_text() == (b / "config.json").read_text()
+    ma, mb = (json.loads((d / "physkern.json").read_text()) for d in (a, b))
+    for key in ("quantized_layers", "quantized_embeddings", "bits", "dense_dtype"):
+        assert ma[key] == mb[key], key
 
 
 CASES = {
@@ -161,3 +165,35 @@ def test_bad_inputs(tmp_path):
         quantize_streaming(tmp_path / "src", tmp_path / "o", CB, CALIB)
     assert not (tmp_path / "o").exists()
     assert not list(tmp_path.glob(".o.stream-*"))
+
+
+def _cli(saved_tiny, out, *extra):
+    from physkern.cli import main
+    return main(["quantize", "--model", str(saved_tiny / "model"), "--corpus",
+                 str(saved_tiny / "corpus.txt"), "--k", "16", "--block-dim", "4", "--scope",
+                 "layer", "--iters", "3", "--calib-windows", "3", "--calib-window", "32",
+                 "--embedding", "rtn:bits=4,group_size=16", "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cli_streams_by_default_same_file_as_in_memory(saved_tiny, capsys, dtype):
+    s, m = saved_tiny / f"s_{dtype}", saved_tiny / f"m_{dtype}"
+    assert _cli(saved_tiny, s, "--dtype", dtype) == 0
+    assert "streamed 2 blocks (0 resumed)" in capsys.readouterr().out
+    assert _cli(saved_tiny, m, "--dtype", dtype, "--in-memory") == 0
+    assert "streamed" not in capsys.readouterr().out
+    _same_files(m, s)
+    a, b = (json.loads((d / "physkern.json").read_text()) for d in (s, m))
+    for key in ("recipe", "whole_recipe", "calibration", "quantized_layers", "bits"):
+        assert a[key] == b[key], key
+    if dtype == "bf16":  # 16-bit loading: biases and norms stored as loaded
+        t = load_file(str(s / "model.safetensors"))
+        assert t["transformer.h.0.ln_1.weight"].dtype == torch.bfloat16
+
+
+def test_cli_bad_memory_flags(saved_tiny, capsys):
+    assert _cli(saved_tiny, saved_tiny / "bad", "--dtype", "int4") == 2
+    assert "--dtype: invalid choice" in capsys.readouterr().err
+    assert _cli(saved_tiny, saved_tiny / "bad", "--max-shard-size", "huge") == 2
+    assert "max_shard_size" in capsys.readouterr().err
+    assert not (saved_tiny / "bad").exists()

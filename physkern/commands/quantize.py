@@ -6,6 +6,7 @@ applies it."""
 from __future__ import annotations
 
 import argparse
+import math
 
 from ._common import (add_model_corpus_args, check_calib_window, int_in, positive_float,
                       seed_arg)
@@ -220,18 +221,153 @@ def register(sub) -> None:
                         "empty folder, or hold a physkern model and --overwrite be given)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing physkern model at --out")
+    g = p.add_argument_group("memory (streaming: a local safetensors checkpoint is read one "
+                             "transformer block at a time, physkern.streaming; torchrun "
+                             "--nproc-per-node N splits each block's layers across N ranks)")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="dtype the weights are loaded and calibrated in (statistics are "
+                        "accumulated in fp32/fp64 whatever it is; default fp32)")
+    g.add_argument("--in-memory", action="store_true",
+                   help="load the whole model instead of streaming it (the path taken anyway "
+                        "for hub names, GGUF files and recipes with fine-tuning)")
+    g.add_argument("--max-shard-size", default="1GB", metavar="SIZE",
+                   help="largest model-*.safetensors shard (bytes or e.g. 500MB, 2GB; default "
+                        "1GB); a model that fits is one model.safetensors")
+    g.add_argument("--activations", choices=["memory", "disk"], default="memory",
+                   help="streaming: keep the calibration activations of the current block in "
+                        "memory, or on disk beside --out (read one batch at a time)")
+    g.add_argument("--fresh", action="store_true",
+                   help="streaming: ignore the state an interrupted run left beside --out and "
+                        "start from block 0 (default: resume after its last finished block)")
     p.set_defaults(func=run)
 
 
+def stream_source(args: argparse.Namespace, recipe):
+    """The local checkpoint directory `physkern quantize` streams from (config.json +
+    model.safetensors or HF shards; the packaged model's converted copy included), or None for
+    the in-memory path (--in-memory, hub names, GGUF, physkern-quantized directories, and
+    recipes with fine-tuning, which needs the whole model)."""
+    import os
+    from pathlib import Path
+
+    from ..checkpoint import INDEX_FILE, SINGLE_FILE
+    from ..models import PACKAGED_ALIASES, packaged_model_dir
+    from ..serialization import is_quantized_dir
+    if args.in_memory or recipe.finetune is not None:
+        return None
+    spec = args.model
+    if spec is None or spec in PACKAGED_ALIASES:
+        return packaged_model_dir()
+    if not os.path.isdir(spec) or is_quantized_dir(spec):
+        return None
+    d = Path(spec)
+    if (d / "config.json").is_file() and ((d / SINGLE_FILE).is_file() or
+                                          (d / INDEX_FILE).is_file()):
+        return d
+    return None
+
+
+def finetune_memory_note(args: argparse.Namespace) -> str:
+    """What the in-memory path needs for end-to-end fine-tuning (which does not stream): the
+    model twice (student being quantized + the full-precision teacher) at --dtype, plus
+    activations and optimizer state for codebooks/scales/norms (small)."""
+    import os
+    from pathlib import Path
+
+    from ..checkpoint import Checkpoint
+    from ..models import PACKAGED_ALIASES, packaged_model_dir
+    spec = args.model
+    d = packaged_model_dir() if spec is None or spec in PACKAGED_ALIASES else Path(spec)
+    if not os.path.isdir(d):
+        return ("fine-tuning does not stream: it holds the model twice (quantized student + "
+                "full-precision teacher) in memory")
+    try:
+        ck = Checkpoint(d)
+        n = sum(math.prod(shape) for _, shape in ck.header.values())
+    except ValueError:
+        return ("fine-tuning does not stream: it holds the model twice (quantized student + "
+                "full-precision teacher) in memory")
+    per = {"fp32": 4, "bf16": 2, "fp16": 2}[args.dtype]
+    return (f"fine-tuning does not stream: the in-memory path holds the model twice (student "
+            f"+ full-precision teacher): about {2 * n * per / 2**30:.2f} GiB for {n / 1e6:.0f}M "
+            f"parameters at {args.dtype}, plus activations")
+
+
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..distributed import init_from_env
+    from ..serialization import validate_output_dir
+    from ..streaming import parse_dtype
+    validate_output_dir(args.out, args.overwrite)  # before the (possibly long) work
+    from ..checkpoint import parse_size
+    parse_size(args.max_shard_size)
+    recipe = recipe_from_args(args)
+    dist, device = init_from_env(args.device)
+    source = stream_source(args, recipe)
+    if source is None and dist.world > 1:
+        raise ValueError("torchrun: several ranks need the streaming path (a local safetensors "
+                         "checkpoint, no --in-memory, no fine-tuning)")
+    if recipe.finetune is not None:
+        print(finetune_memory_note(args), file=sys.stderr)
+    if source is not None:
+        return _run_streaming(args, recipe, source, dist, device)
+    return _run_in_memory(args, recipe, parse_dtype(args.dtype))
+
+
+def _print_result(report, final, seconds: float, out, tuned=None) -> None:
+    print(report.table())
+    if tuned is not None:
+        print(f"\nfine-tuning ({tuned['steps']} steps, {tuned['seconds']:.0f} s): {tuned['note']}")
+    bits = final.quantized_bits_per_weight, final.model_bits_per_weight
+    print(f"\nquantized layers: {bits[0]:.3f} bits/weight; whole model "
+          f"{bits[1]:.3f} bits/parameter; {final.total_bytes / 2**20:.2f} MiB;"
+          f" {seconds:.0f} s\nsaved to {out}")
+
+
+def _run_streaming(args, recipe, source, dist, device) -> int:
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..data import calibration_windows, load_corpus
+    from ..recipe import needs_calibration, with_seed
+    from ..streaming import quantize_streaming
+    tok = AutoTokenizer.from_pretrained(source)
+    if recipe.needs_calibration():  # before loading text or quantizing
+        check_calib_window(SimpleNamespace(config=AutoConfig.from_pretrained(source)),
+                           recipe.calibration["window"])
+    corpus = load_corpus(args.corpus)
+    cfg, emb = with_seed(recipe.config, args.seed), with_seed(recipe.embedding, args.seed)
+    cal = recipe.calibration_or_default()
+    calib = (calibration_windows(tok, corpus, cal["windows"], cal["window"], args.seed)
+             if recipe.needs_calibration() else None)
+    uses = needs_calibration(cfg) or needs_calibration(emb)
+    extra = {"recipe": cfg.to_dict(), "whole_recipe": recipe.to_dict(), "seed": args.seed,
+             "calibration": {"corpus": corpus.describe(), "windows": int(calib.shape[0]),
+                             "window": int(calib.shape[1]), "seed": args.seed}
+             if calib is not None else None, "finetune": None}
+    rep = quantize_streaming(source, args.out, cfg, calib if uses else None, embedding=emb,
+                             dense_dtype=recipe.dense_dtype, dtype=args.dtype, device=device,
+                             tokenizer=tok, extra=extra, overwrite=args.overwrite,
+                             max_shard_size=args.max_shard_size, resume=not args.fresh,
+                             activations=args.activations)
+    if rep is None:  # another rank than 0: rank 0 wrote and reports
+        return 0
+    q = rep.quantization
+    _print_result(q, q, q.seconds, args.out)
+    print(f"streamed {rep.blocks} blocks ({rep.blocks_resumed} resumed), {dist.world} "
+          f"rank(s), calibration activations {rep.activation_bytes / 2**20:.1f} MiB per block")
+    return 0
+
+
+def _run_in_memory(args, recipe, dtype) -> int:
     from ..data import load_corpus
     from ..models import load_model
     from ..quant.accounting import bits_report
     from ..recipe import apply_recipe
-    from ..serialization import save_quantized, validate_output_dir
-    validate_output_dir(args.out, args.overwrite)  # before the (possibly long) work
-    recipe = recipe_from_args(args)
-    model, tok = load_model(args.model, device=args.device)
+    from ..serialization import save_quantized
+    model, tok = load_model(args.model, dtype=dtype, device=args.device)
     if recipe.needs_calibration():
         # before loading text or quantizing
         check_calib_window(model, recipe.calibration["window"])
@@ -239,6 +375,7 @@ def run(args: argparse.Namespace) -> int:
     applied = apply_recipe(model, recipe, tok, corpus, args.seed)
     report, tuned, calib = applied.quantization, applied.finetune, applied.calibration
     save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite,
+                   max_shard_size=args.max_shard_size,
                    extra={"recipe": applied.config.to_dict(),
                           "whole_recipe": recipe.to_dict(), "seed": args.seed,
                           "calibration": {
@@ -246,12 +383,5 @@ def run(args: argparse.Namespace) -> int:
                               "window": int(calib.shape[1]), "seed": args.seed}
                           if calib is not None else None,
                           "finetune": tuned, "report": report.to_dict()})
-    print(report.table())
-    if tuned is not None:
-        print(f"\nfine-tuning ({tuned['steps']} steps, {tuned['seconds']:.0f} s): {tuned['note']}")
-    final = bits_report(model)  # after the dense dtype, if any
-    bits = final.quantized_bits_per_weight, final.model_bits_per_weight
-    print(f"\nquantized layers: {bits[0]:.3f} bits/weight; whole model "
-          f"{bits[1]:.3f} bits/parameter; {final.total_bytes / 2**20:.2f} MiB;"
-          f" {report.seconds:.0f} s\nsaved to {args.out}")
+    _print_result(report, bits_report(model), report.seconds, args.out, tuned)  # after dense dtype
     return 0
