@@ -117,5 +117,9 @@ Kernels kernels_avx2();
 Kernels kernels_avx512();
 #endif
 
+// The copy the process runs with (picked once: the best the CPU supports, or PHYSKERN_CPU_ISA);
+// csrc/codebook_gemv_lut.cpp follows the same choice.
+const Kernels& kernels();
+
 }  // namespace cbmm
 }  // namespace physkern

@@ -18,9 +18,13 @@ Implementations, one contract (`x [..., in] -> y [..., out]`, y in x's dtype):
   and casts.
 - `codebook_matmul_reference`: dequantize (fp32) + matmul. The independent reference for tests.
 - The CPU path lives in `codebook_matmul_cpu`. For x with at most NATIVE_MAX_M rows (decode)
-  it runs the fused C++ op `physkern::codebook_matmul_cpu` (csrc/codebook_matmul.cpp, in
-  physkern._C): the packed indices are decoded row by row and the centroids FMA'd straight into
-  the output, the dense W never exists. Otherwise (more rows, no physkern._C, other devices)
+  it runs C++ from physkern._C, chosen by `codebook_matmul_small_m`: for up to GEMV_LUT_MAX_M
+  rows and formats where it pays, the lookup-table GEMV `physkern::codebook_gemv_lut`
+  (csrc/codebook_gemv_lut.cpp: per row of x a table of x-slice . centroid products, then one
+  register-permute lookup per d weights, 16 output rows per vector, from a cached byte layout of
+  the indices); otherwise the fused op `physkern::codebook_matmul_cpu`
+  (csrc/codebook_matmul.cpp): the packed indices are decoded row by row and the centroids FMA'd
+  straight into the output. The dense W never exists. Otherwise (more rows, no physkern._C, other devices)
   vectorised torch: a LUT GEMV for shared codebooks and small M, else one gather + one matmul,
   with the unpacked indices cached per packed tensor (see `IndexCache`).
 """
@@ -644,6 +648,158 @@ def codebook_matmul_native(x: torch.Tensor, packed: torch.Tensor, codebooks: tor
                                                  in_features, codebook_rows, scale_group, method)
 
 
+# ---- lookup-table GEMV (csrc/codebook_gemv_lut.cpp) -------------------------------------------
+
+# x with at most this many rows may take the LUT GEMV (each row of x builds its own table and
+# re-reads the indices; wider x shares each decoded weight over up to 8 rows in the direct path).
+GEMV_LUT_MAX_M = 4
+# Largest K the LUT GEMV takes (one byte per cached index).
+GEMV_LUT_MAX_K = 256
+_GEMV_LUT_OP = "physkern::codebook_gemv_lut"
+_gemv_lut: Optional[bool] = None
+
+# The LUT GEMV's re-laid-out indices (uint8, 16 rows side by side), per packed tensor: built once
+# (codebook_gemv_lut_pack), valid while that tensor lives unmodified. Apart from INDEX_CACHE (the
+# torch path's layouts) so each path's cache counts only its own work.
+GEMV_LUT_CACHE = IndexCache()
+
+
+def gemv_lut_available() -> bool:
+    """Whether physkern._C registers physkern::codebook_gemv_lut (False without the extension or
+    with a build from before it existed)."""
+    global _gemv_lut
+    if _gemv_lut is None:
+        from ._native import native_op_available
+        _gemv_lut = native_op_available(_GEMV_LUT_OP)
+        if _gemv_lut:
+            _register_gemv_lut_fakes()
+    return _gemv_lut
+
+
+def _register_gemv_lut_fakes() -> None:
+    """Shape functions of the two C++ ops (FakeTensor, torch.compile, opcheck)."""
+    try:
+        @torch.library.register_fake("physkern::codebook_gemv_lut_pack")
+        def _(packed, in_features, block_dim, k, group_slices):
+            nb = in_features // block_dim
+            quads = (nb // group_slices) * ((group_slices + 3) // 4)
+            return packed.new_empty(packed.shape[0], (packed.shape[1] + 15) // 16, quads, 64,
+                                    dtype=torch.uint8)
+
+        @torch.library.register_fake(_GEMV_LUT_OP)
+        def _(x, lut_idx, codebooks, scales, offsets, bias, in_features, codebook_rows,
+              group_slices):
+            return x.new_empty(*x.shape[:-1], codebooks.shape[1] * codebook_rows)
+    except RuntimeError:  # already registered (module reloaded)
+        pass
+
+
+def gemv_lut_group_slices(in_features: int, d: int, scale_group: int, has_scales: bool) -> int:
+    """Slices of d inputs per scale group as the LUT GEMV counts them (all of a row without
+    scales)."""
+    return scale_group // d if has_scales else in_features // d
+
+
+def gemv_lut_supported(out: int, in_features: int, stages: int, n_codebooks: int, k: int, d: int,
+                       codebook_rows: int, scale_group: int, has_scales: bool) -> bool:
+    """Whether the format fits the LUT GEMV at all: K <= 256, scale groups whole blocks, and
+    row tiles of 16 within one codebook (one codebook, or codebook_rows a multiple of 16)."""
+    return (1 <= k <= GEMV_LUT_MAX_K and (not has_scales or scale_group % d == 0)
+            and (n_codebooks == 1 or codebook_rows % 16 == 0))
+
+
+def gemv_lut_pays(out: int, in_features: int, stages: int, n_codebooks: int, k: int, d: int,
+                  scale_group: int, has_scales: bool) -> bool:
+    """Whether the LUT GEMV beats the direct C++ path (measured on Zen 4, AVX-512: 2.5-5x for the
+    deploy model's K = 64 d = 2 layers). Per row of x and stage it builds tables with
+    n_cb * in * K multiply-adds (K / 16 vector FMAs per slice of d inputs and codebook), then does
+    one vector lookup (~4 instructions) per slice and 16 rows: the tables stay a minor cost while
+    n_cb * K * d <= 4 * out. Scale groups are padded to 4 slices, so groups of few slices waste
+    lookups. Only the AVX-512 copy looks up with register
+    permutes: the others run a scalar loop, slower than the direct path."""
+    if native_isa() != "avx512":
+        return False
+    spg = gemv_lut_group_slices(in_features, d, scale_group, has_scales)
+    padded = (spg + 3) // 4 * 4
+    return (n_codebooks * k * d <= 4 * out and padded * 4 <= spg * 5 and (d >= 2 or k <= 16))
+
+
+def gemv_lut_layout(packed: torch.Tensor, in_features: int, d: int, k: int,
+                    group_slices: int) -> torch.Tensor:
+    """The LUT GEMV's index layout for `packed` (uint8 [S, ceil(out / 16), quads, 64]), cached in
+    GEMV_LUT_CACHE."""
+    return GEMV_LUT_CACHE.get(
+        packed, ("gemv_lut", in_features, d, k, group_slices),
+        lambda: torch.ops.physkern.codebook_gemv_lut_pack(packed, in_features, d, k, group_slices))
+
+
+def codebook_matmul_gemv_lut(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor,
+                             scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
+                             bias: Optional[torch.Tensor], in_features: int, codebook_rows: int,
+                             scale_group: int) -> torch.Tensor:
+    """The lookup-table GEMV physkern::codebook_gemv_lut (CPU tensors; needs physkern._C).
+
+    Same contract as codebook_matmul_triton: x [..., in] -> y [..., out] in x.dtype, fp32
+    arithmetic. Needs gemv_lut_supported (K <= 256, scale_group % d == 0, one codebook or
+    codebook_rows % 16 == 0); any number of rows of x (each builds its own table).
+    """
+    if not gemv_lut_available():
+        raise RuntimeError("physkern._C with physkern::codebook_gemv_lut is not available "
+                           "(run `make install`)")
+    check_matmul_inputs(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows,
+                        scale_group)
+    stages, out = packed.shape[0], packed.shape[1]
+    _, n_cb, k, d = codebooks.shape
+    if not gemv_lut_supported(out, in_features, stages, n_cb, k, d, codebook_rows, scale_group,
+                              scales is not None):
+        raise ValueError(f"the LUT GEMV needs K <= {GEMV_LUT_MAX_K} (got {k}), scale_group "
+                         f"({scale_group}) a multiple of block_dim ({d}) and one codebook or "
+                         f"codebook_rows ({codebook_rows}) a multiple of 16")
+    gs = gemv_lut_group_slices(in_features, d, scale_group, scales is not None)
+    lay = gemv_lut_layout(packed, in_features, d, k, gs)
+    return torch.ops.physkern.codebook_gemv_lut(x, lay, codebooks, scales, offsets, bias,
+                                                in_features, codebook_rows, gs)
+
+
+def codebook_matmul_small_m(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor,
+                            scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
+                            bias: Optional[torch.Tensor], in_features: int, codebook_rows: int,
+                            scale_group: int) -> torch.Tensor:
+    """The C++ path for x with at most NATIVE_MAX_M rows (CPU tensors, physkern._C present): the
+    LUT GEMV where it is supported and pays (gemv_lut_pays, at most GEMV_LUT_MAX_M rows), else
+    the direct decode-and-dot op. The one place that chooses between them; the decision per
+    weight is cached with its index layout. Layouts are the caller's to have validated."""
+    if x.numel() <= GEMV_LUT_MAX_M * in_features:
+        lay = _gemv_lut_plan(packed, codebooks, scales, in_features, codebook_rows, scale_group)
+        if lay is not None:
+            return torch.ops.physkern.codebook_gemv_lut(x, lay[0], codebooks, scales, offsets,
+                                                        bias, in_features, codebook_rows, lay[1])
+    return torch.ops.physkern.codebook_matmul_cpu(x, packed, codebooks, scales, offsets, bias,
+                                                 in_features, codebook_rows, scale_group,
+                                                 "direct")
+
+
+def _gemv_lut_plan(packed, codebooks, scales, in_features, codebook_rows, scale_group):
+    """(layout, group_slices) when the LUT GEMV serves this weight, else None; cached per packed
+    tensor (keyed by the format, so a weight of another shape or K never reuses it)."""
+    _, n_cb, k, d = codebooks.shape
+    has_scales = scales is not None
+    key = ("gemv_lut_plan", in_features, d, k, n_cb, codebook_rows, scale_group, has_scales)
+
+    def build():
+        stages, out = packed.shape[0], packed.shape[1]
+        if not (gemv_lut_available()
+                and gemv_lut_supported(out, in_features, stages, n_cb, k, d, codebook_rows,
+                                       scale_group, has_scales)
+                and gemv_lut_pays(out, in_features, stages, n_cb, k, d, scale_group,
+                                  has_scales)):
+            return None
+        gs = gemv_lut_group_slices(in_features, d, scale_group, has_scales)
+        return gemv_lut_layout(packed, in_features, d, k, gs), gs
+
+    return GEMV_LUT_CACHE.get(packed, key, build)
+
+
 def unpack_fast(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """unpack_indices, with a shift-and-mask fast path when bits divides 32 (no straddling)."""
     if 32 % bits == 0:
@@ -698,9 +854,11 @@ def codebook_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.
                         scale_group: int, method: str = "auto") -> torch.Tensor:
     """The CPU path: the fused C++ op for small M, else vectorised torch; fp32 arithmetic.
 
-    Same contract as codebook_matmul_triton. method: "auto" (the C++ op when x is a CPU tensor
-    with at most NATIVE_MAX_M rows and physkern._C has it, else "lut" or "dequant" as below),
-    "native" (the C++ op's direct method, any M), "native_lut" (its lookup-table method),
+    Same contract as codebook_matmul_triton. method: "auto" (the C++ path when x is a CPU
+    tensor with at most NATIVE_MAX_M rows and physkern._C has it: codebook_matmul_small_m picks
+    the LUT GEMV or the direct op; else "lut" or "dequant" as below), "native" (the C++ op's
+    direct method, any M), "native_lut" (its lookup-table method), "gemv_lut" (the C++ LUT GEMV,
+    codebook_matmul_gemv_lut, any M),
     "lut" (torch: gather-sum over a table of x-block . centroid products, AQLM-style; shared
     codebooks, small M) or "dequant" (torch: one gather rebuilds W, one matmul).
     """
@@ -710,11 +868,13 @@ def codebook_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.
         return codebook_matmul_native(x, packed, codebooks, scales, offsets, bias, in_features,
                                       codebook_rows, scale_group,
                                       "lut" if method == "native_lut" else "direct")
+    if method == "gemv_lut":
+        return codebook_matmul_gemv_lut(x, packed, codebooks, scales, offsets, bias, in_features,
+                                        codebook_rows, scale_group)
     if (method == "auto" and x.device.type == "cpu" and x.numel() <= NATIVE_MAX_M * in_features
             and native_matmul_available()):
-        return torch.ops.physkern.codebook_matmul_cpu(x, packed, codebooks, scales, offsets, bias,
-                                                     in_features, codebook_rows, scale_group,
-                                                     "direct")
+        return codebook_matmul_small_m(x, packed, codebooks, scales, offsets, bias, in_features,
+                                       codebook_rows, scale_group)
     stages, out = packed.shape[0], packed.shape[1]
     _, n_cb, k, d = codebooks.shape
     nb = in_features // d
@@ -725,8 +885,8 @@ def codebook_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.
         method = "lut" if lut_eligible(m, stages, n_cb, k, d, out, scale_group,
                                        scales is not None) else "dequant"
     if method not in ("lut", "dequant"):
-        raise ValueError(f"method must be 'auto', 'native', 'native_lut', 'lut' or 'dequant', "
-                         f"got {method!r}")
+        raise ValueError(f"method must be 'auto', 'native', 'native_lut', 'gemv_lut', 'lut' or "
+                         f"'dequant', got {method!r}")
     if method == "lut" and scales is not None and scale_group % d:
         raise ValueError(f"method='lut' needs scale_group ({scale_group}) to be a multiple of "
                          f"block_dim ({d})")

@@ -7,8 +7,9 @@
 CUDA tensors run the Triton kernels (kernels/kmeans_assign.py, kernels/codebook_matmul.py);
 CPU tensors run the CPU paths beside them (k-means assignment: the fused C++ op
 physkern::kmeans_assign_cpu from physkern._C, or its pure-torch fallback without the extension;
-codebook matmul: for x with at most NATIVE_MAX_M rows the fused C++ op
-physkern::codebook_matmul_cpu, which never builds the dense W, else the vectorised torch path).
+codebook matmul: for x with at most NATIVE_MAX_M rows C++ that never builds the dense W, the
+lookup-table GEMV physkern::codebook_gemv_lut or the fused op physkern::codebook_matmul_cpu as
+kernels/codebook_matmul.codebook_matmul_small_m picks, else the vectorised torch path).
 Both ops have a register_fake, so they trace under torch.compile, and pass torch.library.opcheck.
 codebook_matmul has an autograd formula for x and bias (grad_x = grad_y @ W), so calibration
 passes can backpropagate through quantized layers; indices, codebooks and scales get no gradient.
@@ -31,9 +32,10 @@ from typing import Optional, TYPE_CHECKING
 
 import torch
 
-from physkern.kernels.codebook_matmul import (NATIVE_MAX_M, codebook_matmul_cpu,
-                                              codebook_matmul_reference, codebook_matmul_triton,
-                                              INDEX_CACHE, native_matmul_available)
+from physkern.kernels.codebook_matmul import (GEMV_LUT_CACHE, INDEX_CACHE, NATIVE_MAX_M,
+                                              codebook_matmul_cpu, codebook_matmul_reference,
+                                              codebook_matmul_small_m, codebook_matmul_triton,
+                                              native_matmul_available)
 from physkern.kernels.kmeans_assign import (SUPPORTED_BLOCK_DIMS, kmeans_assign_cpu,
                                             kmeans_assign_reference, kmeans_assign_triton)
 
@@ -153,11 +155,11 @@ def codebook_linear(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tens
     """codebook_matmul(backend="auto") on plain tensors (QuantizedLinear's forward): the one
     place that picks the path. Layouts are the caller's to have validated (QuantizedLinear
     validates on construction, load_quantized before loading). Small-M CPU calls with nothing
-    to trace or differentiate go straight to the C++ op; everything else through the custom op
-    (its device dispatch, fake and autograd formula)."""
+    to trace or differentiate go straight to the C++ path (codebook_matmul_small_m); everything
+    else through the custom op (its device dispatch, fake and autograd formula)."""
     args = (x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows, scale_group)
     if _eager_native_ok(x, bias, in_features):
-        return torch.ops.physkern.codebook_matmul_cpu(*args, "direct")
+        return codebook_matmul_small_m(*args)
     return _codebook_matmul_op(*args)
 
 
@@ -174,8 +176,9 @@ def _eager_native_ok(x: torch.Tensor, bias: Optional[torch.Tensor], in_features:
 
 
 def clear_index_cache() -> None:
-    """Drop the CPU path's cached unpacked indices (they are also freed with their tensors)."""
+    """Drop the CPU paths' cached index layouts (they are also freed with their tensors)."""
     INDEX_CACHE.clear()
+    GEMV_LUT_CACHE.clear()
 
 
 def triton_interpreter_active() -> bool:

@@ -1,0 +1,536 @@
+// physkern._C: lookup-table GEMV for codebook weights with few rows of x (batch-1 decode).
+//
+//   physkern::codebook_gemv_lut_pack(Tensor packed, int in_features, int block_dim, int k,
+//       int group_slices) -> Tensor
+//   physkern::codebook_gemv_lut(Tensor x, Tensor lut_idx, Tensor codebooks, Tensor? scales,
+//       Tensor? offsets, Tensor? bias, int in_features, int codebook_rows,
+//       int group_slices) -> Tensor
+//
+// Same weights as physkern::codebook_matmul_cpu (physkern.quant.format.QuantizedWeight):
+//   W[o, j] = scale[o, j / g] * sum_s C[s, o / codebook_rows, idx[s, o, j / d], j % d]
+//             + offset[o, j / g]
+// Instead of rebuilding W, per row m of x and per input slice b (d values) a table
+//   P[m, s, c, b, k] = sum_j x[m, b * d + j] * C[s, c, k, j]          (K entries, fp32)
+// is built once per call (M * S * n_cb * in * K multiply-adds), and then
+//   y[m, o] = sum_groups scale[o, gi] * (sum_{s, b in gi} P[m, s, c(o), b, idx[s, o, b]])
+//             + sum_gi offset[o, gi] * xsum[m, gi] + bias[o]
+// is one table lookup and one add per d weights: no dequantisation, no multiply per weight.
+//
+// The lookups need the indices of 16 output rows for the same slice side by side, so the packed
+// bit stream is re-laid out once (codebook_gemv_lut_pack, cached by the Python caller):
+//   lut_idx uint8 [S, tiles, nq, 64], tiles = ceil(out / 16), one byte per index (K <= 256):
+//   byte 4 * r + u of quad q of tile t = idx[s, 16 t + r, slice(4 q + u)]
+// Slices are numbered per scale group and each group is padded to a multiple of 4 slices
+// (group_slices = slices per group, g / d; nb when there are no scales): padded slice p of group
+// gi is slice gi * group_slices + p (p < group_slices) or padding (index 0 of an all-zero table
+// row). Rows past `out` are padding too (computed, never stored).
+//
+// With AVX-512 the 16 lanes of a register are 16 output rows: one 64-byte load holds 4 slices of
+// 16 rows, a shift selects one slice, and the slice's table row (K fp32 values, in registers)
+// is looked up by register permutes: K <= 16 one vpermps, K <= 32 one vpermi2ps, K <= 64 two
+// and a blend on index bit 5; larger K (<= 256) gather from the table row in L1. Up to 8 tiles
+// (128 rows) share each table row load. Other instruction sets run a scalar loop (same
+// arithmetic order within a row per lane: exact up to fp32 rounding either way).
+// Rows of tiles are spread over threads with at::parallel_for; no allocation per call besides
+// the output (tables live in a thread-local buffer that only grows).
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "codebook_matmul.h"
+
+#if PHYSKERN_CBMM_X86
+#include <immintrin.h>
+#endif
+
+namespace physkern {
+namespace lutgemv {
+
+struct LArgs {
+  int64_t M, out, in, S, n_cb, K, Kp, d, nb, spg, spgp, G, nq, nbp, tiles, tiles_per_cb;
+  const uint8_t* idx;    // [S, tiles, nq, 64]
+  const float* table;    // [M, S, n_cb, nbp, Kp]
+  const void* scales;    // [out, G] or nullptr
+  at::ScalarType scales_type;
+  const void* offsets;   // [out, G] or nullptr
+  at::ScalarType offsets_type;
+  const float* xsum;     // [M, G] when offsets
+  const float* bias;     // [out] or nullptr
+  float* y;              // [M, out]
+};
+
+inline float to_f(const void* base, at::ScalarType t, int64_t i) {
+  switch (t) {
+    case at::kFloat: return static_cast<const float*>(base)[i];
+    case at::kHalf: return static_cast<float>(static_cast<const c10::Half*>(base)[i]);
+    case at::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(base)[i]);
+    default: return static_cast<float>(static_cast<const double*>(base)[i]);
+  }
+}
+
+// Scales (or offsets) of tiles [t0, t0 + nt), transposed: dst[(r * G + gi) * 16 + l] =
+// src[16 (t0 + r) + l, gi], 0 for rows past out.
+inline void tile_params(const LArgs& a, const void* src, at::ScalarType t, int64_t t0, int64_t nt,
+                        float* dst) {
+  for (int64_t r = 0; r < nt; ++r)
+    for (int64_t l = 0; l < 16; ++l) {
+      const int64_t o = 16 * (t0 + r) + l;
+      for (int64_t gi = 0; gi < a.G; ++gi)
+        dst[(r * a.G + gi) * 16 + l] = o < a.out ? to_f(src, t, o * a.G + gi) : 0.0f;
+    }
+}
+
+inline const float* table_row(const LArgs& a, int64_t m, int64_t s, int64_t c, int64_t p) {
+  return a.table + (((m * a.S + s) * a.n_cb + c) * a.nbp + p) * a.Kp;
+}
+
+// Tiles [t0, t0 + nt) of codebook c, every row of x, one lane at a time.
+void tiles_scalar(const LArgs& a, int64_t t0, int64_t nt, int64_t c, float* sc, float* of) {
+  if (a.scales) tile_params(a, a.scales, a.scales_type, t0, nt, sc);
+  if (a.offsets) tile_params(a, a.offsets, a.offsets_type, t0, nt, of);
+  for (int64_t r = 0; r < nt; ++r) {
+    const int64_t t = t0 + r;
+    for (int64_t m = 0; m < a.M; ++m) {
+      float tot[16] = {};
+      for (int64_t gi = 0; gi < a.G; ++gi) {
+        float acc[16] = {};
+        for (int64_t s = 0; s < a.S; ++s) {
+          const uint8_t* ib = a.idx + ((s * a.tiles + t) * a.nq + gi * (a.spgp / 4)) * 64;
+          for (int64_t pp = 0; pp < a.spgp; ++pp) {
+            const float* P = table_row(a, m, s, c, gi * a.spgp + pp);
+            const uint8_t* q = ib + (pp / 4) * 64 + (pp % 4);
+            for (int l = 0; l < 16; ++l) acc[l] += P[q[4 * l]];
+          }
+        }
+        for (int l = 0; l < 16; ++l) {
+          float v = a.scales ? acc[l] * sc[(r * a.G + gi) * 16 + l] + tot[l] : acc[l] + tot[l];
+          if (a.offsets) v += of[(r * a.G + gi) * 16 + l] * a.xsum[m * a.G + gi];
+          tot[l] = v;
+        }
+      }
+      for (int l = 0; l < 16; ++l) {
+        const int64_t o = 16 * t + l;
+        if (o < a.out) a.y[m * a.out + o] = tot[l] + (a.bias ? a.bias[o] : 0.0f);
+      }
+    }
+  }
+}
+
+// One table row P[k] = sum_j xs[j] * ct[j * Kp + k], k < Kp (scalar).
+void build_row_scalar(const float* xs, const float* ct, int64_t d, int64_t Kp, float* dst) {
+  for (int64_t k = 0; k < Kp; ++k) dst[k] = xs[0] * ct[k];
+  for (int64_t j = 1; j < d; ++j)
+    for (int64_t k = 0; k < Kp; ++k) dst[k] += xs[j] * ct[j * Kp + k];
+}
+
+#if PHYSKERN_CBMM_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+
+void build_row_avx512(const float* xs, const float* ct, int64_t d, int64_t Kp, float* dst) {
+  for (int64_t k = 0; k < Kp; k += 16) {
+    __m512 acc = _mm512_mul_ps(_mm512_set1_ps(xs[0]), _mm512_loadu_ps(ct + k));
+    for (int64_t j = 1; j < d; ++j)
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(xs[j]), _mm512_loadu_ps(ct + j * Kp + k), acc);
+    _mm512_storeu_ps(dst + k, acc);
+  }
+}
+
+// KV: 16 / 32 / 64 (register permutes for K <= KV) or 0 (gather, K <= 256). R tiles at once.
+template <int KV, int R>
+__attribute__((noinline)) void tiles_avx512(const LArgs& a, int64_t t0, int64_t c, float* sc,
+                                            float* of) {
+  if (a.scales) tile_params(a, a.scales, a.scales_type, t0, R, sc);
+  if (a.offsets) tile_params(a, a.offsets, a.offsets_type, t0, R, of);
+  const int64_t tstride = a.nq * 64, qpg = a.spgp / 4;
+  const __m512i byte = _mm512_set1_epi32(0xFF);
+  for (int64_t m = 0; m < a.M; ++m) {
+    __m512 tot[R];
+    for (int r = 0; r < R; ++r) tot[r] = _mm512_setzero_ps();
+    for (int64_t gi = 0; gi < a.G; ++gi) {
+      __m512 acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t s = 0; s < a.S; ++s) {
+        const uint8_t* ib = a.idx + ((s * a.tiles + t0) * a.nq + gi * qpg) * 64;
+        const float* P = table_row(a, m, s, c, gi * a.spgp);
+        for (int64_t q = 0; q < qpg; ++q, ib += 64, P += 4 * a.Kp) {
+          __m512i v[R];
+          for (int r = 0; r < R; ++r)
+            v[r] = _mm512_loadu_si512(reinterpret_cast<const void*>(ib + r * tstride));
+#pragma GCC unroll 4
+          for (int u = 0; u < 4; ++u) {
+            const float* Pu = P + u * a.Kp;
+            if constexpr (KV == 16) {
+              const __m512 T0 = _mm512_loadu_ps(Pu);
+              for (int r = 0; r < R; ++r) {
+                const __m512i iv = _mm512_srli_epi32(v[r], 8 * u);
+                acc[r] = _mm512_add_ps(acc[r], _mm512_permutexvar_ps(iv, T0));
+              }
+            } else if constexpr (KV == 32) {
+              const __m512 T0 = _mm512_loadu_ps(Pu), T1 = _mm512_loadu_ps(Pu + 16);
+              for (int r = 0; r < R; ++r) {
+                const __m512i iv = _mm512_srli_epi32(v[r], 8 * u);
+                acc[r] = _mm512_add_ps(acc[r], _mm512_permutex2var_ps(T0, iv, T1));
+              }
+            } else if constexpr (KV == 64) {
+              const __m512 T0 = _mm512_loadu_ps(Pu), T1 = _mm512_loadu_ps(Pu + 16);
+              const __m512 T2 = _mm512_loadu_ps(Pu + 32), T3 = _mm512_loadu_ps(Pu + 48);
+              const __m512i bit5 = _mm512_set1_epi32(0x20 << (8 * u));
+              for (int r = 0; r < R; ++r) {
+                const __m512i iv = _mm512_srli_epi32(v[r], 8 * u);
+                const __m512 lo = _mm512_permutex2var_ps(T0, iv, T1);
+                const __m512 hi = _mm512_permutex2var_ps(T2, iv, T3);
+                const __mmask16 k = _mm512_test_epi32_mask(v[r], bit5);
+                acc[r] = _mm512_add_ps(acc[r], _mm512_mask_blend_ps(k, lo, hi));
+              }
+            } else {
+              for (int r = 0; r < R; ++r) {
+                const __m512i iv = _mm512_and_si512(_mm512_srli_epi32(v[r], 8 * u), byte);
+                acc[r] = _mm512_add_ps(acc[r], _mm512_i32gather_ps(iv, Pu, 4));
+              }
+            }
+          }
+        }
+      }
+      if (a.scales) {
+        for (int r = 0; r < R; ++r)
+          tot[r] = _mm512_fmadd_ps(acc[r], _mm512_loadu_ps(sc + (r * a.G + gi) * 16), tot[r]);
+      } else {
+        for (int r = 0; r < R; ++r) tot[r] = _mm512_add_ps(tot[r], acc[r]);
+      }
+      if (a.offsets) {
+        const __m512 xs = _mm512_set1_ps(a.xsum[m * a.G + gi]);
+        for (int r = 0; r < R; ++r)
+          tot[r] = _mm512_fmadd_ps(_mm512_loadu_ps(of + (r * a.G + gi) * 16), xs, tot[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t o = 16 * (t0 + r);
+      const int64_t n = std::min<int64_t>(16, a.out - o);
+      const __mmask16 k = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
+      __m512 v = tot[r];
+      if (a.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, a.bias + o));
+      _mm512_mask_storeu_ps(a.y + m * a.out + o, k, v);
+    }
+  }
+}
+
+template <int KV>
+void run_avx512(const LArgs& a, int64_t t0, int64_t t1, int64_t c, float* sc, float* of) {
+  int64_t t = t0;
+  for (; t + 8 <= t1; t += 8) tiles_avx512<KV, 8>(a, t, c, sc, of);
+  if (t + 4 <= t1) { tiles_avx512<KV, 4>(a, t, c, sc, of); t += 4; }
+  if (t + 2 <= t1) { tiles_avx512<KV, 2>(a, t, c, sc, of); t += 2; }
+  if (t < t1) tiles_avx512<KV, 1>(a, t, c, sc, of);
+}
+
+#pragma GCC pop_options
+#endif  // PHYSKERN_CBMM_X86
+
+bool use_avx512() {
+#if PHYSKERN_CBMM_X86
+  static const bool yes = std::string(cbmm::kernels().name) == "avx512";
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Tiles [t0, t1) (any codebooks): split at codebook boundaries.
+void run_tiles(const LArgs& a, int64_t t0, int64_t t1) {
+  std::vector<float> sc(static_cast<size_t>(a.scales ? 8 * a.G * 16 : 0));
+  std::vector<float> of(static_cast<size_t>(a.offsets ? 8 * a.G * 16 : 0));
+  const bool avx = use_avx512();
+  while (t0 < t1) {
+    const int64_t c = t0 / a.tiles_per_cb;
+    const int64_t e = std::min(t1, (c + 1) * a.tiles_per_cb);
+#if PHYSKERN_CBMM_X86
+    if (avx) {
+      switch (a.Kp) {
+        case 16: run_avx512<16>(a, t0, e, c, sc.data(), of.data()); break;
+        case 32: run_avx512<32>(a, t0, e, c, sc.data(), of.data()); break;
+        case 64: run_avx512<64>(a, t0, e, c, sc.data(), of.data()); break;
+        default: run_avx512<0>(a, t0, e, c, sc.data(), of.data()); break;
+      }
+      t0 = e;
+      continue;
+    }
+#endif
+    (void)avx;
+    for (int64_t t = t0; t < e; t += 8)
+      tiles_scalar(a, t, std::min<int64_t>(8, e - t), c, sc.data(), of.data());
+    t0 = e;
+  }
+}
+
+int index_bits(int64_t k) {
+  int bits = 1;
+  while ((int64_t{1} << bits) < k) ++bits;
+  return bits;
+}
+
+struct Geometry {
+  int64_t S, out, nb, spg, spgp, G, nq, nbp, tiles;
+  int bits;
+};
+
+Geometry geometry(const char* fn, int64_t S, int64_t out, int64_t in_features, int64_t d, int64_t k,
+                  int64_t group_slices) {
+  TORCH_CHECK_VALUE(k >= 1 && k <= 256, fn, "k (codebook entries) must be in 1..256, got ", k);
+  TORCH_CHECK_VALUE(d >= 1 && in_features >= 1 && in_features % d == 0, fn, "in_features (",
+                    in_features, ") must be a positive multiple of block_dim (", d, ")");
+  const int64_t nb = in_features / d;
+  TORCH_CHECK_VALUE(group_slices >= 1 && nb % group_slices == 0, fn, "group_slices (",
+                    group_slices, ") must divide in_features / block_dim (", nb, ")");
+  Geometry g{};
+  g.S = S;
+  g.out = out;
+  g.nb = nb;
+  g.spg = group_slices;
+  g.spgp = (group_slices + 3) / 4 * 4;
+  g.G = nb / group_slices;
+  g.nbp = g.G * g.spgp;
+  g.nq = g.nbp / 4;
+  g.tiles = (out + 15) / 16;
+  g.bits = index_bits(k);
+  return g;
+}
+
+at::Tensor codebook_gemv_lut_pack(const at::Tensor& packed, int64_t in_features, int64_t block_dim,
+                                  int64_t k, int64_t group_slices) {
+  const char* fn = "codebook_gemv_lut_pack: ";
+  TORCH_CHECK_VALUE(packed.dim() == 3 && packed.scalar_type() == at::kInt && packed.device().is_cpu(),
+                    fn, "packed must be a CPU int32 [S, out, words] tensor, got ",
+                    packed.scalar_type(), " ", packed.sizes(), " on ", packed.device());
+  const Geometry g = geometry(fn, packed.size(0), packed.size(1), in_features, block_dim, k,
+                              group_slices);
+  const int64_t words = packed.size(2);
+  TORCH_CHECK_VALUE(words == (g.nb * g.bits + 31) / 32, fn, "packed has ", words,
+                    " words per row, expected ", (g.nb * g.bits + 31) / 32);
+  const at::Tensor pk = packed.contiguous();
+  at::Tensor res = at::zeros({g.S, g.tiles, g.nq, 64}, packed.options().dtype(at::kByte));
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(pk.const_data_ptr<int32_t>());
+  uint8_t* dst = res.data_ptr<uint8_t>();
+  const uint32_t mask = (1u << g.bits) - 1u;
+  at::parallel_for(0, g.S * g.out, 64, [&](int64_t b, int64_t e) {
+    for (int64_t so = b; so < e; ++so) {
+      const int64_t s = so / g.out, o = so % g.out, t = o / 16, r = o % 16;
+      const uint32_t* row = w + so * words;
+      uint8_t* tile = dst + (s * g.tiles + t) * g.nq * 64;
+      for (int64_t bi = 0; bi < g.nb; ++bi) {
+        const int64_t pos = bi * g.bits, wd = pos >> 5, sh = pos & 31;
+        uint32_t v = row[wd] >> sh;
+        if (sh + g.bits > 32) v |= row[wd + 1] << (32 - sh);
+        const int64_t p = (bi / g.spg) * g.spgp + bi % g.spg;
+        tile[(p / 4) * 64 + 4 * r + (p % 4)] = static_cast<uint8_t>(v & mask);
+      }
+    }
+  });
+  return res;
+}
+
+// Work units (~ cycles) per thread at least before a second thread is woken.
+constexpr double kGrainUnits = 1 << 16;
+
+at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
+                             const at::Tensor& codebooks, const std::optional<at::Tensor>& scales,
+                             const std::optional<at::Tensor>& offsets,
+                             const std::optional<at::Tensor>& bias, int64_t in_features,
+                             int64_t codebook_rows, int64_t group_slices) {
+  const char* fn = "codebook_gemv_lut: ";
+  TORCH_CHECK_VALUE(codebooks.dim() == 4 && codebooks.is_floating_point(), fn,
+                    "codebooks must be float [S, n_codebooks, K, d], got ",
+                    codebooks.scalar_type(), " ", codebooks.sizes());
+  TORCH_CHECK_VALUE(x.is_floating_point() && x.dim() >= 1, fn,
+                    "x must be floating point [..., in_features], got ", x.scalar_type(), " ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(lut_idx.dim() == 4 && lut_idx.scalar_type() == at::kByte &&
+                        lut_idx.size(3) == 64 && lut_idx.is_contiguous(),
+                    fn, "lut_idx must be contiguous uint8 [S, tiles, quads, 64] from "
+                    "codebook_gemv_lut_pack, got ", lut_idx.scalar_type(), " ", lut_idx.sizes());
+  const int64_t S = codebooks.size(0), n_cb = codebooks.size(1), K = codebooks.size(2),
+                d = codebooks.size(3);
+  TORCH_CHECK_VALUE(codebook_rows >= 1, fn, "codebook_rows must be >= 1, got ", codebook_rows);
+  const int64_t out = n_cb * codebook_rows;
+  const Geometry g = geometry(fn, S, out, in_features, d, K, group_slices);
+  TORCH_CHECK_VALUE(lut_idx.size(0) == S && lut_idx.size(1) == g.tiles && lut_idx.size(2) == g.nq,
+                    fn, "lut_idx has shape ", lut_idx.sizes(), ", expected [", S, ", ", g.tiles,
+                    ", ", g.nq, ", 64] for these codebooks and group_slices");
+  TORCH_CHECK_VALUE(n_cb == 1 || codebook_rows % 16 == 0, fn, "codebook_rows (", codebook_rows,
+                    ") must be a multiple of 16 when there are several codebooks (", n_cb, ")");
+  TORCH_CHECK_VALUE(x.size(-1) == in_features, fn, "x has ", x.size(-1),
+                    " features, expected in_features=", in_features);
+  if (scales.has_value()) {
+    TORCH_CHECK_VALUE(scales->is_floating_point() && scales->dim() == 2 && scales->size(0) == out &&
+                          scales->size(1) == g.G,
+                      fn, "scales must be float [", out, ", ", g.G, "], got ",
+                      scales->scalar_type(), " ", scales->sizes());
+  } else {
+    TORCH_CHECK_VALUE(g.G == 1, fn, "group_slices (", group_slices,
+                      ") must be in_features / block_dim without scales");
+  }
+  if (offsets.has_value()) {
+    TORCH_CHECK_VALUE(scales.has_value(), fn, "offsets need scales");
+    TORCH_CHECK_VALUE(offsets->is_floating_point() && offsets->sizes() == scales->sizes(), fn,
+                      "offsets must have the shape of scales ", scales->sizes(), ", got ",
+                      offsets->sizes());
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->is_floating_point() && bias->dim() == 1 && bias->size(0) == out, fn,
+                      "bias must be float [", out, "], got ", bias->sizes());
+  }
+  for (const at::Tensor* t : {&x, &lut_idx, &codebooks}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), fn, "every tensor must be on the CPU, got ",
+                      t->device());
+  }
+  for (const std::optional<at::Tensor>* t : {&scales, &offsets, &bias}) {
+    TORCH_CHECK_VALUE(!t->has_value() || (*t)->device().is_cpu(), fn,
+                      "every tensor must be on the CPU, got ", (*t)->device());
+  }
+
+  const at::Tensor xf = x.reshape({-1, in_features}).to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out;
+  at::Tensor y = at::empty({M, out}, x.options().dtype(at::kFloat));
+  if (M == 0 || out == 0) return y.reshape(out_shape).to(x.scalar_type());
+
+  auto keep = [](at::ScalarType t) {
+    return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+  };
+  auto prep = [&](const std::optional<at::Tensor>& t) -> at::Tensor {
+    if (!t.has_value()) return at::Tensor();
+    return keep(t->scalar_type()) ? t->contiguous() : t->to(at::kFloat).contiguous();
+  };
+  const at::Tensor sc = prep(scales), of = prep(offsets);
+  const at::Tensor bs = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor cb = prep(codebooks);
+
+  LArgs a{};
+  a.M = M;
+  a.out = out;
+  a.in = in_features;
+  a.S = S;
+  a.n_cb = n_cb;
+  a.K = K;
+  a.Kp = K <= 16 ? 16 : (K <= 32 ? 32 : (K <= 64 ? 64 : (K + 15) / 16 * 16));
+  a.d = d;
+  a.nb = g.nb;
+  a.spg = g.spg;
+  a.spgp = g.spgp;
+  a.G = g.G;
+  a.nq = g.nq;
+  a.nbp = g.nbp;
+  a.tiles = g.tiles;
+  a.tiles_per_cb = n_cb == 1 ? g.tiles : codebook_rows / 16;
+  a.idx = lut_idx.const_data_ptr<uint8_t>();
+  a.scales = sc.defined() ? sc.const_data_ptr() : nullptr;
+  a.scales_type = sc.defined() ? sc.scalar_type() : at::kFloat;
+  a.offsets = of.defined() ? of.const_data_ptr() : nullptr;
+  a.offsets_type = of.defined() ? of.scalar_type() : at::kFloat;
+  a.bias = bs.defined() ? bs.const_data_ptr<float>() : nullptr;
+  a.y = y.data_ptr<float>();
+
+  // Thread-local scratch that only grows: transposed codebooks, tables, x sums.
+  thread_local std::vector<float> ct_buf, table_buf, xsum_buf;
+  const int64_t Kp = a.Kp;
+  const size_t ct_n = static_cast<size_t>(S * n_cb * d * Kp);
+  const size_t table_n = static_cast<size_t>(M * S * n_cb * g.nbp * Kp);
+  if (ct_buf.size() < ct_n) ct_buf.resize(ct_n);
+  if (table_buf.size() < table_n) table_buf.resize(table_n);
+  float* ct = ct_buf.data();
+  {
+    const void* cbp = cb.const_data_ptr();
+    const at::ScalarType ct_type = cb.scalar_type();
+    for (int64_t sc_i = 0; sc_i < S * n_cb; ++sc_i)
+      for (int64_t j = 0; j < d; ++j) {
+        float* row = ct + (sc_i * d + j) * Kp;
+        for (int64_t kk = 0; kk < K; ++kk) row[kk] = to_f(cbp, ct_type, (sc_i * K + kk) * d + j);
+        for (int64_t kk = K; kk < Kp; ++kk) row[kk] = 0.0f;
+      }
+  }
+  float* table = table_buf.data();
+  const float* xp = xf.const_data_ptr<float>();
+  const bool avx = use_avx512();
+  // Table rows: (m, s, c, p); padded slices are zero rows.
+  const int64_t rows_total = M * S * n_cb * g.nbp;
+  auto build = [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t p = i % g.nbp, msc = i / g.nbp;
+      const int64_t scb = msc % (S * n_cb), m = msc / (S * n_cb);
+      float* dst = table + i * Kp;
+      const int64_t gi = p / g.spgp, pj = p % g.spgp;
+      if (pj >= g.spg) {
+        std::memset(dst, 0, sizeof(float) * Kp);
+        continue;
+      }
+      const float* xs = xp + m * in_features + (gi * g.spg + pj) * d;
+      const float* ctp = ct + scb * d * Kp;
+#if PHYSKERN_CBMM_X86
+      if (avx) {
+        build_row_avx512(xs, ctp, d, Kp, dst);
+        continue;
+      }
+#endif
+      build_row_scalar(xs, ctp, d, Kp, dst);
+    }
+  };
+  (void)avx;
+  const double build_units = static_cast<double>(rows_total) * Kp * d / 16.0;
+  if (build_units > 4 * kGrainUnits) {
+    at::parallel_for(0, rows_total, std::max<int64_t>(1, rows_total / 64), build);
+  } else {
+    build(0, rows_total);
+  }
+  a.table = table;
+  if (a.offsets) {
+    if (xsum_buf.size() < static_cast<size_t>(M * g.G)) xsum_buf.resize(static_cast<size_t>(M * g.G));
+    const int64_t gsz = in_features / g.G;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t gi = 0; gi < g.G; ++gi) {
+        const float* p = xp + m * in_features + gi * gsz;
+        float s = 0.0f;
+        for (int64_t j = 0; j < gsz; ++j) s += p[j];
+        xsum_buf[m * g.G + gi] = s;
+      }
+    a.xsum = xsum_buf.data();
+  }
+
+  // Work per tile: a lookup step (permutes, ~1-2 cycles; gather ~4) per padded slice and stage.
+  const double per_lookup = Kp <= 32 ? 1.0 : (Kp == 64 ? 2.0 : 5.0);
+  const double per_tile = static_cast<double>(M * S * g.nbp) * per_lookup + 16.0 * g.G;
+  const int64_t grain = std::max<int64_t>(8, static_cast<int64_t>(kGrainUnits / per_tile) / 8 * 8);
+  if (g.tiles <= grain) {
+    run_tiles(a, 0, g.tiles);
+  } else {
+    at::parallel_for(0, g.tiles, grain, [&](int64_t b, int64_t e) { run_tiles(a, b, e); });
+  }
+  return y.reshape(out_shape).to(x.scalar_type());
+}
+
+}  // namespace lutgemv
+}  // namespace physkern
+
+TORCH_LIBRARY_FRAGMENT(physkern, m) {
+  m.def(
+      "codebook_gemv_lut_pack(Tensor packed, int in_features, int block_dim, int k, "
+      "int group_slices) -> Tensor");
+  m.def(
+      "codebook_gemv_lut(Tensor x, Tensor lut_idx, Tensor codebooks, Tensor? scales, "
+      "Tensor? offsets, Tensor? bias, int in_features, int codebook_rows, "
+      "int group_slices) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(physkern, CPU, m) {
+  m.impl("codebook_gemv_lut_pack", &physkern::lutgemv::codebook_gemv_lut_pack);
+  m.impl("codebook_gemv_lut", &physkern::lutgemv::codebook_gemv_lut);
+}
