@@ -48,6 +48,12 @@ def read_safetensors_header(file: Path) -> dict:
     """{tensor name: (torch dtype, shape tuple)} from a safetensors file's header, reading only
     the header (8-byte little-endian length + JSON) and checking every tensor's byte range
     against the file size. Raises ValueError naming the file."""
+    return read_safetensors_layout(file)[0]
+
+
+def read_safetensors_layout(file: Path) -> tuple[dict, dict]:
+    """({tensor name: (torch dtype, shape)}, {tensor name: (first byte, end byte) in the file})
+    from the header alone, validated as read_safetensors_header says."""
     file = Path(file)
     try:
         size = os.path.getsize(file)
@@ -69,7 +75,7 @@ def read_safetensors_header(file: Path) -> dict:
     if not isinstance(header, dict):
         raise ValueError(f"{file}: the safetensors header is not a JSON object")
     data = size - 8 - n
-    out = {}
+    out, where = {}, {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -91,7 +97,8 @@ def read_safetensors_header(file: Path) -> dict:
             raise ValueError(f"{file}: tensor {name!r} has {e - b} bytes for shape "
                              f"{list(shape)} of {info['dtype']}")
         out[name] = (dtype, shape)
-    return out
+        where[name] = (8 + n + b, 8 + n + e)
+    return out, where
 
 
 def read_index(path: Path) -> dict[str, str]:
@@ -143,8 +150,11 @@ class Checkpoint:
         wm = read_index(self.path) if self.files[0].name != SINGLE_FILE else None
         self.header: dict = {}
         self.file_of: dict = {}
+        self.span: dict = {}
         for file in self.files:
-            for key, info in read_safetensors_header(file).items():
+            header, spans = read_safetensors_layout(file)
+            self.span.update(spans)
+            for key, info in header.items():
                 if key in self.header:
                     raise ValueError(f"{file}: tensor {key!r} is also in {self.file_of[key]}")
                 if wm is not None and wm.get(key) != file.name:
@@ -172,18 +182,34 @@ class Checkpoint:
         return math.prod(shape) * ST_DTYPES[TORCH_TO_ST[dtype]][1]
 
     def get(self, key: str) -> torch.Tensor:
-        """The tensor `key` as stored (a fresh CPU tensor of the header's dtype and shape)."""
-        from safetensors import SafetensorError, safe_open
+        """The tensor `key` as stored: a fresh CPU tensor of the header's dtype and shape, read
+        with plain file reads into its own memory (no memory map stays resident)."""
+        dtype, shape = self.header[key]
+        b, e = self.span[key]
         file = self.file_of[key]
+        t = torch.empty(shape, dtype=dtype)
+        if e == b:
+            return t
         try:
             if file not in self._open:
-                self._open[file] = safe_open(str(file), "pt")
-            t = self._open[file].get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as exc:
+                self._open.clear()  # one file handle at a time
+                self._open[file] = open(file, "rb")
+            f = self._open[file]
+            f.seek(b)
+            view = memoryview(t.view(-1).view(torch.uint8).numpy())
+            got = 0
+            while got < e - b:
+                k = f.readinto(view[got:])
+                if not k:
+                    raise OSError(f"unexpected end of file at byte {b + got}")
+                got += k
+        except OSError as exc:
             raise ValueError(f"{file}: cannot be read: {one_line(exc)}") from None
         return t
 
     def close(self) -> None:
+        for f in self._open.values():
+            f.close()
         self._open.clear()
 
     def __enter__(self) -> "Checkpoint":

@@ -138,41 +138,45 @@ PROBE = textwrap.dedent("""
         peak[0] = max(peak[0], proc.memory_info().rss)
         return out, peak[0] - start
 
-    # warm up: imports and first-call caches (modeling modules, tokenizers) are not the load
-    for _ in range(2):
-        physkern.load_quantized(d)[0](torch.tensor([[1, 2]]))
-        AutoModelForCausalLM.from_pretrained(d)
-    m, ours = added(lambda: physkern.load_quantized(d)[0])
-    del m
-    m, theirs = added(lambda: AutoModelForCausalLM.from_pretrained(d))
-    del m
+    # warm up on a tiny model of the same kind: imports and first-call caches are not the load
+    physkern.load_quantized(sys.argv[2])[0](torch.tensor([[1, 2]]))
+    AutoModelForCausalLM.from_pretrained(sys.argv[2])
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[2]))
+    # every model stays alive, so no measurement reuses memory another one freed
+    a, ours = added(lambda: physkern.load_quantized(d)[0])
+    b, theirs = added(lambda: AutoModelForCausalLM.from_pretrained(d))
     cfg = AutoConfig.from_pretrained(d / "fp32")
-    m, fp32 = added(lambda: AutoModelForCausalLM.from_config(cfg))  # what loading built first
+    c, fp32 = added(lambda: AutoModelForCausalLM.from_config(cfg))  # what loading built first
     print(json.dumps({"physkern": ours, "transformers": theirs, "fp32_build": fp32}))
 """)
 
 
 @pytest.fixture(scope="module")
 def big_saved(tmp_path_factory):
-    """A LLaMA of ~21M parameters (85 MB in fp32), RTN 4-bit: a ~13 MB file."""
+    """A LLaMA of ~21M parameters (85 MB in fp32), RTN 4-bit: a ~13 MB file; and a tiny one of
+    the same kind (the probe's warm-up)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1536,
-                      num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
-                      max_position_embeddings=64, tie_word_embeddings=True)
-    m = LlamaForCausalLM(cfg).eval()
-    fp32_bytes = sum(p.numel() for p in m.parameters()) * 4
-    physkern.quantize(m, ScalarConfig(bits=4, group_size=64), progress=False)
-    d = save_quantized(m, tmp_path_factory.mktemp("big") / "q")
-    cfg.save_pretrained(d / "fp32")  # the plain config, for the probe's fp32 build
-    return d, fp32_bytes
+    out = []
+    for hidden, inter, layers, vocab in ((512, 1536, 6, 1024), (32, 64, 1, 96)):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                          num_hidden_layers=layers, num_attention_heads=8,
+                          num_key_value_heads=8, max_position_embeddings=64,
+                          tie_word_embeddings=True)
+        m = LlamaForCausalLM(cfg).eval()
+        fp32_bytes = sum(p.numel() for p in m.parameters()) * 4
+        physkern.quantize(m, ScalarConfig(bits=4, group_size=32), progress=False)
+        d = save_quantized(m, tmp_path_factory.mktemp("big") / "q")
+        cfg.save_pretrained(d / "fp32")  # the plain config, for the probe's fp32 build
+        out += [d, fp32_bytes]
+    return out[0], out[1], out[2]
 
 
 def test_meta_loading_allocates_no_fp32_copy(big_saved):
-    d, fp32_bytes = big_saved
+    d, fp32_bytes, tiny = big_saved
     file_bytes = os.path.getsize(d / "model.safetensors")
     assert file_bytes < fp32_bytes / 5
-    r = subprocess.run([sys.executable, "-c", PROBE, str(d)], capture_output=True,
+    r = subprocess.run([sys.executable, "-c", PROBE, str(d), str(tiny)], capture_output=True,
                        text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
@@ -182,3 +186,4 @@ def test_meta_loading_allocates_no_fp32_copy(big_saved):
     # file (the tensors, plus file pages while they are read), not the fp32 model
     for who in ("physkern", "transformers"):
         assert m[who] < 0.5 * fp32_bytes, (who, m, file_bytes, fp32_bytes)
+    print(m, file_bytes, fp32_bytes)
