@@ -267,3 +267,22 @@ def test_cosine_schedule_reaches_the_optimizer(tiny_llama, monkeypatch):
     with pytest.raises(ValueError, match="schedule must be one of constant, cosine"):
         finetune_quantized(student, tiny_llama, CALIB, steps=1, schedule="warmup",
                            progress=False)
+
+
+@pytest.mark.parametrize("cfg", [COARSE,
+                                 CodebookConfig(k=4, block_dim=2, scope="row", stages=2,
+                                                scales="row", calibrate=False),
+                                 ScalarConfig(bits=3, group_size=8)],
+                         ids=["codebook_layer", "codebook_row_2stages_scales", "rtn_offsets"])
+def test_trainable_weight_is_dequantize_and_differentiable(cfg, request):
+    """The trainable copies rebuild exactly the layer's dequantize() (both go through
+    physkern.quant.reconstruct), and gradients reach codebooks, scales and offsets."""
+    _, student = _quantized("tiny_llama", request, cfg)
+    with differentiable_quantized(student, train_norms=False, write_back=False) as t:
+        for layer in t.layers:
+            w = layer.weight()
+            assert torch.equal(w.detach(), layer.mod.dequantize())
+            w.pow(2).sum().backward()
+            for p, _ in layer.params():
+                assert p.grad is not None and torch.isfinite(p.grad).all()
+                assert p.grad.abs().sum() > 0

@@ -46,11 +46,14 @@ def reconstruct(indices: torch.Tensor, codebooks: torch.Tensor,
         raise ValueError("offsets need scales")
     dtype = dtype or codebooks.dtype
     cb = codebooks.to(dtype)
-    row_ids = (torch.arange(n, device=indices.device) if rows is None
-               else rows.to(device=indices.device, dtype=torch.int64))
-    # flat row of each block in the [n_codebooks * K, d] table (keeps the indices' int dtype)
-    base = ((row_ids // codebook_rows) * k).to(indices.dtype)
-    flat = indices + base[None, :, None]                                 # [S, n, nb]
+    # flat row of each block in the [n_codebooks * K, d] table (keeps the indices' int dtype);
+    # one shared codebook (layer scope, scalar grids): the indices already are those rows
+    flat = indices
+    if n_cb > 1:
+        row_ids = (torch.arange(n, device=indices.device) if rows is None
+                   else rows.to(device=indices.device, dtype=torch.int64))
+        base = ((row_ids // codebook_rows) * k).to(indices.dtype)
+        flat = indices + base[None, :, None]                             # [S, n, nb]
     w = F.embedding(flat[0], cb[0].reshape(n_cb * k, d))                 # [n, nb, d]
     for i in range(1, s):  # S is 1-3: a loop over stages, not rows
         w = w + F.embedding(flat[i], cb[i].reshape(n_cb * k, d))
