@@ -55,6 +55,17 @@ def add_output_args(p: argparse.ArgumentParser, stem: str) -> None:
                    help=f"file stem of the outputs (default {stem!r})")
 
 
+def _parser(sub, name: str, module, help: str) -> argparse.ArgumentParser:
+    """The sub-parser of one analysis; its description is the research module's docstring."""
+    return sub.add_parser(name, help=help, description=module.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_types_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--types", nargs="*", default=None,
+                   help="weight types to analyse (default all; e.g. q k v o gate up down)")
+
+
 def output_path(args: argparse.Namespace, suffix: str) -> Path:
     """<--out-dir>/<name><suffix> (default ./physkern-analysis/), folder created."""
     out = Path(args.out_dir)
@@ -62,19 +73,29 @@ def output_path(args: argparse.Namespace, suffix: str) -> Path:
     return out / f"{args.name}{suffix}"
 
 
+
+def write_outputs(args: argparse.Namespace, payload: dict, plot, *png_suffixes: str) -> None:
+    """<name>.json holding payload, then the PNGs <name><suffix> drawn by plot(*paths); prints
+    the paths written."""
+    js = output_path(args, ".json")
+    write_json(js, payload)
+    pngs = [output_path(args, suffix) for suffix in png_suffixes]
+    plot(*pngs)
+    print(f"wrote {', '.join(map(str, [js] + pngs))}")
+
 # ----------------------------------------------------------------------------------------------
 # clusters: physkern.research.analysis.clusters
 
 
 def register_clusters(sub) -> None:
-    p = sub.add_parser("clusters", help="metastable token clusters across depth",
-                       description=clusters.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _parser(sub, "clusters", clusters, "metastable token clusters across depth")
     add_model_corpus_args(p)
     p.add_argument("--windows", type=int, default=8, help="windows of text (default 8)")
     p.add_argument("--window", type=int, default=128, help="tokens per window (default 128)")
-    p.add_argument("--thresholds", type=float, nargs="+", default=list(clusters.DEFAULT_THRESHOLDS),
+    thresholds = clusters.DEFAULT_THRESHOLDS
+    p.add_argument("--thresholds", type=float, nargs="+", default=list(thresholds),
                    help="distance thresholds on 1 - cos, each in (0, 2] "
-                        f"(default {' '.join(map(str, clusters.DEFAULT_THRESHOLDS))}; the seeds used 0.05)")
+                        f"(default {' '.join(map(str, thresholds))}; the seeds used 0.05)")
     add_output_args(p, "clusters")
     p.set_defaults(func=run_clusters)
 
@@ -100,15 +121,13 @@ def run_clusters(args: argparse.Namespace) -> int:
     row = "".join(f"{result['post_norm']['clusters'][str(t)]:>9.1f}" for t in result["thresholds"])
     print(f"{'final norm':>12}{result['post_norm']['mean_cosine']:>10.3f}{row}")
     for k, f in result["fits"].items():
-        print(f"fit a + b/t^2 to {k}: R^2 {f['r2']:.3f}; b/t^2 alone: R^2 {f['r2_no_intercept']:.3f}")
+        print(f"fit a + b/t^2 to {k}: R^2 {f['r2']:.3f}; "
+              f"b/t^2 alone: R^2 {f['r2_no_intercept']:.3f}")
     payload = {"analysis": "clusters", "model": resolve_model_name(args.model),
                "corpus": corpus.describe(), "text": "evaluation part, consecutive windows",
                "method": "average linkage on 1 - cos, flat clusters at distance threshold",
                **result, "provenance": provenance(args.device)}
-    js = output_path(args, ".json")
-    write_json(js, payload)
-    clusters.plot_clusters(result, output_path(args, ".png"))
-    print(f"wrote {js}, {output_path(args, '.png')}")
+    write_outputs(args, payload, lambda png: clusters.plot_clusters(result, png), ".png")
     return 0
 
 
@@ -117,8 +136,7 @@ def run_clusters(args: argparse.Namespace) -> int:
 
 
 def register_energy(sub) -> None:
-    p = sub.add_parser("energy", help="kinetic + point-perplexity 'energy' and its conservation",
-                       description=energy.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _parser(sub, "energy", energy, "kinetic + point-perplexity 'energy' and its conservation")
     add_model_corpus_args(p)
     p.add_argument("--texts", type=int, default=4, help="texts (windows of evaluation text)")
     p.add_argument("--length", type=int, default=256, help="tokens per text (default 256)")
@@ -147,10 +165,12 @@ def run_energy(args: argparse.Namespace) -> int:
     ids = evaluation_tokens(tok, corpus, args.texts * args.length)
     texts = ids.view(args.texts, args.length).to(args.device)
     opts = dict(state=args.state, kinetic_scale=args.kinetic_scale)
-    results = {"pretrained": energy.energy_over_texts(model, texts, skip_first=args.skip_first, **opts)}
+    results = {"pretrained": energy.energy_over_texts(model, texts, skip_first=args.skip_first,
+                                                      **opts)}
     # the same with the first step dropped, to show how much the first token's jump weighs
     alt_skip = 1 if args.skip_first == 0 else 0
-    alt = {"pretrained": energy.energy_over_texts(model, texts, skip_first=alt_skip, **opts)["mean"]}
+    alt = {"pretrained": energy.energy_over_texts(model, texts, skip_first=alt_skip,
+                                                  **opts)["mean"]}
     example = {"pretrained": energy.energy_terms(model, texts[0], **opts)}
     for seed in args.random_seeds:
         rnd = energy.random_reinit(model, seed)
@@ -172,18 +192,16 @@ def run_energy(args: argparse.Namespace) -> int:
               f"{m['mean_V']:>9.3f}{m['kinetic_over_potential']:>12.5g}")
     payload = {"analysis": "energy", "model": resolve_model_name(args.model),
                "corpus": corpus.describe(), "texts": args.texts, "length": args.length,
-               "definition": {"K": "0.5*||h_{t+1}-h_t||^2" + (" / hidden_size"
-                                                              if args.kinetic_scale == "dim" else ""),
+               "definition": {"K": "0.5*||h_{t+1}-h_t||^2"
+                                   + (" / hidden_size" if args.kinetic_scale == "dim" else ""),
                               "V": "-ln p(x_{t+1}|x_<=t) (nats)", "E": "K + V",
                               "state": args.state, "cv": "population std / |mean| over positions",
                               "skip_first": args.skip_first,
                               "random": "transformers from_config init, torch.manual_seed(seed)"},
                "results": results, f"mean_with_skip_first_{alt_skip}": alt,
                "provenance": provenance(args.device)}
-    js = output_path(args, ".json")
-    write_json(js, payload)
-    energy.plot_energy(example, {k: v["mean"] for k, v in results.items()}, output_path(args, ".png"))
-    print(f"wrote {js}, {output_path(args, '.png')}")
+    means = {k: v["mean"] for k, v in results.items()}
+    write_outputs(args, payload, lambda png: energy.plot_energy(example, means, png), ".png")
     return 0
 
 
@@ -192,8 +210,7 @@ def run_energy(args: argparse.Namespace) -> int:
 
 
 def register_entropy(sub) -> None:
-    p = sub.add_parser("entropy", help="activation entropy of every linear layer's input",
-                       description=entropy.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _parser(sub, "entropy", entropy, "activation entropy of every linear layer's input")
     add_model_corpus_args(p)
     p.add_argument("--windows", type=int, default=entropy.DEFAULT_WINDOWS,
                    help=f"calibration windows (default {entropy.DEFAULT_WINDOWS})")
@@ -231,12 +248,9 @@ def run_entropy(args: argparse.Namespace) -> int:
                             "range": "two passes: finite min/max per layer, then histograms",
                             "estimator": "Miller-Madow (plug-in also given), bits"},
                **result, "provenance": provenance(args.device)}
-    js = output_path(args, ".json")
-    write_json(js, payload)
-    png = output_path(args, ".png")
-    entropy.plot_entropy(result, png, title=f"Activation entropy: {resolve_model_name(args.model)}, "
-                                    f"{args.windows}x{window} tokens, {args.bins} bins")
-    print(f"wrote {js}, {png}")
+    title = (f"Activation entropy: {resolve_model_name(args.model)}, {args.windows}x{window} "
+             f"tokens, {args.bins} bins")
+    write_outputs(args, payload, lambda png: entropy.plot_entropy(result, png, title=title), ".png")
     return 0
 
 
@@ -245,13 +259,12 @@ def run_entropy(args: argparse.Namespace) -> int:
 
 
 def register_rg(sub) -> None:
-    p = sub.add_parser("rg", help="RG flow: singular-value growth rates across depth",
-                       description=rg_flow.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _parser(sub, "rg", rg_flow, "RG flow: singular-value growth rates across depth")
     add_model_args(p)
-    p.add_argument("--types", nargs="*", default=None,
-                   help="weight types to analyse (default all; e.g. q k v o gate up down)")
+    add_types_arg(p)
     p.add_argument("--relevant", type=float, default=rg_flow.DEFAULT_RELEVANT,
-                   help=f"growth rate above which an index is relevant (default {rg_flow.DEFAULT_RELEVANT})")
+                   help=f"growth rate above which an index is relevant "
+                        f"(default {rg_flow.DEFAULT_RELEVANT})")
     p.add_argument("--irrelevant", type=float, default=rg_flow.DEFAULT_IRRELEVANT,
                    help=f"growth rate below which an index is irrelevant "
                         f"(default {rg_flow.DEFAULT_IRRELEVANT})")
@@ -277,10 +290,8 @@ def run_rg(args: argparse.Namespace) -> int:
                "definition": {"gamma": "ln(sigma_last[i]/sigma_first[i])/(L-1)",
                               "slope": "least-squares slope of ln sigma_i over layers 0..L-1"},
                **result, "provenance": provenance(args.device)}
-    js = output_path(args, ".json")
-    write_json(js, payload)
-    rg_flow.plot_rg(result, output_path(args, "_sigma.png"), output_path(args, "_gamma_hist.png"))
-    print(f"wrote {js}, {output_path(args, '_sigma.png')}, {output_path(args, '_gamma_hist.png')}")
+    write_outputs(args, payload, lambda *pngs: rg_flow.plot_rg(result, *pngs), "_sigma.png",
+                  "_gamma_hist.png")
     return 0
 
 
@@ -289,11 +300,10 @@ def run_rg(args: argparse.Namespace) -> int:
 
 
 def register_spectra(sub) -> None:
-    p = sub.add_parser("spectra", help="ESD of W^T W/N, Marchenko-Pastur fit, outliers, tail alpha",
-                       description=spectra.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _parser(sub, "spectra", spectra,
+                "ESD of W^T W/N, Marchenko-Pastur fit, outliers, tail alpha")
     add_model_args(p)
-    p.add_argument("--types", nargs="*", default=None,
-                   help="weight types to analyse (default all; e.g. q k v o gate up down)")
+    add_types_arg(p)
     p.add_argument("--tw-margin", type=float, default=spectra.DEFAULT_TW_MARGIN,
                    help="Tracy-Widom scales above the MP edge for an eigenvalue to count as an "
                         f"outlier (default {spectra.DEFAULT_TW_MARGIN:g})")
@@ -317,7 +327,6 @@ def run_spectra(args: argparse.Namespace) -> int:
         summary[t] = s
         print(f"{short_type(t):<12}{layers[0]['q']:>7.3f}{s['mean_alpha']:>12.3f}"
               f"{s['mean_outliers']:>15.2f}{s['mean_ks']:>9.3f}")
-    spectra.plot_spectra(result, output_path(args, "_esd.png"), output_path(args, "_depth.png"))
     layers_json = {t: [{k: v for k, v in d.items() if k != "eigenvalues"} for d in ls]
                    for t, ls in result["types"].items()}
     payload = {"analysis": "spectra", "model": resolve_model_name(args.model),
@@ -327,9 +336,8 @@ def run_spectra(args: argparse.Namespace) -> int:
                              "Clauset-Shalizi-Newman power-law fit of the largest eigenvalues",
                "tw_margin": args.tw_margin, "summary": summary, "types": layers_json,
                "provenance": provenance(args.device)}
-    js = output_path(args, ".json")
-    write_json(js, payload)
-    print(f"wrote {js}, {output_path(args, '_esd.png')}, {output_path(args, '_depth.png')}")
+    write_outputs(args, payload, lambda *pngs: spectra.plot_spectra(result, *pngs), "_esd.png",
+                  "_depth.png")
     return 0
 
 
