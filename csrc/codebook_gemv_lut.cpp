@@ -18,19 +18,26 @@
 //
 // The lookups need the indices of 16 output rows for the same slice side by side, so the packed
 // bit stream is re-laid out once (codebook_gemv_lut_pack, cached by the Python caller):
-//   lut_idx uint8 [S, tiles, nq, 64], tiles = ceil(out / 16), one byte per index (K <= 256):
+//   lut_idx uint8 [S, tiles, nq, 64], tiles = ceil(out / 16), one byte per index (K <= 64):
 //   byte 4 * r + u of quad q of tile t = idx[s, 16 t + r, slice(4 q + u)]
 // Slices are numbered per scale group and each group is padded to a multiple of 4 slices
 // (group_slices = slices per group, g / d; nb when there are no scales): padded slice p of group
 // gi is slice gi * group_slices + p (p < group_slices) or padding (index 0 of an all-zero table
 // row). Rows past `out` are padding too (computed, never stored).
 //
-// With AVX-512 the 16 lanes of a register are 16 output rows: one 64-byte load holds 4 slices of
-// 16 rows, a shift selects one slice, and the slice's table row (K fp32 values, in registers)
-// is looked up by register permutes: K <= 16 one vpermps, K <= 32 one vpermi2ps, K <= 64 two
-// and a blend on index bit 5; larger K (<= 256) gather from the table row in L1. Up to 8 tiles
-// (128 rows) share each table row load. Other instruction sets run a scalar loop (same
-// arithmetic order within a row per lane: exact up to fp32 rounding either way).
+// Two layouts, by K:
+//  - K <= 64: 16-row tiles as above. With AVX-512 the 16 lanes of a register are 16 output rows:
+//    one 64-byte load holds 4 slices of 16 rows, a shift selects one slice, and the slice's
+//    table row (K fp32 values, in registers) is looked up by register permutes: K <= 16 one
+//    vpermps, K <= 32 one vpermi2ps, K <= 64 two and a blend on index bit 5. Up to 8 tiles
+//    (128 rows) share each table row load.
+//  - 64 < K <= 256 ("wide"): 64-row tiles, one 64-byte vector per slice holding its index for
+//    each of the 64 rows (lut_idx [S, tiles, slices, 64]; groups need no padding). Table rows
+//    are stored as 4 byte planes of 256 entries (byte j of each fp32 value); with AVX-512 VBMI
+//    each plane is looked up for 64 rows at once by vpermi2b (two and a blend on bit 7 for
+//    K > 128) and byte/word unpacks put the 4 planes back together into 64 exact fp32 values.
+//    Several codebooks then need codebook_rows % 64 == 0.
+// Other instruction sets run scalar loops (the same sums, exact up to fp32 rounding).
 // Rows of tiles are spread over threads with at::parallel_for; no allocation per call besides
 // the output (tables live in a thread-local buffer that only grows).
 #include <ATen/Parallel.h>
@@ -57,6 +64,7 @@ namespace lutgemv {
 
 struct LArgs {
   int64_t M, out, in, S, n_cb, K, Kp, d, nb, spg, spgp, G, nq, nbp, tiles, tiles_per_cb;
+  bool wide;             // K > 64: 64-row tiles, byte-plane tables (see the top of this file)
   const uint8_t* idx;    // [S, tiles, nq, 64]
   const float* table;    // [M, S, n_cb, nbp, Kp]
   const void* scales;    // [out, G] or nullptr
@@ -125,6 +133,48 @@ void tiles_scalar(const LArgs& a, int64_t t0, int64_t nt, int64_t c, float* sc, 
   }
 }
 
+// Wide layout (K > 64), tile t (64 rows), every row of x, one row at a time. Table rows are 4
+// byte planes of 256 entries: entry k is the float with bytes P[k], P[256 + k], P[512 + k],
+// P[768 + k].
+void wide_scalar(const LArgs& a, int64_t t, int64_t c) {
+  for (int64_t r = 0; r < 64; ++r) {
+    const int64_t o = 64 * t + r;
+    if (o >= a.out) break;
+    for (int64_t m = 0; m < a.M; ++m) {
+      float tot = 0.0f;
+      for (int64_t gi = 0; gi < a.G; ++gi) {
+        float acc = 0.0f;
+        for (int64_t s = 0; s < a.S; ++s) {
+          const uint8_t* ib = a.idx + ((s * a.tiles + t) * a.nq + gi * a.spg) * 64 + r;
+          for (int64_t p = 0; p < a.spg; ++p) {
+            const uint8_t* P =
+                reinterpret_cast<const uint8_t*>(table_row(a, m, s, c, gi * a.spg + p));
+            const uint32_t k = ib[p * 64];
+            const uint32_t u = uint32_t(P[k]) | uint32_t(P[256 + k]) << 8 |
+                               uint32_t(P[512 + k]) << 16 | uint32_t(P[768 + k]) << 24;
+            float f;
+            std::memcpy(&f, &u, 4);
+            acc += f;
+          }
+        }
+        float v = a.scales ? acc * to_f(a.scales, a.scales_type, o * a.G + gi) + tot : acc + tot;
+        if (a.offsets) v += to_f(a.offsets, a.offsets_type, o * a.G + gi) * a.xsum[m * a.G + gi];
+        tot = v;
+      }
+      a.y[m * a.out + o] = tot + (a.bias ? a.bias[o] : 0.0f);
+    }
+  }
+}
+
+// 256 floats -> 4 byte planes of 256 (dst may not alias src).
+void to_planes_scalar(const float* src, uint8_t* dst) {
+  for (int k = 0; k < 256; ++k) {
+    uint32_t u;
+    std::memcpy(&u, src + k, 4);
+    for (int j = 0; j < 4; ++j) dst[256 * j + k] = static_cast<uint8_t>(u >> (8 * j));
+  }
+}
+
 // One table row P[k] = sum_j xs[j] * ct[j * Kp + k], k < Kp (scalar).
 void build_row_scalar(const float* xs, const float* ct, int64_t d, int64_t Kp, float* dst) {
   for (int64_t k = 0; k < Kp; ++k) dst[k] = xs[0] * ct[k];
@@ -135,6 +185,94 @@ void build_row_scalar(const float* xs, const float* ct, int64_t d, int64_t Kp, f
 #if PHYSKERN_CBMM_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+// GCC 12's _mm512_cvtepi32_epi8 & co. read an intentionally undefined register: a false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+void to_planes_avx512(const float* src, uint8_t* dst) {
+  for (int q = 0; q < 16; ++q) {
+    const __m512i v = _mm512_castps_si512(_mm512_loadu_ps(src + 16 * q));
+    for (int j = 0; j < 4; ++j)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 256 * j + 16 * q),
+                       _mm512_cvtepi32_epi8(_mm512_srli_epi32(v, 8 * j)));
+  }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512vbmi")
+// Wide layout (K > 64, AVX-512 VBMI): tile t of 64 rows, every row of x. Per slice one 64-byte
+// load holds the indices of the 64 rows; each of the 4 byte planes of the slice's table is looked
+// up with vpermi2b (bits 0-6; HI: a second one for entries 128-255 and a blend on bit 7), and
+// the planes are interleaved back into 4 x 16 floats by byte/word unpacks. Lane j of
+// accumulator i is row 16 (j / 4) + 4 i + j % 4 of the tile.
+template <bool HI>
+__attribute__((noinline)) void wide_avx512(const LArgs& a, int64_t t, int64_t c, float* sc,
+                                           float* of) {
+  auto row_of = [](int i, int j) { return 16 * (j >> 2) + 4 * i + (j & 3); };
+  for (int64_t gi = 0; gi < a.G; ++gi)
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 16; ++j) {
+        const int64_t o = 64 * t + row_of(i, j);
+        const int64_t at = (gi * 4 + i) * 16 + j;
+        if (a.scales) sc[at] = o < a.out ? to_f(a.scales, a.scales_type, o * a.G + gi) : 0.0f;
+        if (a.offsets) of[at] = o < a.out ? to_f(a.offsets, a.offsets_type, o * a.G + gi) : 0.0f;
+      }
+  for (int64_t m = 0; m < a.M; ++m) {
+    __m512 tot[4];
+    for (int i = 0; i < 4; ++i) tot[i] = _mm512_setzero_ps();
+    for (int64_t gi = 0; gi < a.G; ++gi) {
+      __m512 acc[4];
+      for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t s = 0; s < a.S; ++s) {
+        const uint8_t* ib = a.idx + ((s * a.tiles + t) * a.nq + gi * a.spg) * 64;
+        const uint8_t* P = reinterpret_cast<const uint8_t*>(table_row(a, m, s, c, gi * a.spg));
+        for (int64_t p = 0; p < a.spg; ++p, ib += 64, P += 1024) {
+          const __m512i idx = _mm512_loadu_si512(reinterpret_cast<const void*>(ib));
+          __m512i b[4];
+          if constexpr (HI) {
+            const __mmask64 k7 = _mm512_movepi8_mask(idx);
+            for (int j = 0; j < 4; ++j) {
+              const uint8_t* pl = P + 256 * j;
+              const __m512i lo = _mm512_permutex2var_epi8(
+                  _mm512_loadu_si512(pl), idx, _mm512_loadu_si512(pl + 64));
+              const __m512i hi = _mm512_permutex2var_epi8(
+                  _mm512_loadu_si512(pl + 128), idx, _mm512_loadu_si512(pl + 192));
+              b[j] = _mm512_mask_blend_epi8(k7, lo, hi);
+            }
+          } else {
+            for (int j = 0; j < 4; ++j) {
+              const uint8_t* pl = P + 256 * j;
+              b[j] = _mm512_permutex2var_epi8(_mm512_loadu_si512(pl), idx,
+                                              _mm512_loadu_si512(pl + 64));
+            }
+          }
+          const __m512i u0 = _mm512_unpacklo_epi8(b[0], b[1]), u1 = _mm512_unpackhi_epi8(b[0], b[1]);
+          const __m512i u2 = _mm512_unpacklo_epi8(b[2], b[3]), u3 = _mm512_unpackhi_epi8(b[2], b[3]);
+          acc[0] = _mm512_add_ps(acc[0], _mm512_castsi512_ps(_mm512_unpacklo_epi16(u0, u2)));
+          acc[1] = _mm512_add_ps(acc[1], _mm512_castsi512_ps(_mm512_unpackhi_epi16(u0, u2)));
+          acc[2] = _mm512_add_ps(acc[2], _mm512_castsi512_ps(_mm512_unpacklo_epi16(u1, u3)));
+          acc[3] = _mm512_add_ps(acc[3], _mm512_castsi512_ps(_mm512_unpackhi_epi16(u1, u3)));
+        }
+      }
+      for (int i = 0; i < 4; ++i) {
+        const int64_t at = (gi * 4 + i) * 16;
+        tot[i] = a.scales ? _mm512_fmadd_ps(acc[i], _mm512_loadu_ps(sc + at), tot[i])
+                          : _mm512_add_ps(tot[i], acc[i]);
+        if (a.offsets)
+          tot[i] = _mm512_fmadd_ps(_mm512_loadu_ps(of + at),
+                                   _mm512_set1_ps(a.xsum[m * a.G + gi]), tot[i]);
+      }
+    }
+    alignas(64) float res[4][16];
+    for (int i = 0; i < 4; ++i) _mm512_store_ps(res[i], tot[i]);
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 16; ++j) {
+        const int64_t o = 64 * t + row_of(i, j);
+        if (o < a.out) a.y[m * a.out + o] = res[i][j] + (a.bias ? a.bias[o] : 0.0f);
+      }
+  }
+}
+
+#pragma GCC pop_options
 
 void build_row_avx512(const float* xs, const float* ct, int64_t d, int64_t Kp, float* dst) {
   for (int64_t k = 0; k < Kp; k += 16) {
@@ -152,7 +290,6 @@ __attribute__((noinline)) void tiles_avx512(const LArgs& a, int64_t t0, int64_t 
   if (a.scales) tile_params(a, a.scales, a.scales_type, t0, R, sc);
   if (a.offsets) tile_params(a, a.offsets, a.offsets_type, t0, R, of);
   const int64_t tstride = a.nq * 64, qpg = a.spgp / 4;
-  const __m512i byte = _mm512_set1_epi32(0xFF);
   for (int64_t m = 0; m < a.M; ++m) {
     __m512 tot[R];
     for (int r = 0; r < R; ++r) tot[r] = _mm512_setzero_ps();
@@ -181,7 +318,8 @@ __attribute__((noinline)) void tiles_avx512(const LArgs& a, int64_t t0, int64_t 
                 const __m512i iv = _mm512_srli_epi32(v[r], 8 * u);
                 acc[r] = _mm512_add_ps(acc[r], _mm512_permutex2var_ps(T0, iv, T1));
               }
-            } else if constexpr (KV == 64) {
+            } else {
+              static_assert(KV == 64, "KV must be 16, 32 or 64");
               const __m512 T0 = _mm512_loadu_ps(Pu), T1 = _mm512_loadu_ps(Pu + 16);
               const __m512 T2 = _mm512_loadu_ps(Pu + 32), T3 = _mm512_loadu_ps(Pu + 48);
               const __m512i bit5 = _mm512_set1_epi32(0x20 << (8 * u));
@@ -191,11 +329,6 @@ __attribute__((noinline)) void tiles_avx512(const LArgs& a, int64_t t0, int64_t 
                 const __m512 hi = _mm512_permutex2var_ps(T2, iv, T3);
                 const __mmask16 k = _mm512_test_epi32_mask(v[r], bit5);
                 acc[r] = _mm512_add_ps(acc[r], _mm512_mask_blend_ps(k, lo, hi));
-              }
-            } else {
-              for (int r = 0; r < R; ++r) {
-                const __m512i iv = _mm512_and_si512(_mm512_srli_epi32(v[r], 8 * u), byte);
-                acc[r] = _mm512_add_ps(acc[r], _mm512_i32gather_ps(iv, Pu, 4));
               }
             }
           }
@@ -245,27 +378,60 @@ bool use_avx512() {
 #endif
 }
 
+// The wide (K > 64) AVX-512 kernel also needs VBMI (byte permutes).
+bool use_vbmi() {
+#if PHYSKERN_CBMM_X86
+  static const bool yes = use_avx512() && __builtin_cpu_supports("avx512vbmi");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// What the kernels run with: "avx512_vbmi" (every K vectorised), "avx512" (K <= 64
+// vectorised, larger K scalar) or "scalar".
+std::string codebook_gemv_lut_isa() {
+  return use_vbmi() ? "avx512_vbmi" : (use_avx512() ? "avx512" : "scalar");
+}
+
 // Tiles [t0, t1) (any codebooks): split at codebook boundaries.
 void run_tiles(const LArgs& a, int64_t t0, int64_t t1) {
   std::vector<float> sc(static_cast<size_t>(a.scales ? 8 * a.G * 16 : 0));
   std::vector<float> of(static_cast<size_t>(a.offsets ? 8 * a.G * 16 : 0));
-  const bool avx = use_avx512();
+  const bool avx = use_avx512(), vbmi = use_vbmi();
   while (t0 < t1) {
     const int64_t c = t0 / a.tiles_per_cb;
     const int64_t e = std::min(t1, (c + 1) * a.tiles_per_cb);
+    if (a.wide) {
+      for (int64_t t = t0; t < e; ++t) {
+#if PHYSKERN_CBMM_X86
+        if (vbmi) {
+          if (a.K > 128) {
+            wide_avx512<true>(a, t, c, sc.data(), of.data());
+          } else {
+            wide_avx512<false>(a, t, c, sc.data(), of.data());
+          }
+          continue;
+        }
+#endif
+        wide_scalar(a, t, c);
+      }
+      t0 = e;
+      continue;
+    }
 #if PHYSKERN_CBMM_X86
     if (avx) {
       switch (a.Kp) {
         case 16: run_avx512<16>(a, t0, e, c, sc.data(), of.data()); break;
         case 32: run_avx512<32>(a, t0, e, c, sc.data(), of.data()); break;
-        case 64: run_avx512<64>(a, t0, e, c, sc.data(), of.data()); break;
-        default: run_avx512<0>(a, t0, e, c, sc.data(), of.data()); break;
+        default: run_avx512<64>(a, t0, e, c, sc.data(), of.data()); break;
       }
       t0 = e;
       continue;
     }
 #endif
     (void)avx;
+    (void)vbmi;
     for (int64_t t = t0; t < e; t += 8)
       tiles_scalar(a, t, std::min<int64_t>(8, e - t), c, sc.data(), of.data());
     t0 = e;
@@ -279,8 +445,9 @@ int index_bits(int64_t k) {
 }
 
 struct Geometry {
-  int64_t S, out, nb, spg, spgp, G, nq, nbp, tiles;
+  int64_t S, out, nb, spg, spgp, G, nq, nbp, tiles, rows_per_tile;
   int bits;
+  bool wide;
 };
 
 Geometry geometry(const char* fn, int64_t S, int64_t out, int64_t in_features, int64_t d, int64_t k,
@@ -296,11 +463,13 @@ Geometry geometry(const char* fn, int64_t S, int64_t out, int64_t in_features, i
   g.out = out;
   g.nb = nb;
   g.spg = group_slices;
-  g.spgp = (group_slices + 3) / 4 * 4;
+  g.wide = k > 64;
+  g.spgp = g.wide ? group_slices : (group_slices + 3) / 4 * 4;
   g.G = nb / group_slices;
   g.nbp = g.G * g.spgp;
-  g.nq = g.nbp / 4;
-  g.tiles = (out + 15) / 16;
+  g.nq = g.wide ? g.nbp : g.nbp / 4;
+  g.rows_per_tile = g.wide ? 64 : 16;
+  g.tiles = (out + g.rows_per_tile - 1) / g.rows_per_tile;
   g.bits = index_bits(k);
   return g;
 }
@@ -323,7 +492,8 @@ at::Tensor codebook_gemv_lut_pack(const at::Tensor& packed, int64_t in_features,
   const uint32_t mask = (1u << g.bits) - 1u;
   at::parallel_for(0, g.S * g.out, 64, [&](int64_t b, int64_t e) {
     for (int64_t so = b; so < e; ++so) {
-      const int64_t s = so / g.out, o = so % g.out, t = o / 16, r = o % 16;
+      const int64_t s = so / g.out, o = so % g.out, t = o / g.rows_per_tile,
+                    r = o % g.rows_per_tile;
       const uint32_t* row = w + so * words;
       uint8_t* tile = dst + (s * g.tiles + t) * g.nq * 64;
       for (int64_t bi = 0; bi < g.nb; ++bi) {
@@ -331,7 +501,11 @@ at::Tensor codebook_gemv_lut_pack(const at::Tensor& packed, int64_t in_features,
         uint32_t v = row[wd] >> sh;
         if (sh + g.bits > 32) v |= row[wd + 1] << (32 - sh);
         const int64_t p = (bi / g.spg) * g.spgp + bi % g.spg;
-        tile[(p / 4) * 64 + 4 * r + (p % 4)] = static_cast<uint8_t>(v & mask);
+        if (g.wide) {
+          tile[p * 64 + r] = static_cast<uint8_t>(v & mask);
+        } else {
+          tile[(p / 4) * 64 + 4 * r + (p % 4)] = static_cast<uint8_t>(v & mask);
+        }
       }
     }
   });
@@ -365,8 +539,9 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
   TORCH_CHECK_VALUE(lut_idx.size(0) == S && lut_idx.size(1) == g.tiles && lut_idx.size(2) == g.nq,
                     fn, "lut_idx has shape ", lut_idx.sizes(), ", expected [", S, ", ", g.tiles,
                     ", ", g.nq, ", 64] for these codebooks and group_slices");
-  TORCH_CHECK_VALUE(n_cb == 1 || codebook_rows % 16 == 0, fn, "codebook_rows (", codebook_rows,
-                    ") must be a multiple of 16 when there are several codebooks (", n_cb, ")");
+  TORCH_CHECK_VALUE(n_cb == 1 || codebook_rows % g.rows_per_tile == 0, fn, "codebook_rows (",
+                    codebook_rows, ") must be a multiple of ", g.rows_per_tile,
+                    " when there are several codebooks (", n_cb, ")");
   TORCH_CHECK_VALUE(x.size(-1) == in_features, fn, "x has ", x.size(-1),
                     " features, expected in_features=", in_features);
   if (scales.has_value()) {
@@ -422,7 +597,8 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
   a.S = S;
   a.n_cb = n_cb;
   a.K = K;
-  a.Kp = K <= 16 ? 16 : (K <= 32 ? 32 : (K <= 64 ? 64 : (K + 15) / 16 * 16));
+  a.Kp = K <= 16 ? 16 : (K <= 32 ? 32 : (K <= 64 ? 64 : 256));
+  a.wide = g.wide;
   a.d = d;
   a.nb = g.nb;
   a.spg = g.spg;
@@ -431,7 +607,7 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
   a.nq = g.nq;
   a.nbp = g.nbp;
   a.tiles = g.tiles;
-  a.tiles_per_cb = n_cb == 1 ? g.tiles : codebook_rows / 16;
+  a.tiles_per_cb = n_cb == 1 ? g.tiles : codebook_rows / g.rows_per_tile;
   a.idx = lut_idx.const_data_ptr<uint8_t>();
   a.scales = sc.defined() ? sc.const_data_ptr() : nullptr;
   a.scales_type = sc.defined() ? sc.scalar_type() : at::kFloat;
@@ -475,13 +651,17 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
       }
       const float* xs = xp + m * in_features + (gi * g.spg + pj) * d;
       const float* ctp = ct + scb * d * Kp;
+      alignas(64) float tmp[256];
+      float* row = g.wide ? tmp : dst;
 #if PHYSKERN_CBMM_X86
       if (avx) {
-        build_row_avx512(xs, ctp, d, Kp, dst);
+        build_row_avx512(xs, ctp, d, Kp, row);
+        if (g.wide) to_planes_avx512(row, reinterpret_cast<uint8_t*>(dst));
         continue;
       }
 #endif
-      build_row_scalar(xs, ctp, d, Kp, dst);
+      build_row_scalar(xs, ctp, d, Kp, row);
+      if (g.wide) to_planes_scalar(row, reinterpret_cast<uint8_t*>(dst));
     }
   };
   (void)avx;
@@ -506,7 +686,7 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
   }
 
   // Work per tile: a lookup step (permutes, ~1-2 cycles; gather ~4) per padded slice and stage.
-  const double per_lookup = Kp <= 32 ? 1.0 : (Kp == 64 ? 2.0 : 5.0);
+  const double per_lookup = g.wide ? 8.0 : (Kp <= 32 ? 1.0 : 2.0);
   const double per_tile = static_cast<double>(M * S * g.nbp) * per_lookup + 16.0 * g.G;
   const int64_t grain = std::max<int64_t>(8, static_cast<int64_t>(kGrainUnits / per_tile) / 8 * 8);
   if (g.tiles <= grain) {
@@ -524,6 +704,7 @@ TORCH_LIBRARY_FRAGMENT(physkern, m) {
   m.def(
       "codebook_gemv_lut_pack(Tensor packed, int in_features, int block_dim, int k, "
       "int group_slices) -> Tensor");
+  m.def("codebook_gemv_lut_isa() -> str", &physkern::lutgemv::codebook_gemv_lut_isa);
   m.def(
       "codebook_gemv_lut(Tensor x, Tensor lut_idx, Tensor codebooks, Tensor? scales, "
       "Tensor? offsets, Tensor? bias, int in_features, int codebook_rows, "

@@ -682,9 +682,10 @@ def _register_gemv_lut_fakes() -> None:
         @torch.library.register_fake("physkern::codebook_gemv_lut_pack")
         def _(packed, in_features, block_dim, k, group_slices):
             nb = in_features // block_dim
-            quads = (nb // group_slices) * ((group_slices + 3) // 4)
-            return packed.new_empty(packed.shape[0], (packed.shape[1] + 15) // 16, quads, 64,
-                                    dtype=torch.uint8)
+            rows = gemv_lut_rows_per_tile(k)
+            vecs = nb if rows == 64 else (nb // group_slices) * ((group_slices + 3) // 4)
+            return packed.new_empty(packed.shape[0], (packed.shape[1] + rows - 1) // rows, vecs,
+                                    64, dtype=torch.uint8)
 
         @torch.library.register_fake(_GEMV_LUT_OP)
         def _(x, lut_idx, codebooks, scales, offsets, bias, in_features, codebook_rows,
@@ -692,6 +693,18 @@ def _register_gemv_lut_fakes() -> None:
             return x.new_empty(*x.shape[:-1], codebooks.shape[1] * codebook_rows)
     except RuntimeError:  # already registered (module reloaded)
         pass
+
+
+def gemv_lut_rows_per_tile(k: int) -> int:
+    """Output rows per tile of the LUT GEMV's layout: 16 for K <= 64 (fp32 register permutes),
+    64 above (byte-plane permutes)."""
+    return 16 if k <= 64 else 64
+
+
+def gemv_lut_isa() -> Optional[str]:
+    """What the LUT GEMV runs with: "avx512_vbmi" (every K vectorised), "avx512" (K <= 64),
+    "scalar", or None without the op."""
+    return torch.ops.physkern.codebook_gemv_lut_isa() if gemv_lut_available() else None
 
 
 def gemv_lut_group_slices(in_features: int, d: int, scale_group: int, has_scales: bool) -> int:
@@ -703,9 +716,10 @@ def gemv_lut_group_slices(in_features: int, d: int, scale_group: int, has_scales
 def gemv_lut_supported(out: int, in_features: int, stages: int, n_codebooks: int, k: int, d: int,
                        codebook_rows: int, scale_group: int, has_scales: bool) -> bool:
     """Whether the format fits the LUT GEMV at all: K <= 256, scale groups whole blocks, and
-    row tiles of 16 within one codebook (one codebook, or codebook_rows a multiple of 16)."""
+    row tiles within one codebook (one codebook, or codebook_rows a multiple of the tile's
+    gemv_lut_rows_per_tile(k) rows)."""
     return (1 <= k <= GEMV_LUT_MAX_K and (not has_scales or scale_group % d == 0)
-            and (n_codebooks == 1 or codebook_rows % 16 == 0))
+            and (n_codebooks == 1 or codebook_rows % gemv_lut_rows_per_tile(k) == 0))
 
 
 def gemv_lut_pays(out: int, in_features: int, stages: int, n_codebooks: int, k: int, d: int,
@@ -715,12 +729,13 @@ def gemv_lut_pays(out: int, in_features: int, stages: int, n_codebooks: int, k: 
     n_cb * in * K multiply-adds (K / 16 vector FMAs per slice of d inputs and codebook), then does
     one vector lookup (~4 instructions) per slice and 16 rows: the tables stay a minor cost while
     n_cb * K * d <= 4 * out. Scale groups are padded to 4 slices, so groups of few slices waste
-    lookups. Only the AVX-512 copy looks up with register
+    lookups (K <= 64 layout). K > 64 (64-row tiles, byte-plane tables) needs AVX-512 VBMI. Only the AVX-512 copy looks up with register
     permutes: the others run a scalar loop, slower than the direct path."""
-    if native_isa() != "avx512":
+    isa = gemv_lut_isa()
+    if isa not in ("avx512", "avx512_vbmi") or (k > 64 and isa != "avx512_vbmi"):
         return False
     spg = gemv_lut_group_slices(in_features, d, scale_group, has_scales)
-    padded = (spg + 3) // 4 * 4
+    padded = spg if k > 64 else (spg + 3) // 4 * 4
     return (n_codebooks * k * d <= 4 * out and padded * 4 <= spg * 5 and (d >= 2 or k <= 16))
 
 
@@ -741,7 +756,8 @@ def codebook_matmul_gemv_lut(x: torch.Tensor, packed: torch.Tensor, codebooks: t
 
     Same contract as codebook_matmul_triton: x [..., in] -> y [..., out] in x.dtype, fp32
     arithmetic. Needs gemv_lut_supported (K <= 256, scale_group % d == 0, one codebook or
-    codebook_rows % 16 == 0); any number of rows of x (each builds its own table).
+    codebook_rows a multiple of gemv_lut_rows_per_tile(k)); any number of rows of x (each builds
+    its own table).
     """
     if not gemv_lut_available():
         raise RuntimeError("physkern._C with physkern::codebook_gemv_lut is not available "
@@ -754,7 +770,8 @@ def codebook_matmul_gemv_lut(x: torch.Tensor, packed: torch.Tensor, codebooks: t
                               scales is not None):
         raise ValueError(f"the LUT GEMV needs K <= {GEMV_LUT_MAX_K} (got {k}), scale_group "
                          f"({scale_group}) a multiple of block_dim ({d}) and one codebook or "
-                         f"codebook_rows ({codebook_rows}) a multiple of 16")
+                         f"codebook_rows ({codebook_rows}) a multiple of "
+                         f"{gemv_lut_rows_per_tile(k)}")
     gs = gemv_lut_group_slices(in_features, d, scale_group, scales is not None)
     lay = gemv_lut_layout(packed, in_features, d, k, gs)
     return torch.ops.physkern.codebook_gemv_lut(x, lay, codebooks, scales, offsets, bias,
@@ -779,15 +796,58 @@ def codebook_matmul_small_m(x: torch.Tensor, packed: torch.Tensor, codebooks: to
                                                  "direct")
 
 
+class _PlanCache:
+    """Per packed tensor, the small-M path's decision (and LUT layout): one dict lookup per call.
+
+    IndexCache's general get() costs several microseconds a call (lock, key tuple, callbacks),
+    which the decode loop pays 211 times a token; this keeps only what the hot path needs. An
+    entry is valid while that very tensor lives (weak reference, removed with it), its version
+    counter is unchanged and the format key matches."""
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def get(self, packed: torch.Tensor, key: tuple, build):
+        pid = id(packed)
+        e = self._entries.get(pid)
+        try:
+            version = packed._version
+        except RuntimeError:  # inference tensors carry no version counter
+            version = None
+        if e is not None and e[0]() is packed and e[1] == version and e[2] == key:
+            return e[3]
+        value = build()
+
+        def _drop(ref, pid=pid, entries=self._entries):
+            cur = entries.get(pid)
+            if cur is not None and cur[0] is ref:
+                del entries[pid]
+
+        self._entries[pid] = (weakref.ref(packed, _drop), version, key, value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+_GEMV_LUT_PLANS = _PlanCache()
+
+
+def clear_gemv_lut_caches() -> None:
+    """Drop the LUT GEMV's cached layouts and the small-M path's cached decisions."""
+    GEMV_LUT_CACHE.clear()
+    _GEMV_LUT_PLANS.clear()
+
+
 def _gemv_lut_plan(packed, codebooks, scales, in_features, codebook_rows, scale_group):
     """(layout, group_slices) when the LUT GEMV serves this weight, else None; cached per packed
     tensor (keyed by the format, so a weight of another shape or K never reuses it)."""
-    _, n_cb, k, d = codebooks.shape
     has_scales = scales is not None
-    key = ("gemv_lut_plan", in_features, d, k, n_cb, codebook_rows, scale_group, has_scales)
+    key = (in_features, codebook_rows, scale_group, has_scales, codebooks.shape)
 
     def build():
         stages, out = packed.shape[0], packed.shape[1]
+        _, n_cb, k, d = codebooks.shape
         if not (gemv_lut_available()
                 and gemv_lut_supported(out, in_features, stages, n_cb, k, d, codebook_rows,
                                        scale_group, has_scales)
@@ -797,7 +857,7 @@ def _gemv_lut_plan(packed, codebooks, scales, in_features, codebook_rows, scale_
         gs = gemv_lut_group_slices(in_features, d, scale_group, has_scales)
         return gemv_lut_layout(packed, in_features, d, k, gs), gs
 
-    return GEMV_LUT_CACHE.get(packed, key, build)
+    return _GEMV_LUT_PLANS.get(packed, key, build)
 
 
 def unpack_fast(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:

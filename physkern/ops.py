@@ -32,7 +32,7 @@ from typing import Optional, TYPE_CHECKING
 
 import torch
 
-from physkern.kernels.codebook_matmul import (GEMV_LUT_CACHE, INDEX_CACHE, NATIVE_MAX_M,
+from physkern.kernels.codebook_matmul import (INDEX_CACHE, NATIVE_MAX_M, clear_gemv_lut_caches,
                                               codebook_matmul_cpu, codebook_matmul_reference,
                                               codebook_matmul_small_m, codebook_matmul_triton,
                                               native_matmul_available)
@@ -178,7 +178,7 @@ def _eager_native_ok(x: torch.Tensor, bias: Optional[torch.Tensor], in_features:
 def clear_index_cache() -> None:
     """Drop the CPU paths' cached index layouts (they are also freed with their tensors)."""
     INDEX_CACHE.clear()
-    GEMV_LUT_CACHE.clear()
+    clear_gemv_lut_caches()
 
 
 def triton_interpreter_active() -> bool:

@@ -1,7 +1,8 @@
 """Lookup-table GEMV (physkern::codebook_gemv_lut, csrc/codebook_gemv_lut.cpp) against the
 independent float64 reference of test_codebook_matmul_native (dequantize, then matmul).
 
-Every K the path takes (1..256: one permute, two-register permutes, permutes + blend, gathers),
+Every K the path takes (1..256: one permute, two-register permutes, permutes + blend; above 64
+byte-plane permutes over 64-row tiles),
 d in {1, 2, 3, 4, 8}, 1 and 2 stages, one codebook or several (codebook_rows a multiple of 16),
 scales per row or per group (group slices a multiple of 4 or padded), offsets, bias, odd out
 (partial 16-row tiles), M in {1, 2, 5}, fp32 / fp16 / bf16 inputs, codebooks and scales, 1 and 2
@@ -41,6 +42,9 @@ CASES = [
     (19, 40, 2, 64, 1, 0, 2, True, True),         # one slice per group (padded to 4)
     (130, 128, 4, 256, 2, 0, 32, True, True),     # K = 256, two stages, groups, offsets
     (17, 24, 1, 5, 1, 0, 24, False, False),       # no scales, d = 1
+    (192, 64, 2, 200, 1, 64, 32, True, True),     # K > 128, several codebooks of 64 rows
+    (130, 48, 2, 128, 2, 0, 48, False, False),    # K = 128 (one byte permute per plane)
+    (65, 40, 1, 65, 1, 0, 8, True, False),        # K = 65 (wide), partial 64-row tile
 ]
 
 
@@ -143,20 +147,22 @@ def test_selector_picks_lut_where_it_pays():
     pays = C.gemv_lut_pays(256, 128, 1, 1, 64, 2, 128, True)
     assert pays == (C.native_isa() == "avx512")
     for m in (1, C.GEMV_LUT_MAX_M, C.GEMV_LUT_MAX_M + 1, C.NATIVE_MAX_M):
-        C.GEMV_LUT_CACHE.clear()
+        C.clear_gemv_lut_caches()
         x = torch.randn(m, 128)
         with torch.no_grad():
             check(layer(x), x, qw, None)
         check(ops.codebook_matmul(x, qw, None), x, qw, None)
         check(C.codebook_matmul_cpu(*args(qw, x, None)), x, qw, None)
-        used = len(C.GEMV_LUT_CACHE._entries) == 2  # the plan and the layout
+        used = len(C.GEMV_LUT_CACHE._entries) == 1  # the layout was built
         assert used == (pays and m <= C.GEMV_LUT_MAX_M), (m, pays)
     # Formats the LUT GEMV does not take always run the direct op.
     assert not C.gemv_lut_supported(64, 64, 1, 64, 4096, 2, 1, 64, True)   # K > 256
     assert not C.gemv_lut_supported(64, 64, 1, 8, 16, 2, 8, 64, True)      # rows of 8
+    assert not C.gemv_lut_supported(64, 64, 1, 4, 100, 2, 16, 64, True)    # K > 64: rows of 64
+    assert C.gemv_lut_supported(128, 64, 1, 2, 100, 2, 64, 64, True)
     assert not C.gemv_lut_supported(64, 64, 1, 1, 16, 4, 64, 2, True)      # groups < d
     qw = make_qw(64, 64, 2, 64, 1, 1, 64, True, False)                     # row scope
-    C.GEMV_LUT_CACHE.clear()
+    C.clear_gemv_lut_caches()
     x = torch.randn(1, 64)
     check(C.codebook_matmul_small_m(*args(qw, x, None)), x, qw, None)
     assert C._gemv_lut_plan(qw.packed, qw.codebooks, qw.scales, 64, 1, 64) is None
