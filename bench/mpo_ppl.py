@@ -89,8 +89,9 @@ def table(payload: dict) -> str:
     out = [f"FP32: {fp['perplexity']:.2f}" if fp else "",
            "", "| method | target bits | true bits/weight | size | perplexity | + healing "
            f"({payload['setup']['heal_steps']} steps) | heal kept |", "|---|---|---|---|---|---|---|"]
+    bits = sorted({p["target_bits"] for p in payload["points"] if p["target_bits"]}, reverse=True)
     for m in METHODS:
-        for b in payload["setup"]["bits"]:
+        for b in bits:
             p = pts.get(f"{m}{b:g}")
             h = pts.get(f"{m}{b:g}+heal{payload['setup']['heal_steps']}")
             if p is None and h is None:
@@ -143,6 +144,7 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--heal-steps", type=int, default=50)
     p.add_argument("--no-heal", action="store_true", help="only the un-healed points")
+    p.add_argument("--heal-only", action="store_true", help="only the healed points")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--calib-windows", type=int, default=16)
@@ -171,7 +173,7 @@ def main(argv=None):
     base, tok = load_model()
     tokens = evaluation_tokens(tok, corpus, args.tokens)
     setup = {"model": resolve_model_name(None), "corpus": corpus.describe(),
-             "tokens": int(tokens.numel()), "layers": args.layers, "bits": args.bits,
+             "tokens": int(tokens.numel()), "layers": args.layers,
              "heal_steps": args.heal_steps,
              "protocol": {"kind": "non-overlapping", "window": args.window, "dtype": "float32",
                           "text": "evaluation part (second half of the documents)"},
@@ -183,7 +185,8 @@ def main(argv=None):
     points = []
     if out.exists() and not args.fresh:
         old = json.loads(out.read_text())
-        if old.get("setup") != json.loads(json.dumps(setup)):
+        old_setup = {k: v for k, v in old.get("setup", {}).items() if k != "bits"}
+        if old_setup != json.loads(json.dumps(setup)):
             raise SystemExit(f"{out} was made with another setup; pass --fresh or --out")
         points = old["points"]
     done = {q["name"] for q in points}
@@ -191,12 +194,15 @@ def main(argv=None):
     def save():
         payload = {"experiment": "MPO vs truncated SVD vs codebook on the same layers at equal "
                                  "true bits: perplexity with and without healing (issue 21.3)",
-                   "setup": setup, "points": points, **provenance("cpu")}
+                   "setup": {**setup, "bits": sorted({q["target_bits"] for q in points
+                                                      if q["target_bits"]})},
+                   "points": points, **provenance("cpu")}
         write_json(out, payload)
         return payload
 
     plan = [("fp", None, None, 0)]
-    heals = [0] if args.no_heal else [0, args.heal_steps]
+    heals = [0] if args.no_heal else [args.heal_steps] if args.heal_only else \
+        [0, args.heal_steps]
     for h in heals:
         for b in sorted(args.bits, reverse=True):
             for m in args.methods:

@@ -167,12 +167,14 @@ def test_sweeps_reject_bad_H():
 # MPOLinear
 
 
+@pytest.mark.parametrize("mode", ["contract", "dense", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_mpo_linear_forward_equals_dense_product(dtype):
+def test_mpo_linear_forward_equals_dense_product(dtype, mode):
     torch.manual_seed(0)
     lin = nn.Linear(20, 12, bias=True)
     m = MPOLinear.from_linear(lin, chi=3, cores=3, out_factors=(3, 4, 1), in_factors=(4, 5, 1),
                               dtype=dtype)
+    m.mode = mode
     assert m.out_factors == (3, 4, 1) and m.in_factors == (4, 5, 1)
     assert all(c.dtype == dtype for c in m.cores)
     x = torch.randn(2, 3, 20)
@@ -182,6 +184,33 @@ def test_mpo_linear_forward_equals_dense_product(dtype):
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y, x @ mpo_to_dense([c.float() for c in m.cores]).t() + m.bias,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_contract_mode_never_forms_w_and_auto_picks_the_cheaper_path(monkeypatch):
+    torch.manual_seed(0)
+    m = MPOLinear.from_linear(torch.randn(48, 40), chi=16, cores=2, dtype=torch.float32)
+    x1, xs = torch.randn(1, 40), torch.randn(4096, 40)
+    ref1, refs = x1 @ m.weight().t(), xs @ m.weight().t()
+    # explicit multiply-add count of the contraction for one token (cores [1,o1,i1,r], [r,o2,i2,1])
+    (_, o1, i1, r), (_, o2, i2, _) = (tuple(g.shape) for g in m.cores)
+    assert m.flops(1)["contract"] == i2 * r * o1 * i1 + o1 * r * o2 * i2
+    assert m.flops(1)["dense"] == o1 * i1 * r + o1 * i1 * r * o2 * i2 + 40 * 48
+    f1, fs = m.flops(1), m.flops(4096)
+    assert f1["contract"] < f1["dense"] and fs["dense"] < fs["contract"]
+    calls = []
+    real = MPOLinear.weight
+    monkeypatch.setattr(MPOLinear, "weight", lambda self: calls.append(1) or real(self))
+    m.mode = "contract"
+    torch.testing.assert_close(m(xs), refs, rtol=1e-4, atol=1e-4)
+    assert not calls
+    m.mode = "auto"
+    torch.testing.assert_close(m(x1), ref1, rtol=1e-4, atol=1e-4)
+    assert not calls  # one token: contracted
+    torch.testing.assert_close(m(xs), refs, rtol=1e-4, atol=1e-4)
+    assert calls  # 4096 tokens: W formed once
+    m.mode = "bogus"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        m(x1)
 
 
 def test_mpo_linear_default_factors_odd_shapes_no_bias():

@@ -20,7 +20,10 @@ r_0 = r_N = 1 and every bond r_k capped by the bond dimension chi.
 - `mpo_to_dense(cores, out_factors, in_factors)`: the reference contraction.
 - `MPOLinear`: a drop-in for nn.Linear that stores the cores (fp16 by default) and contracts the
   input with them one core at a time, never forming W; counted by physkern.quant.accounting
-  through `weight_numel()` / `storage_bits()`.
+  through `weight_numel()` / `storage_bits()`. For long inputs at large bonds the contraction
+  costs more than forming W once per call (2 cores at chi 115 on a 1536 x 576 weight: ~12x the
+  dense product per token), so mode "auto" (default) takes whichever path `flops()` says is
+  cheaper; "contract" / "dense" force one (same function, tested equal).
 - `chi_for_bits` / `bits_per_weight`: bond dimension <-> stored bits per weight.
 
 Cost of one local solve: plain objective, a few einsums over W; with H, a dense system of size
@@ -421,11 +424,42 @@ class MPOLinear(nn.Module):
     def chi(self) -> int:
         return max(int(g.shape[3]) for g in self.cores)
 
+    # "contract": always contract x with the cores (never forms W); "dense": form W from the
+    # cores for each call and multiply (same function; cheaper for long inputs when the bond is
+    # large: see flops()); "auto": whichever flops() says is cheaper for the call's token count.
+    MODES = ("auto", "contract", "dense")
+    mode: str = "auto"
+
+    def flops(self, tokens: int) -> dict:
+        """Multiply-adds of one call on `tokens` input rows: {"contract", "dense"} (the dense
+        path counts forming W from the cores plus the [tokens, in] x [in, out] product)."""
+        contract = form = 0
+        O, IL = 1, 1
+        rest = self.in_features
+        for g in self.cores:
+            r, o, i, s = g.shape
+            rest //= i
+            contract += tokens * O * rest * r * o * i * s
+            form += O * IL * r * o * i * s
+            O, IL = O * o, IL * i
+        return {"contract": contract, "dense": form + tokens * self.in_features *
+                self.out_features}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dimension must be {self.in_features}, "
                              f"got {tuple(x.shape)}")
+        if self.mode not in self.MODES:
+            raise ValueError(f"mode must be one of {', '.join(self.MODES)}, got {self.mode!r}")
         lead = x.shape[:-1]
+        mode = self.mode
+        if mode == "auto":
+            f = self.flops(x.numel() // self.in_features)
+            mode = "dense" if f["dense"] < f["contract"] else "contract"
+        if mode == "dense":
+            y = torch.nn.functional.linear(x.float(), self.weight(),
+                                           None if self.bias is None else self.bias.float())
+            return y.to(x.dtype) if x.is_floating_point() else y
         t = x.reshape(-1, 1, self.in_features, 1).float()  # [B, O_done, I_rest, r]
         for g in self.cores:
             g = g.float()
