@@ -87,14 +87,25 @@ inline float to_f(const void* base, at::ScalarType t, int64_t i) {
 
 // Scales (or offsets) of tiles [t0, t0 + nt), transposed: dst[(r * G + gi) * 16 + l] =
 // src[16 (t0 + r) + l, gi], 0 for rows past out.
-inline void tile_params(const LArgs& a, const void* src, at::ScalarType t, int64_t t0, int64_t nt,
-                        float* dst) {
+template <class T>
+inline void tile_params_t(const LArgs& a, const T* src, int64_t t0, int64_t nt, float* dst) {
   for (int64_t r = 0; r < nt; ++r)
     for (int64_t l = 0; l < 16; ++l) {
       const int64_t o = 16 * (t0 + r) + l;
       for (int64_t gi = 0; gi < a.G; ++gi)
-        dst[(r * a.G + gi) * 16 + l] = o < a.out ? to_f(src, t, o * a.G + gi) : 0.0f;
+        dst[(r * a.G + gi) * 16 + l] = o < a.out ? static_cast<float>(src[o * a.G + gi]) : 0.0f;
     }
+}
+
+inline void tile_params(const LArgs& a, const void* src, at::ScalarType t, int64_t t0, int64_t nt,
+                        float* dst) {
+  switch (t) {
+    case at::kFloat: return tile_params_t(a, static_cast<const float*>(src), t0, nt, dst);
+    case at::kHalf: return tile_params_t(a, static_cast<const c10::Half*>(src), t0, nt, dst);
+    case at::kBFloat16:
+      return tile_params_t(a, static_cast<const c10::BFloat16*>(src), t0, nt, dst);
+    default: return tile_params_t(a, static_cast<const double*>(src), t0, nt, dst);
+  }
 }
 
 inline const float* table_row(const LArgs& a, int64_t m, int64_t s, int64_t c, int64_t p) {
@@ -274,6 +285,14 @@ __attribute__((noinline)) void wide_avx512(const LArgs& a, int64_t t, int64_t c,
 
 #pragma GCC pop_options
 
+void half_to_float_avx512(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                  reinterpret_cast<const __m256i*>(src + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+
 void build_row_avx512(const float* xs, const float* ct, int64_t d, int64_t Kp, float* dst) {
   for (int64_t k = 0; k < Kp; k += 16) {
     __m512 acc = _mm512_mul_ps(_mm512_set1_ps(xs[0]), _mm512_loadu_ps(ct + k));
@@ -368,6 +387,38 @@ void run_avx512(const LArgs& a, int64_t t0, int64_t t1, int64_t c, float* sc, fl
 
 #pragma GCC pop_options
 #endif  // PHYSKERN_CBMM_X86
+
+bool use_avx512();
+
+// t (float32 / float16 / bfloat16 / float64, contiguous) as float32: its own data when it is
+// float32, else converted into buf (thread-local scratch of the caller; F16C with AVX-512).
+const float* as_f32(const at::Tensor& t, std::vector<float>& buf) {
+  if (!t.defined()) return nullptr;
+  if (t.scalar_type() == at::kFloat) return t.const_data_ptr<float>();
+  const int64_t n = t.numel();
+  if (buf.size() < static_cast<size_t>(n)) buf.resize(static_cast<size_t>(n));
+  float* dst = buf.data();
+  if (t.scalar_type() == at::kHalf) {
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(t.const_data_ptr<c10::Half>());
+#if PHYSKERN_CBMM_X86
+    if (use_avx512()) {
+      half_to_float_avx512(p, n, dst);
+      return dst;
+    }
+#endif
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(c10::Half(p[i], c10::Half::from_bits()));
+  } else if (t.scalar_type() == at::kBFloat16) {
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(t.const_data_ptr<c10::BFloat16>());
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t u = static_cast<uint32_t>(p[i]) << 16;
+      std::memcpy(dst + i, &u, 4);
+    }
+  } else {
+    const double* p = t.const_data_ptr<double>();
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]);
+  }
+  return dst;
+}
 
 bool use_avx512() {
 #if PHYSKERN_CBMM_X86
@@ -572,12 +623,17 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
                       "every tensor must be on the CPU, got ", (*t)->device());
   }
 
-  const at::Tensor xf = x.reshape({-1, in_features}).to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0);
+  // Decode calls pass contiguous fp32 x: used as it is (no reshape / conversion per call).
+  const bool x_f32 = x.scalar_type() == at::kFloat;
+  const at::Tensor xf = x_f32 && x.is_contiguous()
+                            ? x
+                            : x.reshape({-1, in_features}).to(at::kFloat).contiguous();
+  const int64_t M = x.numel() / in_features;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = out;
-  at::Tensor y = at::empty({M, out}, x.options().dtype(at::kFloat));
-  if (M == 0 || out == 0) return y.reshape(out_shape).to(x.scalar_type());
+  at::Tensor y = at::empty(out_shape, x.options().dtype(at::kFloat));
+  auto result = [&]() { return x_f32 ? y : y.to(x.scalar_type()); };
+  if (M == 0 || out == 0) return result();
 
   auto keep = [](at::ScalarType t) {
     return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
@@ -587,7 +643,9 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
     return keep(t->scalar_type()) ? t->contiguous() : t->to(at::kFloat).contiguous();
   };
   const at::Tensor sc = prep(scales), of = prep(offsets);
-  const at::Tensor bs = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor bs = !bias.has_value() ? at::Tensor()
+                        : (bias->scalar_type() == at::kFloat && bias->is_contiguous()
+                               ? *bias : bias->to(at::kFloat).contiguous());
   const at::Tensor cb = prep(codebooks);
 
   LArgs a{};
@@ -609,15 +667,16 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
   a.tiles = g.tiles;
   a.tiles_per_cb = n_cb == 1 ? g.tiles : codebook_rows / g.rows_per_tile;
   a.idx = lut_idx.const_data_ptr<uint8_t>();
-  a.scales = sc.defined() ? sc.const_data_ptr() : nullptr;
-  a.scales_type = sc.defined() ? sc.scalar_type() : at::kFloat;
-  a.offsets = of.defined() ? of.const_data_ptr() : nullptr;
-  a.offsets_type = of.defined() ? of.scalar_type() : at::kFloat;
+  // Thread-local scratch that only grows: fp32 copies of half-precision parameters, transposed
+  // codebooks, tables, x sums.
+  thread_local std::vector<float> sc_buf, of_buf, cbf_buf, ct_buf, table_buf, xsum_buf;
+  a.scales = as_f32(sc, sc_buf);
+  a.scales_type = at::kFloat;
+  a.offsets = as_f32(of, of_buf);
+  a.offsets_type = at::kFloat;
   a.bias = bs.defined() ? bs.const_data_ptr<float>() : nullptr;
   a.y = y.data_ptr<float>();
 
-  // Thread-local scratch that only grows: transposed codebooks, tables, x sums.
-  thread_local std::vector<float> ct_buf, table_buf, xsum_buf;
   const int64_t Kp = a.Kp;
   const size_t ct_n = static_cast<size_t>(S * n_cb * d * Kp);
   const size_t table_n = static_cast<size_t>(M * S * n_cb * g.nbp * Kp);
@@ -625,12 +684,11 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
   if (table_buf.size() < table_n) table_buf.resize(table_n);
   float* ct = ct_buf.data();
   {
-    const void* cbp = cb.const_data_ptr();
-    const at::ScalarType ct_type = cb.scalar_type();
+    const float* cbp = as_f32(cb, cbf_buf);
     for (int64_t sc_i = 0; sc_i < S * n_cb; ++sc_i)
       for (int64_t j = 0; j < d; ++j) {
         float* row = ct + (sc_i * d + j) * Kp;
-        for (int64_t kk = 0; kk < K; ++kk) row[kk] = to_f(cbp, ct_type, (sc_i * K + kk) * d + j);
+        for (int64_t kk = 0; kk < K; ++kk) row[kk] = cbp[(sc_i * K + kk) * d + j];
         for (int64_t kk = K; kk < Kp; ++kk) row[kk] = 0.0f;
       }
   }
@@ -694,7 +752,7 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
   } else {
     at::parallel_for(0, g.tiles, grain, [&](int64_t b, int64_t e) { run_tiles(a, b, e); });
   }
-  return y.reshape(out_shape).to(x.scalar_type());
+  return result();
 }
 
 }  // namespace lutgemv
