@@ -230,6 +230,76 @@ def _snapshot(model: nn.Module, train_norms: bool) -> list[tuple[torch.Tensor, t
     return out
 
 
+def check_training_args(calibration: torch.Tensor, steps: int, lr: float, batch_size: int,
+                        holdout: int, schedule: str) -> None:
+    """The argument checks of a KL training run (finetune_quantized and any trainer that
+    shares its protocol): ValueError naming the argument."""
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or \
+            calibration.dtype.is_floating_point or calibration.dtype.is_complex or \
+            calibration.dtype == torch.bool:
+        raise ValueError("calibration must be a 2-D integer tensor [n_windows, seq] of token ids, "
+                         f"got {getattr(calibration, 'dtype', type(calibration).__name__)} "
+                         f"{tuple(getattr(calibration, 'shape', ()))}")
+    n = calibration.shape[0]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0) or \
+            math.isinf(lr):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or not 1 <= holdout < n:
+        raise ValueError(f"holdout must be an integer in [1, n_windows - 1] = [1, {n - 1}] (the "
+                         f"keep-if-better check needs held-out windows, training needs the "
+                         f"rest), got {holdout!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or \
+            not 1 <= batch_size <= n - holdout:
+        raise ValueError(f"batch_size must be an integer in [1, training windows = "
+                         f"{n - holdout}], got {batch_size!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+
+
+def holdout_split(calibration: torch.Tensor, holdout: int, seed: int):
+    """The seeded split of calibration windows: (generator, permutation, train windows, held-out
+    windows); the generator goes on to draw the training epochs' orders (kl_steps)."""
+    n = calibration.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    return gen, perm, calibration[perm[:n - holdout]], calibration[perm[n - holdout:]]
+
+
+def kl_steps(model: nn.Module, teacher: nn.Module, train: torch.Tensor, param_groups: list,
+             steps: int, batch_size: int, schedule: str, gen: torch.Generator,
+             on_step=None) -> list[float]:
+    """Adam on the token-averaged KL(teacher || student) over `param_groups` (with their lr),
+    `batch_size` training windows per step in seeded epoch orders drawn from gen, lr x
+    lr_factor(schedule). Stops early at a non-finite loss (the caller's keep-if-better check
+    restores). on_step(step, loss) after each step. Run it with gradients enabled; returns the
+    loss curve."""
+    dev = next(model.parameters()).device
+    opt = torch.optim.Adam(param_groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(schedule, t, steps))
+    order: list[int] = []
+    curve: list[float] = []
+    for step in range(steps):
+        if len(order) < batch_size:  # a fresh seeded epoch order when one runs out
+            order += torch.randperm(train.shape[0], generator=gen).tolist()
+        ids = train[order[:batch_size]].to(dev)
+        del order[:batch_size]
+        with torch.no_grad():
+            t_logits = _logits(teacher, ids)
+        loss = token_kl(t_logits, _logits(model, ids)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        curve.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, curve[-1])
+        if not math.isfinite(curve[-1]):
+            break
+    return curve
+
+
 def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.Tensor,
                        steps: int = 100, lr: float = 1e-3, batch_size: int = 1, seed: int = 0,
                        holdout: int = 2, progress: bool = True,
@@ -255,28 +325,7 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
     "norm_tensors", "holdout_kl_before", "holdout_kl_after" (of the trained values, even when
     they were not kept), "kept", "note", "seconds", "loss_curve" [steps run]}.
     """
-    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or \
-            calibration.dtype.is_floating_point or calibration.dtype.is_complex or \
-            calibration.dtype == torch.bool:
-        raise ValueError("calibration must be a 2-D integer tensor [n_windows, seq] of token ids, "
-                         f"got {getattr(calibration, 'dtype', type(calibration).__name__)} "
-                         f"{tuple(getattr(calibration, 'shape', ()))}")
-    n = calibration.shape[0]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0) or \
-            math.isinf(lr):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if isinstance(holdout, bool) or not isinstance(holdout, int) or not 1 <= holdout < n:
-        raise ValueError(f"holdout must be an integer in [1, n_windows - 1] = [1, {n - 1}] (the "
-                         f"keep-if-better check needs held-out windows, training needs the "
-                         f"rest), got {holdout!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or \
-            not 1 <= batch_size <= n - holdout:
-        raise ValueError(f"batch_size must be an integer in [1, training windows = "
-                         f"{n - holdout}], got {batch_size!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    check_training_args(calibration, steps, lr, batch_size, holdout, schedule)
     if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise ValueError("model: no QuantizedLinear layers to fine-tune (run physkern.quantize "
                          "first)")
@@ -285,42 +334,24 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
     modes = (model.training, teacher.training)
     model.eval()
     teacher.eval()
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=gen)
-    train, held = calibration[perm[:n - holdout]], calibration[perm[n - holdout:]]
-    dev = next(model.parameters()).device
+    gen, perm, train, held = holdout_split(calibration, holdout, seed)
     snapshot = _snapshot(model, train_norms)
-    curve: list[float] = []
     try:
         before = mean_kl(model, teacher, held, batch_size)
         with differentiable_quantized(model, train_norms) as tr, torch.enable_grad():
-            opt = torch.optim.Adam(tr.param_groups(float(lr)))
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(schedule, t,
-                                                                                steps))
             n_params = sum(p.numel() for p in tr.parameters())
-            order: list[int] = []
             bar = None
             if progress:
                 from tqdm.auto import tqdm
                 bar = tqdm(total=steps, desc="finetune", unit="step")
-            for _ in range(steps):
-                if len(order) < batch_size:  # a fresh seeded epoch order when one runs out
-                    order += torch.randperm(train.shape[0], generator=gen).tolist()
-                ids = train[order[:batch_size]].to(dev)
-                del order[:batch_size]
-                with torch.no_grad():
-                    t_logits = _logits(teacher, ids)
-                loss = token_kl(t_logits, _logits(model, ids)).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                curve.append(float(loss.detach()))
+
+            def on_step(step: int, kl: float) -> None:
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(kl=f"{curve[-1]:.4g}")
-                if not math.isfinite(curve[-1]):
-                    break  # diverged: the holdout check below restores the originals
+                    bar.set_postfix(kl=f"{kl:.4g}")
+
+            curve = kl_steps(model, teacher, train, tr.param_groups(float(lr)), steps,
+                             batch_size, schedule, gen, on_step)
             if bar is not None:
                 bar.close()
             notes = list(tr.notes)
@@ -341,7 +372,7 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
     return {"steps": len(curve), "lr": float(lr), "lr_relative": True, "schedule": schedule,
             "batch_size": batch_size,
             "seed": seed, "train_norms": train_norms, "train_windows": int(train.shape[0]),
-            "holdout_windows": holdout, "holdout_indices": perm[n - holdout:].tolist(),
+            "holdout_windows": holdout, "holdout_indices": perm[len(train):].tolist(),
             "window": int(calibration.shape[1]),
             "trained_parameters": n_params, "quantized_layers": n_layers,
             "norm_tensors": n_norms, "holdout_kl_before": before, "holdout_kl_after": after,
