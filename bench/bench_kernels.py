@@ -13,9 +13,11 @@
    within a row, so the C++ op's product is 2d wide there.
 2. codebook matmul, CPU path (physkern.ops.codebook_matmul) vs dense fp32 x @ W^T + b with the same
    shape, M in {1, 16, 512}, for several storage recipes and shapes (3072x768 and the packaged
-   model's 1536x576 / 576x1536). For M <= NATIVE_MAX_M that path is the fused C++ op
-   physkern::codebook_matmul_cpu ("direct" method); warm rows also time its "lut" method (per-row
-   lookup tables, where the recipe allows it) to document which method "auto" runs.
+   model's 1536x576 / 576x1536). For M <= NATIVE_MAX_M that path is C++: the LUT GEMV
+   physkern::codebook_gemv_lut where codebook_matmul_small_m picks it (M <= GEMV_LUT_MAX_M and a
+   format where it pays), else the fused op physkern::codebook_matmul_cpu ("direct" method); each
+   row records which (cpu_path). Warm rows also time the direct op itself when the LUT GEMV ran,
+   and the direct op's "lut" method (per-row lookup tables, where the recipe allows it).
 
 Timings are the minimum over repeats (the machine is shared; the load average is recorded).
 --only runs one part and merges it into the existing results file, keeping the other part; each
@@ -35,7 +37,8 @@ from pathlib import Path
 import torch
 
 from physkern import ops
-from physkern.kernels.codebook_matmul import (NATIVE_MAX_M, codebook_matmul_native, native_isa,
+from physkern.kernels.codebook_matmul import (NATIVE_MAX_M, codebook_matmul_native,
+                                              gemv_lut_serves, native_isa,
                                               native_matmul_available)
 from physkern.kernels.kmeans_assign import kmeans_assign_torch, native_kmeans_available
 from physkern.provenance import provenance, write_json
@@ -142,6 +145,8 @@ RECIPES = {  # name: (block_dim, K, scope, codebook_rows or None for layer, stag
     "layer_K256_d4_scales_g64": (4, 256, "layer", None, 1, 64),
     "layer_K256_d8_2stages_scales_g64": (8, 256, "layer", None, 2, 64),
     "rtn_4bit_g64 (d=1, affine)": (1, 16, "layer", None, 1, 64),
+    # the deploy preset's decoder layers (per-row scales: one group of in_features)
+    "layer_K64_d2_row_scales (deploy)": (2, 64, "layer", None, 1, -1),
 }
 
 
@@ -151,6 +156,7 @@ def make_weight(out_f, in_f, d, k, rows, stages, group, seed=0) -> QuantizedWeig
     idx = torch.randint(0, k, (stages, out_f, in_f // d), generator=g)
     cb = torch.randn(stages, out_f // rows, k, d, generator=g).half()
     scales = offsets = None
+    group = in_f if group == -1 else group  # -1: one scale per row
     if group:
         scales = (torch.rand(out_f, in_f // group, generator=g) * 0.02).half()
         if d == 1:
@@ -196,16 +202,28 @@ def bench_matmul(repeats: int, shapes, ms, streaming: bool) -> list:
                 ref = ops.codebook_matmul(x, qw, bias, backend="reference")
                 err = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
                 native = native_matmul_available() and m <= NATIVE_MAX_M
+                gemv_lut = native and gemv_lut_serves(m, qw.packed, qw.codebooks, qw.scales, in_f,
+                                                      qw.codebook_rows, qw.scale_group)
                 rec = {"out_features": out_f, "in_features": in_f, "recipe": name,
                        "cache": "streaming" if streaming else "warm", "copies": copies,
                        "threads": torch.get_num_threads(),
                        "block_dim": d, "k": k, "scope": scope, "stages": stages,
                        "scale_group": group, "m": m,
-                       "cpu_path": ("physkern::codebook_matmul_cpu direct (C++)" if native
+                       "cpu_path": ("physkern::codebook_gemv_lut (C++ LUT GEMV)" if gemv_lut
+                                    else "physkern::codebook_matmul_cpu direct (C++)" if native
                                     else "torch (dequantize gather + matmul, or torch LUT)"),
                        "dense_fp32_seconds": t_dense,
                        "codebook_cpu_seconds": t_q, "ratio_vs_dense": t_q / t_dense,
                        "max_rel_error_vs_reference": err}
+                if gemv_lut and not streaming:
+                    # The direct op the LUT GEMV replaced, timed against dense the same way.
+                    a = (x, qw.packed, qw.codebooks, qw.scales, qw.offsets, bias, in_f,
+                         qw.codebook_rows, qw.scale_group)
+                    t_dense3, t_dir = timeit_pair(
+                        [lambda: torch.addmm(bias, x, ws[0].T),
+                         lambda: codebook_matmul_native(*a, method="direct")], repeats, inner)
+                    rec["native_direct_seconds"] = t_dir
+                    rec["native_direct_ratio_vs_dense"] = t_dir / t_dense3
                 lut_ok = group is None or group % d == 0
                 if native and not streaming and lut_ok:
                     # The C++ op's other method, timed against dense in the same interleaved way.
@@ -219,6 +237,8 @@ def bench_matmul(repeats: int, shapes, ms, streaming: bool) -> list:
                 rows.append(rec)
                 extra = (f", lut method {rec['native_lut_ratio_vs_dense']:5.2f}"
                          if "native_lut_seconds" in rec else "")
+                if "native_direct_seconds" in rec:
+                    extra += f", direct op {rec['native_direct_ratio_vs_dense']:5.2f} (LUT GEMV ran)"
                 print(f"[{rec['cache']:9s} t={rec['threads']}] {out_f}x{in_f} {name:34s} M={m:4d}: dense {t_dense * 1e6:9.1f} us, "
                       f"codebook {t_q * 1e6:9.1f} us, ratio {t_q / t_dense:5.2f}{extra}", flush=True)
     return rows

@@ -729,14 +729,17 @@ def gemv_lut_pays(out: int, in_features: int, stages: int, n_codebooks: int, k: 
     n_cb * in * K multiply-adds (K / 16 vector FMAs per slice of d inputs and codebook), then does
     one vector lookup (~4 instructions) per slice and 16 rows: the tables stay a minor cost while
     n_cb * K * d <= 4 * out. Scale groups are padded to 4 slices, so groups of few slices waste
-    lookups (K <= 64 layout). K > 64 (64-row tiles, byte-plane tables) needs AVX-512 VBMI. Only the AVX-512 copy looks up with register
-    permutes: the others run a scalar loop, slower than the direct path."""
+    lookups (K <= 64 layout). K > 64 (64-row tiles, byte-plane tables) needs AVX-512 VBMI.
+    d = 1 (scalar grids such as RTN 4-bit) stays on the direct path: one lookup per weight is no
+    faster than its nibble permutes (measured 0.85-1.26x), and the byte layout doubles the
+    index bytes read per token. Only the AVX-512 kernels look up with register permutes: the
+    others run a scalar loop, slower than the direct path."""
     isa = gemv_lut_isa()
     if isa not in ("avx512", "avx512_vbmi") or (k > 64 and isa != "avx512_vbmi"):
         return False
     spg = gemv_lut_group_slices(in_features, d, scale_group, has_scales)
     padded = spg if k > 64 else (spg + 3) // 4 * 4
-    return (n_codebooks * k * d <= 4 * out and padded * 4 <= spg * 5 and (d >= 2 or k <= 16))
+    return n_codebooks * k * d <= 4 * out and padded * 4 <= spg * 5 and d >= 2
 
 
 def gemv_lut_layout(packed: torch.Tensor, in_features: int, d: int, k: int,
@@ -858,6 +861,16 @@ def _gemv_lut_plan(packed, codebooks, scales, in_features, codebook_rows, scale_
         return gemv_lut_layout(packed, in_features, d, k, gs), gs
 
     return _GEMV_LUT_PLANS.get(packed, key, build)
+
+
+def gemv_lut_serves(m: int, packed: torch.Tensor, codebooks: torch.Tensor,
+                    scales: Optional[torch.Tensor], in_features: int, codebook_rows: int,
+                    scale_group: int) -> bool:
+    """Whether codebook_matmul_small_m runs the LUT GEMV for x with m rows and this weight (for
+    benchmarks and tests: which C++ path "auto" takes)."""
+    return (m <= GEMV_LUT_MAX_M and native_matmul_available()
+            and _gemv_lut_plan(packed, codebooks, scales, in_features, codebook_rows,
+                               scale_group) is not None)
 
 
 def unpack_fast(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
