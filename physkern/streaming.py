@@ -243,6 +243,18 @@ def _materialise(model: nn.Module, ckpt: Checkpoint, fills: dict, keys, device,
             assign_tensor(model, k, t)
 
 
+def _to_meta(model: nn.Module, fills: dict, keys) -> None:
+    """Replace the tensors of checkpoint `keys` in `model` by meta tensors (ties kept)."""
+    sd = model.state_dict(keep_vars=True)
+    for key in keys:
+        t = sd[fills[key][0]]
+        m = t.to("meta")
+        if isinstance(t, nn.Parameter):
+            m = nn.Parameter(m, requires_grad=False)
+        for k in fills[key]:
+            assign_tensor(model, k, m)
+
+
 def _round_dense(module: nn.Module, dense_dtype: Optional[str]) -> None:
     """physkern.dense.set_dense_storage_dtype on one block (no config of its own)."""
     if dense_dtype is None:
@@ -369,6 +381,9 @@ def quantize_streaming(source, out, config: AnyConfig, calibration: Optional[tor
             dist.barrier()
             hidden = Activations(state_dir / f"hidden-{0:05d}", activations,
                                  hidden if activations == "memory" else None)
+    # the embedding (and head) are not needed again before the end: off to the meta device
+    _to_meta(model, fills, outer_keys)
+    _release_memory()
     as_tuple = state.get("as_tuple") if state else None
     block_seconds = []
     bar = tqdm(total=n_blocks, initial=done, desc="stream blocks", unit="block",
@@ -411,6 +426,8 @@ def quantize_streaming(source, out, config: AnyConfig, calibration: Optional[tor
                 _write_json_atomic(state_dir / STATE_FILE, {
                     "fingerprint": fingerprint, "done": i + 1, "layers": layouts,
                     "as_tuple": as_tuple,
+                    "block_seconds": (state or {}).get("block_seconds", [])[:done]
+                    + block_seconds + [time.perf_counter() - t0],
                     "reports": [asdict(r) for r in reports]})
                 shutil.rmtree(state_dir / f"hidden-{i:05d}", ignore_errors=True)
             dist.barrier()
@@ -418,7 +435,10 @@ def quantize_streaming(source, out, config: AnyConfig, calibration: Optional[tor
                 hidden = Activations(state_dir / f"hidden-{i + 1:05d}", activations,
                                      new_hidden if activations == "memory" else None)
             del new_hidden
+            for layer, _ in here:  # the replaced fp32 modules (`chosen` still refers to them)
+                layer.module.to("meta")
             blocks[i] = block.to("meta")  # free it
+            _release_memory()
             block_seconds.append(time.perf_counter() - t0)
             processed += 1
             bar.update()
@@ -427,6 +447,7 @@ def quantize_streaming(source, out, config: AnyConfig, calibration: Optional[tor
     activation_bytes = hidden.nbytes if hidden is not None else 0
 
     # the head (and embedding), calibrated on the final hidden states through the final norm
+    _materialise(model, ckpt, fills, outer_keys, device, dtype)
     if embedding is not None:
         real_blocks = [blocks[j] for j in range(n_blocks)]
         if embedding.needs_calibration:
@@ -471,6 +492,18 @@ def quantize_streaming(source, out, config: AnyConfig, calibration: Optional[tor
     dist.barrier()
     ckpt.close()
     return StreamReport(report, n_blocks, done, block_seconds, activation_bytes, str(out))
+
+
+def _release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed chunks below its mmap threshold
+    in the heap, so without this a block's temporaries stay in the resident set)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _placeholders(module: nn.Module) -> None:

@@ -311,7 +311,11 @@ def run(args: argparse.Namespace) -> int:
     if recipe.finetune is not None:
         print(finetune_memory_note(args), file=sys.stderr)
     if source is not None:
-        return _run_streaming(args, recipe, source, dist, device)
+        from ..distributed import shutdown
+        try:
+            return _run_streaming(args, recipe, source, dist, device)
+        finally:
+            shutdown()
     return _run_in_memory(args, recipe, parse_dtype(args.dtype))
 
 
