@@ -62,14 +62,24 @@ class _LayerCopy:
             out.append((self.offsets, mag(self.offsets) or mag(self.scales)))
         return out
 
-    def weight(self) -> torch.Tensor:
-        """W [out, in] float32 from the trainable copies (differentiable, indices fixed)."""
+    def stored_weight(self) -> torch.Tensor:
+        """Stored-basis Q [out, in] float32 from the trainable copies (differentiable, indices
+        fixed); equals the effective weight unless the layer has an input rotation."""
         return reconstruct(self.idx, self.codebooks, self.scales, self.offsets,
                            codebook_rows=self.codebook_rows)
 
+    def weight(self) -> torch.Tensor:
+        """The effective W [out, in] float32 (Q R^T with an input rotation R; the table a
+        quantized embedding reads)."""
+        q = self.stored_weight()
+        return q if self.mod.rotation is None else self.mod.rotation.unapply(q)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out], the QuantizedLinear's function with the trainable copies."""
-        return F.linear(x, self.weight().to(x.dtype), self.mod.bias)
+        """x [..., in] -> [..., out], the QuantizedLinear's function with the trainable copies:
+        (x R) Q^T + b with an input rotation R, as QuantizedLinear.forward computes it."""
+        if self.mod.rotation is not None:
+            x = self.mod.rotation.apply(x)
+        return F.linear(x, self.stored_weight().to(x.dtype), self.mod.bias)
 
     def write_back(self) -> None:
         """Store the trained values in the layer's buffers, rounded to their stored dtypes."""

@@ -5,6 +5,10 @@ computes y = x W^T + b through physkern.ops.codebook_matmul: the Triton kernel o
 a vectorised torch path on CPU. Both GPT-2 Conv1D (x @ W[in, out]) and nn.Linear
 (x @ W[out, in]^T) compute the same function of x, so one module serves both; `kind` records
 which one it replaced.
+
+With an input rotation R (physkern.rotation; qw.rotation, stored as a seed in layer_meta()) the
+buffers hold the stored-basis Q and forward computes (x R) Q^T: the rotation is applied to x
+(permute, signs, [b, b] Hadamard blocks) before the codebook op.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from torch import nn
 from .ops import codebook_linear
 from .quant.format import QuantizedWeight
 from .quant.packing import words_per_row
+from .rotation import Rotation
 
 
 class QuantizedLinear(nn.Module):
@@ -35,6 +40,7 @@ class QuantizedLinear(nn.Module):
         self.codebook_rows = qw.codebook_rows
         self.scale_group = qw.scale_group
         self.kind = kind
+        self.rotation: Optional[Rotation] = qw.rotation
         self.recipe = dict(recipe or {})
         self.register_buffer("packed", qw.packed)
         self.register_buffer("codebooks", qw.codebooks)
@@ -51,6 +57,8 @@ class QuantizedLinear(nn.Module):
         the safetensors header before calling this, and the indices after loading)."""
         dt = lambda n: getattr(torch, n)
         s, out, inf = meta["stages"], meta["out_features"], meta["in_features"]
+        # validated before anything is allocated (ValueError naming the field)
+        rotation = Rotation.from_meta(meta.get("rotation"), inf)
         k, d = meta["k"], meta["block_dim"]
         from .quant.packing import index_bits
         packed = torch.zeros(s, out, words_per_row(inf // d, index_bits(k)), dtype=torch.int32)
@@ -60,32 +68,38 @@ class QuantizedLinear(nn.Module):
         offsets = torch.zeros(n_sc, dtype=dt(meta["offsets_dtype"])) if meta["offsets_dtype"] else None
         bias = torch.zeros(out, dtype=dt(meta["bias_dtype"])) if meta["bias_dtype"] else None
         qw = QuantizedWeight(packed, cbs, scales, offsets, inf, out, meta["codebook_rows"],
-                             meta["scale_group"])
+                             meta["scale_group"], rotation)
         return cls(qw, bias, meta["kind"], meta.get("recipe"))
 
     def layer_meta(self) -> dict:
         """Everything needed to rebuild this layer's buffers (saved next to the tensors)."""
         name = lambda t: None if t is None else str(t.dtype).replace("torch.", "")
         qw = self.quantized_weight()
-        return {"kind": self.kind, "in_features": self.in_features,
+        meta = {"kind": self.kind, "in_features": self.in_features,
                 "out_features": self.out_features, "stages": qw.stages, "k": qw.k,
                 "block_dim": qw.block_dim, "codebook_rows": self.codebook_rows,
                 "scale_group": self.scale_group, "codebook_dtype": name(self.codebooks),
                 "scales_dtype": name(self.scales), "offsets_dtype": name(self.offsets),
                 "bias_dtype": name(self.bias), "recipe": self.recipe}
+        if self.rotation is not None:  # absent (not null) without one: older files unchanged
+            meta["rotation"] = self.rotation.to_meta()
+        return meta
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.packed, self.codebooks, self.scales, self.offsets,
                                self.in_features, self.out_features, self.codebook_rows,
-                               self.scale_group)
+                               self.scale_group, self.rotation)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight this layer computes with, [out_features, in_features]."""
+        """The effective weight this layer computes with, [out_features, in_features] (with a
+        rotation R: Q R^T, so that forward(x) = x @ dequantize()^T + bias)."""
         return self.quantized_weight().dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The buffers go to the op as they are: no QuantizedWeight per call (decode runs this
         # 210 times a token on the packaged model, so per-call Python work adds up).
+        if self.rotation is not None:
+            x = self.rotation.apply(x)
         return codebook_linear(x, self.packed, self.codebooks, self.scales, self.offsets,
                                self.bias, self.in_features, self.codebook_rows, self.scale_group)
 
@@ -96,4 +110,6 @@ class QuantizedLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"k={qw.k}, d={qw.block_dim}, scope={qw.scope}, stages={qw.stages}, "
                 f"bias={self.bias is not None}, replaces={self.kind}, "
+                + (f"rotation={self.rotation.kind}(seed={self.rotation.seed}, "
+                   f"block={self.rotation.block}), " if self.rotation is not None else "") +
                 f"bits/weight={bits['bits_per_weight']:.3f}")

@@ -9,9 +9,12 @@ from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 from ..quant.format import SCOPES
+from ..rotation import KINDS as ROTATION_KINDS
 from ._base import (MAX_SEED, VALID_BLOCK_DIMS, _check_bool, _check_float, _check_int,
                     _check_selection, _Selectable)
 from .registry import register_method
+
+ROTATIONS = ("none",) + ROTATION_KINDS
 
 
 @dataclass
@@ -35,6 +38,10 @@ class CodebookConfig(_Selectable):
                 error feedback (indices fixed; kept only if the loss falls); 0 = off
     init:       "kmeans++" (seeded D^2 sampling) or "random" (seeded sample of distinct blocks);
                 "auto" uses k-means++ up to k=1024 and random beyond (k-means++ is O(k) passes)
+    rotation:   "none" or "hadamard": quantize W R under the rotated statistics R^T G R, with R
+                the seeded (seed = `seed`) permutation + signs + 64-block Hadamard of
+                physkern.rotation, stored as that seed (no bits); the layer computes (x R) Q^T.
+                With calibrate it needs X^T X (needs_hessian is then True)
     """
     k: int = 256
     block_dim: int = 4
@@ -53,6 +60,7 @@ class CodebookConfig(_Selectable):
     codebook_dtype: str = "float16"
     percdamp: float = 0.01
     refine_steps: int = 0
+    rotation: str = "none"
     layers: Optional[Sequence[str]] = None
     overrides: dict = field(default_factory=dict)
 
@@ -94,6 +102,8 @@ class CodebookConfig(_Selectable):
         _check_bool("calibrate", self.calibrate)
         _check_bool("error_feedback", self.error_feedback)
         _check_int("refine_steps", self.refine_steps, 0)
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         if self.refine_steps and not self.error_feedback:
             raise ValueError("refine_steps needs error_feedback=True (it uses X^T X)")
 
@@ -103,7 +113,8 @@ class CodebookConfig(_Selectable):
 
     @property
     def needs_hessian(self) -> bool:
-        return self.error_feedback
+        # a rotation's calibrated importance is the diagonal of R^T G R: it needs all of G
+        return self.error_feedback or (self.calibrate and self.rotation != "none")
 
     def storage_probe(self) -> "CodebookConfig":
         """Same storage format, no calibration, no Lloyd iterations (physkern.research.alloc's bit count)."""
@@ -122,6 +133,11 @@ def quantize_codebook_weight(weight, cfg: CodebookConfig, m2=None, gram=None):
     loop over d-dim vectors on gram, then optional codebook refinement."""
     from ..quant.codebook import (quantize_codebook, quantize_codebook_error_feedback,
                                   refine_codebooks)
+    rotation = None
+    if cfg.rotation != "none":
+        from ..rotation import Rotation, rotate_problem
+        rotation = Rotation.make(cfg.rotation, weight.shape[1], cfg.seed)
+        weight, m2, gram = rotate_problem(weight, m2 if cfg.calibrate else None, gram, rotation)
     common = dict(k=cfg.k, block_dim=cfg.block_dim, scope=cfg.scope,
                   group_size=cfg.group_size, stages=cfg.stages,
                   scales=cfg.effective_scales(), scale_group=cfg.scale_group,
@@ -129,5 +145,8 @@ def quantize_codebook_weight(weight, cfg: CodebookConfig, m2=None, gram=None):
                   codebook_dtype=cfg.codebook_dtype, max_fit_blocks=cfg.max_fit_blocks)
     if cfg.error_feedback:
         qw = quantize_codebook_error_feedback(weight, gram, percdamp=cfg.percdamp, **common)
-        return refine_codebooks(qw, weight, gram, cfg.refine_steps)
-    return quantize_codebook(weight, input_importance=m2 if cfg.calibrate else None, **common)
+        qw = refine_codebooks(qw, weight, gram, cfg.refine_steps)
+    else:
+        qw = quantize_codebook(weight, input_importance=m2 if cfg.calibrate else None, **common)
+    # the rotated basis' Q, then R attached: qw.dequantize() is the effective Q R^T
+    return qw if rotation is None else replace(qw, rotation=rotation)

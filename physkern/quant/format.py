@@ -15,6 +15,12 @@ residual stages, scales and optional offsets:
 Scopes: "row" (codebook_rows = 1, the seeds), "group" (G consecutive rows share one codebook),
 "layer" (codebook_rows = out). A scalar RTN grid is the special case d = 1, K = 2**bits,
 layer scope, codebook = [0, 1, ..., K-1], with per-group scales and offsets (the affine map).
+
+Optional input rotation (physkern.rotation, issue 19): with `rotation` = R set, the tensors above
+hold the STORED-BASIS weight Q (a quantization of W R) and the layer computes y = (x R) Q^T, so
+the effective weight is Q R^T. `dequantize()` returns that effective weight (what every generic
+consumer, error report and the embedding lookup want); physkern.quant.reconstruct rebuilds Q.
+R is described by (kind, seed, block) only: no stored tensor, no bits (accounting unchanged).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from ..rotation import Rotation
 from .packing import index_bits, unpack_indices, words_per_row
 from .reconstruct import reconstruct
 
@@ -39,6 +46,7 @@ class QuantizedWeight:
     out_features: int
     codebook_rows: int
     scale_group: int
+    rotation: Optional[Rotation] = None   # input rotation R (see the module docstring)
 
     # ---- derived shape facts -------------------------------------------------------------
     @property
@@ -95,6 +103,13 @@ class QuantizedWeight:
                 raise ValueError("offsets need scales")
             if self.offsets.shape != self.scales.shape:
                 raise ValueError("offsets must have the shape of scales")
+        if self.rotation is not None:
+            if not isinstance(self.rotation, Rotation):
+                raise ValueError(f"rotation must be a physkern.rotation.Rotation or None, got "
+                                 f"{type(self.rotation).__name__}")
+            if self.rotation.n != inf:
+                raise ValueError(f"rotation is over {self.rotation.n} features, in_features is "
+                                 f"{inf}")
         return self
 
     def indices(self) -> torch.Tensor:
@@ -103,7 +118,8 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32,
                    rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """W [out, in] in `dtype`, rebuilt by physkern.quant.reconstruct.reconstruct.
+        """The effective W [out, in] in `dtype`: physkern.quant.reconstruct.reconstruct's
+        stored-basis Q, times R^T when the weight carries a rotation R (y = x W^T either way).
 
         rows: optional int64 row numbers [n] (any order, repeats allowed): then only those rows
         are rebuilt, W[rows] [n, in] (what a quantized embedding lookup needs).
@@ -121,12 +137,13 @@ class QuantizedWeight:
             packed, row_ids = packed[:, rows], rows
             scales = None if scales is None else scales[rows]
             offsets = None if offsets is None else offsets[rows]
-        return reconstruct(unpack_indices(packed, self.bits, self.n_blocks), self.codebooks,
-                           scales, offsets, codebook_rows=self.codebook_rows, rows=row_ids,
-                           dtype=dtype)
+        q = reconstruct(unpack_indices(packed, self.bits, self.n_blocks), self.codebooks,
+                        scales, offsets, codebook_rows=self.codebook_rows, rows=row_ids,
+                        dtype=dtype)
+        return q if self.rotation is None else self.rotation.unapply(q)
 
     def to(self, device) -> "QuantizedWeight":
         mv = lambda t: None if t is None else t.to(device)
         return QuantizedWeight(mv(self.packed), mv(self.codebooks), mv(self.scales),
                                mv(self.offsets), self.in_features, self.out_features,
-                               self.codebook_rows, self.scale_group)
+                               self.codebook_rows, self.scale_group, self.rotation)

@@ -9,6 +9,11 @@ reference path and the quantized embedding's row lookup), the codebook refinemen
 torch and differentiable w.r.t. codebooks, scales and offsets (the indices are fixed); the
 gather is one embedding lookup per stage into the flat [n_codebooks * K, d] table, whose
 backward is a cheap index_add. The kernels (kernels/) keep their own independent reference.
+
+It rebuilds the STORED-BASIS weight only: for a weight with an input rotation R
+(physkern.rotation) that is Q, and the layer computes y = (x R) Q^T; callers that need the
+effective weight Q R^T apply `rotation.unapply` (QuantizedWeight.dequantize does) or rotate x
+(fine-tuning's layer copies, like QuantizedLinear's forward).
 """
 from __future__ import annotations
 
