@@ -20,6 +20,10 @@ reruns skip quantization):
                no calibration, no error feedback (about a minute to quantize on a quiet machine)
   cb_k64_d2_ef CodebookConfig(k=64, block_dim=2, scope="layer", error_feedback=True), calibrated on
                32 windows of 1024 calibration tokens (seed 0); ~200 s quiet, far longer loaded
+  deploy       the whole model `make run` saves ($PHYSKERN_CACHE/run/deploy: decoder K=64 d=2 EF,
+               tied head/embedding K=256 d=2, norms bf16)
+  deploy_direct the same model with the LUT GEMV off (kernels/codebook_matmul.GEMV_LUT_MAX_M = 0):
+               every decode matmul on the direct C++ op, i.e. before/after in one run
 The two codebook recipes store the same format (K=64, d=2, one codebook per layer, per-row
 scales) and run the same kernel with the same work per token: decode speed does not depend on
 how the centroids were fitted, only quality does: cb_k64_d2 is the quick stand-in when there is
@@ -38,6 +42,7 @@ figures are only as good as the quiet they were taken in.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -55,7 +60,11 @@ RECIPES = {
                      "error_feedback": True},
     # the whole model as `make run` saves it (physkern/presets/deploy.json, head included)
     "deploy": "preset",
+    # the same saved model with the LUT GEMV turned off (GEMV_LUT_MAX_M = 0): every decode matmul
+    # on the direct C++ op, as before the LUT GEMV existed: the before/after in one run
+    "deploy_direct": "preset",
 }
+DIRECT_SUFFIX = "_direct"
 DEFAULT_RECIPES = ["fp32", "bf16", "rtn4_g64", "cb_k64_d2_ef"]
 CALIB_WINDOWS, CALIB_WINDOW, CALIB_SEED = 32, 1024, 0
 
@@ -75,7 +84,7 @@ def prepare(name: str):
 
     info: dict = {"recipe": name, "config": RECIPES[name]}
     if RECIPES[name] == "preset":
-        out = cache_dir() / "run" / name
+        out = cache_dir() / "run" / name.removesuffix(DIRECT_SUFFIX)
         if not is_quantized_dir(out):
             raise SystemExit(f"--recipe {name}: no saved model at {out}; run `make run` first "
                              "(it saves the deploy model there)")
@@ -127,6 +136,18 @@ def prepare(name: str):
                     "model_bits_per_weight": rep.model_bits_per_weight,
                     "total_bytes": rep.total_bytes, "quantized_layers": len(rep.layers)}
     return model.eval(), tok, info
+
+
+@contextlib.contextmanager
+def lut_gemv(enabled: bool):
+    """Run the body with the small-M LUT GEMV allowed (as shipped) or off (direct C++ op only)."""
+    from physkern.kernels import codebook_matmul as C
+    old = C.GEMV_LUT_MAX_M
+    C.GEMV_LUT_MAX_M = old if enabled else 0
+    try:
+        yield
+    finally:
+        C.GEMV_LUT_MAX_M = old
 
 
 def profile_decode(model, prompt_ids: torch.Tensor, steps: int, threads: int,
@@ -204,11 +225,13 @@ def main(argv=None) -> int:
             model, tok, info = models[name]
             runs = []
             for _ in range(args.repeats):
-                r = generate_timed(model, tok, prompt, args.new_tokens, stop_at_eos=False,
-                                   threads=threads, warmup=True)
+                with lut_gemv(not name.endswith(DIRECT_SUFFIX)):
+                    r = generate_timed(model, tok, prompt, args.new_tokens, stop_at_eos=False,
+                                       threads=threads, warmup=True)
                 runs.append({**r.to_dict(), "loadavg_1min": os.getloadavg()[0]})
             best = min(runs, key=lambda d: d["decode_seconds"])
-            row = {**info, "threads": threads, "prompt_tokens": best["prompt_tokens"],
+            row = {**info, "threads": threads,
+                   "lut_gemv": not name.endswith(DIRECT_SUFFIX), "prompt_tokens": best["prompt_tokens"],
                    "new_tokens": best["new_tokens"],
                    "prefill_tokens_per_second": max(d["prefill_tokens_per_second"] for d in runs),
                    "decode_tokens_per_second": best["decode_tokens_per_second"],

@@ -38,8 +38,10 @@
 //    K > 128) and byte/word unpacks put the 4 planes back together into 64 exact fp32 values.
 //    Several codebooks then need codebook_rows % 64 == 0.
 // Other instruction sets run scalar loops (the same sums, exact up to fp32 rounding).
-// Rows of tiles are spread over threads with at::parallel_for; no allocation per call besides
-// the output (tables live in a thread-local buffer that only grows).
+// Rows of tiles are spread over threads with at::parallel_for (only when each thread gets
+// enough work: in practice the head, not the decoder layers of a 135M model). Per call the
+// output and two small per-thread scale buffers are allocated; tables, x sums and fp32 copies of
+// half-precision parameters live in thread-local buffers that only grow.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>

@@ -102,11 +102,14 @@ def test_gemv_lut_leading_dims_and_empty():
 
 
 @needs_lut
-def test_gemv_lut_threads_give_identical_bits():
-    # Tiles of 16 rows are split over threads; each tile is computed the same way.
-    qw = make_qw(1000, 576, 2, 64, 1, 1000, 576, True, False, cb_dtype=torch.float16)
+@pytest.mark.parametrize("out, k", [(4100, 64), (2050, 256)])
+def test_gemv_lut_threads_give_identical_bits(out, k):
+    # Tiles are split over threads (these layers are large enough for the parallel grain, for
+    # both layouts; partial last tile); each tile is computed the same way whatever the split.
+    qw = make_qw(out, 576, 2, k, 1, out, 576, True, False, cb_dtype=torch.float16,
+                 sc_dtype=torch.float16)
     x = torch.randn(1, 576)
-    bias = torch.randn(1000)
+    bias = torch.randn(out)
     old = torch.get_num_threads()
     try:
         ys = []
@@ -117,6 +120,7 @@ def test_gemv_lut_threads_give_identical_bits():
         torch.set_num_threads(old)
     assert torch.equal(ys[0], ys[1])
     check(ys[0], x, qw, bias)
+    check(ys[1], x, qw, bias)
 
 
 @needs_lut
