@@ -203,3 +203,26 @@ def rotate_problem(weight: torch.Tensor, m2: Optional[torch.Tensor], gram: Optio
         count = total / float(m2.double().sum()) if total > 0 else 1.0
         m2_r = (torch.diagonal(g_r) / count).to(m2.dtype)
     return w_r, m2_r, g_r.to(gram.dtype)
+
+
+def config_rotation(cfg, in_features: int) -> Optional[Rotation]:
+    """The input rotation a quantizer config asks for: None for cfg.rotation == "none", else
+    Rotation.make(cfg.rotation, in_features, cfg.seed) (the configs' one rule: seeded by `seed`)."""
+    kind = getattr(cfg, "rotation", "none")
+    return None if kind == "none" else Rotation.make(kind, in_features, cfg.seed)
+
+
+def check_config_rotation(cfg) -> None:
+    """Validate a config's `rotation` field (ValueError naming it and the allowed values)."""
+    allowed = ("none",) + KINDS
+    if cfg.rotation not in allowed:
+        raise ValueError(f"rotation must be one of {allowed}, got {cfg.rotation!r}")
+
+
+def config_dict_without_default_rotation(d: dict, drop_seed: bool = False) -> dict:
+    """A config's to_dict() without `rotation` when it is "none" (and without `seed` when
+    drop_seed, for configs whose seed serves only the rotation): unrotated configs keep the
+    dicts they had before the field existed (saved recipes, sweep point keys that resume)."""
+    if d.get("rotation") == "none":
+        d = {k: v for k, v in d.items() if k != "rotation" and not (drop_seed and k == "seed")}
+    return d

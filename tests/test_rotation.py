@@ -290,3 +290,47 @@ def test_finetune_copy_equals_layer(tiny_llama):
         assert torch.allclose(out, before, atol=1e-4)
         out.square().mean().backward()                  # gradients flow through the rotation
         assert copy.codebooks.grad is not None and copy.codebooks.grad.abs().sum() > 0
+
+
+# ---- configs: dicts, RTN and GPTQ ----------------------------------------------------------
+
+def test_config_dicts_unchanged_without_rotation():
+    """Unrotated configs keep the dicts they had before the field existed (saved recipes and
+    sweep point keys resume); rotated ones round-trip through config_from_dict."""
+    from physkern import GPTQConfig, ScalarConfig
+    from physkern.config import config_from_dict
+    assert "rotation" not in CodebookConfig().to_dict()
+    for cls in (ScalarConfig, GPTQConfig):
+        d = cls(seed=5).to_dict()
+        assert "rotation" not in d and "seed" not in d
+    for cfg in (CodebookConfig(rotation="hadamard", seed=3),
+                ScalarConfig(bits=3, rotation="hadamard", seed=3),
+                GPTQConfig(rotation="hadamard", seed=3),
+                CodebookConfig(overrides={"*.q": CodebookConfig(rotation="hadamard")})):
+        assert config_from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="rotation"):
+        ScalarConfig(rotation="x")
+    with pytest.raises(ValueError, match="seed"):
+        GPTQConfig(rotation="hadamard", seed=-2)
+
+
+def test_rtn_and_gptq_with_rotation():
+    from physkern import GPTQConfig, ScalarConfig
+    from physkern.api import quantize_weight
+    from physkern.quant.gptq import gptq_quantize_scalar
+    from physkern.quant.scalar import rtn_quantize
+    torch.manual_seed(2)
+    w = torch.randn(12, 64)
+    x = torch.randn(256, 64, dtype=torch.float64)
+    g = (x.T @ x).float()
+    r = Rotation.make("hadamard", 64, 7)
+    m = _dense(r)
+    w_r = (w.double() @ m).float()
+    qw = quantize_weight(w, ScalarConfig(bits=3, group_size=16, rotation="hadamard", seed=7))
+    ref = rtn_quantize(w_r, 3, 16, False, False).dequantize().double() @ m.T
+    assert qw.rotation == r and torch.allclose(qw.dequantize().double(), ref, atol=1e-5)
+    qw = quantize_weight(w, GPTQConfig(bits=3, group_size=16, rotation="hadamard", seed=7),
+                         torch.diagonal(g) / 256, g)
+    ref = gptq_quantize_scalar(w_r, (m.T @ g.double() @ m).float(), 3, 16, False)
+    assert qw.rotation == r
+    assert torch.allclose(qw.dequantize().double(), ref.dequantize().double() @ m.T, atol=1e-5)

@@ -9,12 +9,10 @@ from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 from ..quant.format import SCOPES
-from ..rotation import KINDS as ROTATION_KINDS
+from ..rotation import check_config_rotation
 from ._base import (MAX_SEED, VALID_BLOCK_DIMS, _check_bool, _check_float, _check_int,
                     _check_selection, _Selectable)
 from .registry import register_method
-
-ROTATIONS = ("none",) + ROTATION_KINDS
 
 
 @dataclass
@@ -102,8 +100,7 @@ class CodebookConfig(_Selectable):
         _check_bool("calibrate", self.calibrate)
         _check_bool("error_feedback", self.error_feedback)
         _check_int("refine_steps", self.refine_steps, 0)
-        if self.rotation not in ROTATIONS:
-            raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        check_config_rotation(self)
         if self.refine_steps and not self.error_feedback:
             raise ValueError("refine_steps needs error_feedback=True (it uses X^T X)")
 
@@ -121,6 +118,13 @@ class CodebookConfig(_Selectable):
         return replace(self, calibrate=False, error_feedback=False, iters=0, init="random",
                        refine_steps=0, layers=None, overrides={})
 
+    def to_dict(self) -> dict:
+        """_Selectable.to_dict without `rotation` when it is "none": the dicts (layer recipes in
+        saved models, sweep point keys) of every unrotated config stay as they were before the
+        field existed, so existing results still resume."""
+        from ..rotation import config_dict_without_default_rotation
+        return config_dict_without_default_rotation(super().to_dict())
+
     def effective_scales(self) -> str:
         if self.scales == "auto":
             return "none" if self.scope == "row" else "row"
@@ -133,10 +137,9 @@ def quantize_codebook_weight(weight, cfg: CodebookConfig, m2=None, gram=None):
     loop over d-dim vectors on gram, then optional codebook refinement."""
     from ..quant.codebook import (quantize_codebook, quantize_codebook_error_feedback,
                                   refine_codebooks)
-    rotation = None
-    if cfg.rotation != "none":
-        from ..rotation import Rotation, rotate_problem
-        rotation = Rotation.make(cfg.rotation, weight.shape[1], cfg.seed)
+    from ..rotation import config_rotation, rotate_problem
+    rotation = config_rotation(cfg, weight.shape[1])
+    if rotation is not None:
         weight, m2, gram = rotate_problem(weight, m2 if cfg.calibrate else None, gram, rotation)
     common = dict(k=cfg.k, block_dim=cfg.block_dim, scope=cfg.scope,
                   group_size=cfg.group_size, stages=cfg.stages,
