@@ -207,9 +207,13 @@ def rotate_problem(weight: torch.Tensor, m2: Optional[torch.Tensor], gram: Optio
 
 def config_rotation(cfg, in_features: int) -> Optional[Rotation]:
     """The input rotation a quantizer config asks for: None for cfg.rotation == "none", else
-    Rotation.make(cfg.rotation, in_features, cfg.seed) (the configs' one rule: seeded by `seed`)."""
+    Rotation.make(cfg.rotation, in_features, seed) with seed = cfg.rotation_seed where the
+    config has one (RTN, GPTQ), else cfg.seed (codebooks: the k-means seed)."""
     kind = getattr(cfg, "rotation", "none")
-    return None if kind == "none" else Rotation.make(kind, in_features, cfg.seed)
+    if kind == "none":
+        return None
+    seed = getattr(cfg, "rotation_seed", None)
+    return Rotation.make(kind, in_features, cfg.seed if seed is None else seed)
 
 
 def check_config_rotation(cfg) -> None:
@@ -219,10 +223,10 @@ def check_config_rotation(cfg) -> None:
         raise ValueError(f"rotation must be one of {allowed}, got {cfg.rotation!r}")
 
 
-def config_dict_without_default_rotation(d: dict, drop_seed: bool = False) -> dict:
-    """A config's to_dict() without `rotation` when it is "none" (and without `seed` when
-    drop_seed, for configs whose seed serves only the rotation): unrotated configs keep the
-    dicts they had before the field existed (saved recipes, sweep point keys that resume)."""
+def config_dict_without_default_rotation(d: dict) -> dict:
+    """A config's to_dict() without `rotation` (and `rotation_seed`) when it is "none":
+    unrotated configs keep the dicts they had before the fields existed (saved recipes, sweep
+    point keys that resume)."""
     if d.get("rotation") == "none":
-        d = {k: v for k, v in d.items() if k != "rotation" and not (drop_seed and k == "seed")}
+        d = {k: v for k, v in d.items() if k not in ("rotation", "rotation_seed")}
     return d

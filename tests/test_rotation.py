@@ -301,17 +301,17 @@ def test_config_dicts_unchanged_without_rotation():
     from physkern.config import config_from_dict
     assert "rotation" not in CodebookConfig().to_dict()
     for cls in (ScalarConfig, GPTQConfig):
-        d = cls(seed=5).to_dict()
-        assert "rotation" not in d and "seed" not in d
+        d = cls(rotation_seed=5).to_dict()
+        assert "rotation" not in d and "rotation_seed" not in d
     for cfg in (CodebookConfig(rotation="hadamard", seed=3),
-                ScalarConfig(bits=3, rotation="hadamard", seed=3),
-                GPTQConfig(rotation="hadamard", seed=3),
+                ScalarConfig(bits=3, rotation="hadamard", rotation_seed=3),
+                GPTQConfig(rotation="hadamard", rotation_seed=3),
                 CodebookConfig(overrides={"*.q": CodebookConfig(rotation="hadamard")})):
         assert config_from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="rotation"):
         ScalarConfig(rotation="x")
-    with pytest.raises(ValueError, match="seed"):
-        GPTQConfig(rotation="hadamard", seed=-2)
+    with pytest.raises(ValueError, match="rotation_seed"):
+        GPTQConfig(rotation="hadamard", rotation_seed=-2)
 
 
 def test_rtn_and_gptq_with_rotation():
@@ -326,10 +326,11 @@ def test_rtn_and_gptq_with_rotation():
     r = Rotation.make("hadamard", 64, 7)
     m = _dense(r)
     w_r = (w.double() @ m).float()
-    qw = quantize_weight(w, ScalarConfig(bits=3, group_size=16, rotation="hadamard", seed=7))
+    qw = quantize_weight(w, ScalarConfig(bits=3, group_size=16, rotation="hadamard",
+                                               rotation_seed=7))
     ref = rtn_quantize(w_r, 3, 16, False, False).dequantize().double() @ m.T
     assert qw.rotation == r and torch.allclose(qw.dequantize().double(), ref, atol=1e-5)
-    qw = quantize_weight(w, GPTQConfig(bits=3, group_size=16, rotation="hadamard", seed=7),
+    qw = quantize_weight(w, GPTQConfig(bits=3, group_size=16, rotation="hadamard", rotation_seed=7),
                          torch.diagonal(g) / 256, g)
     ref = gptq_quantize_scalar(w_r, (m.T @ g.double() @ m).float(), 3, 16, False)
     assert qw.rotation == r

@@ -16,8 +16,9 @@ class GPTQConfig(_Selectable):
 
     act_order: quantize columns in order of decreasing Hessian diagonal (groups stay static)
     rotation:  "none" or "hadamard": GPTQ on W R under R^T H R, R the input rotation of
-               physkern.rotation seeded by `seed` (stored as the seed, no bits; the layer computes
-               (x R) Q^T). `seed` serves only the rotation
+               physkern.rotation seeded by `rotation_seed` (stored as that seed, no bits; the
+               layer computes (x R) Q^T). Not named `seed`: the CLI's --seed and the sweeps'
+               seeds set every config's `seed`
     """
     bits: int = 4
     group_size: Optional[int] = None
@@ -26,7 +27,7 @@ class GPTQConfig(_Selectable):
     percdamp: float = 0.01
     blocksize: int = 128
     rotation: str = "none"
-    seed: int = 0
+    rotation_seed: int = 0
     layers: Optional[Sequence[str]] = None
     overrides: dict = field(default_factory=dict)
 
@@ -38,7 +39,8 @@ class GPTQConfig(_Selectable):
         """GPTQ stores exactly the RTN grid format (same bits, groups, symmetry)."""
         from .scalar import ScalarConfig
         return ScalarConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-                            rotation=self.rotation, seed=self.seed)
+                            rotation=self.rotation,
+                            rotation_seed=self.rotation_seed)
 
     def __post_init__(self):
         _check_scalar_grid(self)
@@ -46,11 +48,11 @@ class GPTQConfig(_Selectable):
         _check_float("percdamp", self.percdamp, 0, 1)
         _check_int("blocksize", self.blocksize, 1)
         check_config_rotation(self)
-        _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_int("rotation_seed", self.rotation_seed, 0, MAX_SEED)
 
     def to_dict(self) -> dict:
-        """Without rotation/seed when unrotated (dicts as before the fields existed)."""
-        return config_dict_without_default_rotation(super().to_dict(), drop_seed=True)
+        """Without rotation/rotation_seed when unrotated (dicts as before the fields existed)."""
+        return config_dict_without_default_rotation(super().to_dict())
 
 
 @register_method(GPTQConfig)

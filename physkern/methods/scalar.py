@@ -18,15 +18,16 @@ class ScalarConfig(_Selectable):
     symmetric:  zero at the grid's mid-point (no offsets stored) instead of min/max affine
     per_tensor: one scale for the whole tensor (the seeds' "uniform 4-bit" strawman)
     rotation:   "none" or "hadamard": round W R instead of W, R the input rotation of
-                physkern.rotation seeded by `seed` (stored as the seed, no bits; the layer
-                computes (x R) Q^T). `seed` serves only the rotation (RTN draws nothing else)
+                physkern.rotation seeded by `rotation_seed` (stored as that seed, no bits; the
+                layer computes (x R) Q^T). Not named `seed`: the CLI's --seed and the sweeps'
+                seeds set every config's `seed`, and RTN draws nothing else
     """
     bits: int = 4
     group_size: Optional[int] = None
     symmetric: bool = False
     per_tensor: bool = False
     rotation: str = "none"
-    seed: int = 0
+    rotation_seed: int = 0
     layers: Optional[Sequence[str]] = None
     overrides: dict = field(default_factory=dict)
 
@@ -40,11 +41,11 @@ class ScalarConfig(_Selectable):
         if self.per_tensor and self.group_size is not None:
             raise ValueError("per_tensor=True and group_size are exclusive")
         check_config_rotation(self)
-        _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_int("rotation_seed", self.rotation_seed, 0, MAX_SEED)
 
     def to_dict(self) -> dict:
-        """Without rotation/seed when unrotated (dicts as before the fields existed)."""
-        return config_dict_without_default_rotation(super().to_dict(), drop_seed=True)
+        """Without rotation/rotation_seed when unrotated (dicts as before the fields existed)."""
+        return config_dict_without_default_rotation(super().to_dict())
 
 
 @register_method(ScalarConfig)
