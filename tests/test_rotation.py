@@ -335,3 +335,26 @@ def test_rtn_and_gptq_with_rotation():
     ref = gptq_quantize_scalar(w_r, (m.T @ g.double() @ m).float(), 3, 16, False)
     assert qw.rotation == r
     assert torch.allclose(qw.dequantize().double(), ref.dequantize().double() @ m.T, atol=1e-5)
+
+
+def test_refine_codebooks_on_a_rotated_weight():
+    """refine_codebooks takes W and H in the input basis; a rotated weight is refined in its
+    stored basis: the same result as refining the unrotated problem (W R, R^T H R)."""
+    from dataclasses import replace
+    from physkern.api import quantize_weight
+    from physkern.quant.codebook import refine_codebooks
+    torch.manual_seed(4)
+    w = torch.randn(16, 64)
+    x = torch.randn(256, 64, dtype=torch.float64) * torch.linspace(0.2, 3, 64, dtype=torch.float64)
+    g = (x.T @ x).float()
+    qw = quantize_weight(w, CodebookConfig(k=8, block_dim=2, scope="layer", error_feedback=True,
+                                           rotation="hadamard", seed=1), torch.diagonal(g) / 256, g)
+    r = qw.rotation
+    got = refine_codebooks(qw, w, g, steps=20)
+    ref = refine_codebooks(replace(qw, rotation=None), r.apply(w.double()).float(),
+                           r.rotate_gram(g.double()).float(), steps=20)
+    assert got.rotation == r
+    assert torch.equal(got.codebooks, ref.codebooks) and torch.equal(got.scales, ref.scales)
+    loss = lambda q: float(torch.einsum("oi,ij,oj->", (w - q).double(), g.double(),
+                                        (w - q).double()))
+    assert loss(got.dequantize()) <= loss(qw.dequantize())

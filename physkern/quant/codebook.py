@@ -336,12 +336,18 @@ def refine_codebooks(qw: QuantizedWeight, weight: torch.Tensor, gram: torch.Tens
     Minimises tr((W - Q) H (W - Q)^T) with H = X^T X (GPTVQ's codebook update, done here with
     Adam in float32). The result is stored in the codebook's dtype; it is kept only if the loss
     after rounding is lower than before, so refining never makes a layer worse on H.
-    weight: [out, in]; gram: [in, in].
+    weight: [out, in]; gram: [in, in], both in the layer's input basis. A weight with an input
+    rotation R (physkern.rotation) is refined in its stored basis: the same loss written as
+    tr((W R - Q) R^T H R (W R - Q)^T); the result keeps R.
     """
     if steps <= 0:
         return qw
     w = weight.detach().float().cpu()
     h = gram.detach().float().cpu()
+    rot = qw.rotation
+    if rot is not None:
+        w = rot.apply(w.double()).float()
+        h = rot.rotate_gram(h.double()).float()
     h = h / torch.diagonal(h).mean().clamp_min(1e-30)
     idx = qw.indices()                                               # [S, out, nb]
     loss_of = lambda q: float((((w - q) @ h) * (w - q)).sum())
@@ -352,7 +358,7 @@ def refine_codebooks(qw: QuantizedWeight, weight: torch.Tensor, gram: torch.Tens
     scales = qw.scales.float().clone().requires_grad_(True) if qw.scales is not None else None
     params = [cbs] + ([scales] if scales is not None else [])
     opt = torch.optim.Adam(params, lr=lr * float(qw.codebooks.float().abs().mean().clamp_min(1e-8)))
-    before = loss_of(qw.dequantize())
+    before = loss_of(rebuild(qw.codebooks, qw.scales))
     # quantize() runs layers under torch.no_grad(); the refit needs autograd locally.
     with torch.enable_grad():
         for _ in range(steps):
@@ -363,5 +369,5 @@ def refine_codebooks(qw: QuantizedWeight, weight: torch.Tensor, gram: torch.Tens
     new = QuantizedWeight(qw.packed, cbs.detach().to(qw.codebooks.dtype),
                           None if scales is None else scales.detach().to(qw.scales.dtype),
                           qw.offsets, qw.in_features, qw.out_features, qw.codebook_rows,
-                          qw.scale_group)
-    return new if loss_of(new.dequantize()) < before else qw
+                          qw.scale_group, rot)
+    return new if loss_of(rebuild(new.codebooks, new.scales)) < before else qw
