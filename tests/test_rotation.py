@@ -358,3 +358,37 @@ def test_refine_codebooks_on_a_rotated_weight():
     loss = lambda q: float(torch.einsum("oi,ij,oj->", (w - q).double(), g.double(),
                                         (w - q).double()))
     assert loss(got.dequantize()) <= loss(qw.dequantize())
+
+
+def test_streaming_with_rotation_equals_in_memory(tiny_llama, tmp_path):
+    """physkern.streaming (block by block from a checkpoint) writes the file the in-memory path
+    writes, rotation seeds included; calibrated (the rotated X^T X path), rotated RTN head."""
+    import json
+    from physkern import ScalarConfig
+    from physkern.streaming import quantize_streaming
+    from safetensors.torch import load_file
+    calib = torch.randint(0, 96, (3, 16), generator=torch.Generator().manual_seed(0))
+    cfg = CodebookConfig(k=12, block_dim=2, scope="layer", iters=3, error_feedback=True,
+                         rotation="hadamard", seed=5,
+                         overrides={"*.mlp.*": CodebookConfig(k=12, block_dim=2, scope="layer",
+                                                              iters=3, rotation="hadamard")})
+    head = ScalarConfig(bits=4, group_size=16, rotation="hadamard", rotation_seed=2)
+    tiny_llama.save_pretrained(tmp_path / "src")
+    m = _copy(tiny_llama)
+    physkern.quantize(m, cfg, calibration=calib, progress=False, embedding=head)
+    ref = physkern.save_quantized(m, tmp_path / "mem")
+    quantize_streaming(tmp_path / "src", tmp_path / "str", cfg, calib, embedding=head,
+                       progress=False)
+    ta, tb = load_file(str(ref / "model.safetensors")), load_file(str(tmp_path / "str" /
+                                                                    "model.safetensors"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    la, lb = (json.loads((d / "physkern.json").read_text())["quantized_layers"]
+              for d in (ref, tmp_path / "str"))
+    assert la == lb
+    assert la["model.layers.0.self_attn.q_proj"]["rotation"] == {"kind": "hadamard", "seed": 5,
+                                                                "block": 32}
+    assert la["model.layers.0.mlp.down_proj"]["rotation"]["block"] == 64
+    assert la["lm_head"]["rotation"]["seed"] == 2
+    with torch.no_grad():
+        want = m(TOKENS).logits
+        assert torch.equal(physkern.load_quantized(tmp_path / "str")[0](TOKENS).logits, want)
