@@ -88,12 +88,14 @@ def table(payload: dict) -> str:
     fp = pts.get("fp")
     out = [f"FP32: {fp['perplexity']:.2f}" if fp else "",
            "", "| method | target bits | true bits/weight | size | perplexity | + healing "
-           f"({payload['setup']['heal_steps']} steps) | heal kept |", "|---|---|---|---|---|---|---|"]
+           "(steps) | heal kept |", "|---|---|---|---|---|---|---|"]
     bits = sorted({p["target_bits"] for p in payload["points"] if p["target_bits"]}, reverse=True)
     for m in METHODS:
         for b in bits:
             p = pts.get(f"{m}{b:g}")
-            h = pts.get(f"{m}{b:g}+heal{payload['setup']['heal_steps']}")
+            hs = [q for q in payload["points"] if q.get("method") == m and
+                  q.get("target_bits") == b and q.get("heal_steps")]
+            h = hs[-1] if hs else None
             if p is None and h is None:
                 continue
             q = p or h
@@ -101,7 +103,8 @@ def table(payload: dict) -> str:
             out.append(f"| {LABELS[m]} | {b:g} | {q['bits']['bits_per_weight']:.3f} | {size} | "
                        f"{p['perplexity']:,.2f} | " if p else
                        f"| {LABELS[m]} | {b:g} | {q['bits']['bits_per_weight']:.3f} | {size} | - | ")
-            out[-1] += (f"{h['perplexity']:,.2f} | {h['heal']['kept']} |" if h else "- | - |")
+            out[-1] += (f"{h['perplexity']:,.2f} ({h['heal_steps']}) | {h['heal']['kept']} |"
+                        if h else "- | - |")
     return "\n".join(out)
 
 
@@ -185,8 +188,10 @@ def main(argv=None):
     points = []
     if out.exists() and not args.fresh:
         old = json.loads(out.read_text())
-        old_setup = {k: v for k, v in old.get("setup", {}).items() if k != "bits"}
-        if old_setup != json.loads(json.dumps(setup)):
+        plan_keys = ("bits", "heal_steps")  # what a run adds to the file, not how it measures
+        old_setup = {k: v for k, v in old.get("setup", {}).items() if k not in plan_keys}
+        if old_setup != {k: v for k, v in json.loads(json.dumps(setup)).items()
+                         if k not in plan_keys}:
             raise SystemExit(f"{out} was made with another setup; pass --fresh or --out")
         points = old["points"]
     done = {q["name"] for q in points}
@@ -195,7 +200,9 @@ def main(argv=None):
         payload = {"experiment": "MPO vs truncated SVD vs codebook on the same layers at equal "
                                  "true bits: perplexity with and without healing (issue 21.3)",
                    "setup": {**setup, "bits": sorted({q["target_bits"] for q in points
-                                                      if q["target_bits"]})},
+                                                      if q["target_bits"]}),
+                             "heal_steps": sorted({q["heal_steps"] for q in points
+                                                   if q["heal_steps"]})},
                    "points": points, **provenance("cpu")}
         write_json(out, payload)
         return payload
