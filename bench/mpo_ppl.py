@@ -157,9 +157,37 @@ def main(argv=None):
     p.add_argument("--only", nargs="+", default=None, help="point names to run")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="add the points of other runs' JSONs (same setup, run in parallel with "
+                        "another --out) to --out, then print the table and draw the plot")
     p.add_argument("--out", default="bench/results/mpo_ppl.json")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.merge:
+        plan_keys = ("bits", "heal_steps")
+        payload = json.loads(out.read_text())
+        strip = lambda d: {k: v for k, v in d.items() if k not in plan_keys}
+        names = {q["name"] for q in payload["points"]}
+        for extra in args.merge:
+            other = json.loads(Path(extra).read_text())
+            if strip(other["setup"]) != strip(payload["setup"]):
+                raise SystemExit(f"{extra} was made with another setup than {out}")
+            new = [q for q in other["points"] if q["name"] not in names]
+            payload["points"] += new
+            names |= {q["name"] for q in new}
+            payload.setdefault("merged_from", []).append(
+                {"file": extra, "points": [q["name"] for q in new],
+                 "command": other.get("command")})
+        for key in plan_keys:
+            payload["setup"][key] = sorted({q[key if key == "heal_steps" else "target_bits"]
+                                            for q in payload["points"]
+                                            if q.get(key if key == "heal_steps" else
+                                                     "target_bits")})
+        from physkern.provenance import write_json
+        write_json(out, payload)
+        plot(payload, out.with_suffix(".png"))
+        print(table(payload))
+        return 0
     if args.table_only:
         payload = json.loads(out.read_text())
         plot(payload, out.with_suffix(".png"))
