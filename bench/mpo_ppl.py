@@ -87,8 +87,8 @@ def table(payload: dict) -> str:
     pts = {p["name"]: p for p in payload["points"]}
     fp = pts.get("fp")
     out = [f"FP32: {fp['perplexity']:.2f}" if fp else "",
-           "", "| method | target bits | true bits/weight | size | perplexity | + healing "
-           "(steps) | heal kept |", "|---|---|---|---|---|---|---|"]
+           "", "| method | target bits | true bits/weight | size | rel. weight error (mean) | "
+           "perplexity | + healing (steps) | heal kept |", "|---|---|---|---|---|---|---|---|"]
     bits = sorted({p["target_bits"] for p in payload["points"] if p["target_bits"]}, reverse=True)
     for m in METHODS:
         for b in bits:
@@ -100,9 +100,10 @@ def table(payload: dict) -> str:
                 continue
             q = p or h
             size = q.get("size", "")
-            out.append(f"| {LABELS[m]} | {b:g} | {q['bits']['bits_per_weight']:.3f} | {size} | "
-                       f"{p['perplexity']:,.2f} | " if p else
-                       f"| {LABELS[m]} | {b:g} | {q['bits']['bits_per_weight']:.3f} | {size} | - | ")
+            err = q.get("relative_weight_error_mean")
+            err = f"{err:.3f}" if err is not None else ""
+            head = f"| {LABELS[m]} | {b:g} | {q['bits']['bits_per_weight']:.3f} | {size} | {err} | "
+            out.append(head + (f"{p['perplexity']:,.2f} | " if p else "- | "))
             out[-1] += (f"{h['perplexity']:,.2f} ({h['heal_steps']}) | {h['heal']['kept']} |"
                         if h else "- | - |")
     return "\n".join(out)
