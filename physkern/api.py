@@ -236,8 +236,36 @@ def block_of_layers(model: nn.Module, chosen) -> dict[str, int]:
     return block_of
 
 
-def block_statistics(here, block: nn.Module, run) -> dict[str, tuple]:
-    """{layer name: (m2 [in] or None, gram [in, in] or None)} of the inputs each of `here`'s
+class BlockStats:
+    """The input statistics of one block's layers; `take(name)` -> (m2 [in] or None, gram
+    [in, in] or None) as fp32, computed when a layer is about to be quantized (so only one fp32
+    copy exists at a time), and the fp64 accumulator of a Gram freed once every layer reading
+    that input has taken it."""
+
+    def __init__(self, stats: dict):
+        self._stats = stats
+        self._users: dict[int, int] = {}
+        for st in stats.values():
+            if st["gram"] is not None:
+                self._users[id(st["gram"])] = self._users.get(id(st["gram"]), 0) + 1
+
+    def take(self, name: str) -> tuple:
+        st = self._stats.pop(name, None)
+        if st is None:
+            return None, None
+        g = st["gram"]
+        gram = g.value if g is not None else None
+        m2 = st["m2"].value if st["m2"] is not None else (
+            torch.diagonal(gram) / g.count if gram is not None else None)
+        if g is not None:
+            self._users[id(g)] -= 1
+            if self._users[id(g)] == 0:
+                g.xtx = None  # nobody reads this input's accumulator any more
+        return m2, gram
+
+
+def block_statistics(here, block: nn.Module, run) -> BlockStats:
+    """The statistics (BlockStats: take(name) -> (m2, gram)) of the inputs each of `here`'s
     layers (list of (LinearLayer, config) inside `block`) sees while run() pushes the
     calibration batches through the block. Accumulations are fp32 products summed in fp64
     (physkern.calib), whatever the activations' dtype."""
@@ -279,14 +307,8 @@ def block_statistics(here, block: nn.Module, run) -> dict[str, tuple]:
     finally:
         for h in hooks:
             h.remove()
-    out = {}
-    for layer, cfg in here:
-        st = stats[layer.name]
-        gram = st["gram"].value if st["gram"] is not None else None
-        m2 = st["m2"].value if st["m2"] is not None else (
-            torch.diagonal(gram) / st["gram"].count if gram is not None else None)
-        out[layer.name] = (m2, gram)
-    return out
+    batch_seen.clear()
+    return BlockStats(stats)
 
 
 def _quantize_sequential(model, chosen, calibration, bar) -> list[LayerReport]:
@@ -300,8 +322,9 @@ def _quantize_sequential(model, chosen, calibration, bar) -> list[LayerReport]:
             return
         stats = block_statistics(here, block, run)
         for layer, cfg in here:
-            m2, gram = stats[layer.name]
+            m2, gram = stats.take(layer.name)
             reports.append(_quantize_one(model, layer, cfg, m2, gram))
+            del m2, gram
             bar.update()
 
     run_blocks_sequentially(model, calibration, on_block)

@@ -63,7 +63,8 @@ class Dist:
         """Quantize the (LinearLayer, config) pairs of one block, split across ranks; returns
         their reports in `here`'s order, every rank's model holding every quantized layer.
 
-        stats: {layer name: (m2 [in] or None, gram [in, in] or None)} (missing: no calibration)
+        stats: physkern.api.BlockStats (take(name) -> (m2 [in] or None, gram [in, in] or
+               None)), or None without calibration
         quantize_one(model, layer, cfg, m2, gram) -> LayerReport, swapping the layer in place
         (physkern.api._quantize_one).
         """
@@ -71,8 +72,9 @@ class Dist:
         reports: list = [None] * len(here)
         for j, ((layer, cfg), owner) in enumerate(zip(here, owners)):
             if owner == self.rank:
-                m2, gram = stats.get(layer.name, (None, None))
+                m2, gram = stats.take(layer.name) if stats is not None else (None, None)
                 reports[j] = quantize_one(model, layer, cfg, m2, gram)
+                del m2, gram
         if self.world == 1:
             return reports
         from .layers import QuantizedLinear

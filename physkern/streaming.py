@@ -397,13 +397,15 @@ def quantize_streaming(source, out, config: AnyConfig, calibration: Optional[tor
             block = blocks[i]
             _materialise(model, ckpt, fills, block_keys[i], device, dtype)
             here = [(l, c) for l, c in chosen if block_of[l.name] == i]
-            stats = {}
+            stats = None
             if any(c.needs_calibration for _, c in here):
                 def run(block=block):
                     for j in range(len(hidden)):
                         block(hidden[j].to(device), **kwargs_list[j])
                 stats = block_statistics(here, block, run)
             reports += dist.quantize_layers(model, here, stats, _quantize_one)
+            del stats  # the Grams of layers other ranks quantized
+            _release_memory()
             new_hidden = []
             if hidden is not None:
                 for j in range(len(hidden)):
