@@ -431,8 +431,9 @@ def quantize_streaming(source, out, config: AnyConfig, calibration: Optional[tor
                     "block_seconds": (state or {}).get("block_seconds", [])[:done]
                     + block_seconds + [time.perf_counter() - t0],
                     "reports": [asdict(r) for r in reports]})
+            dist.barrier()  # every rank has read block i's inputs (disk activations) ...
+            if dist.rank == 0:  # ... so they may go
                 shutil.rmtree(state_dir / f"hidden-{i:05d}", ignore_errors=True)
-            dist.barrier()
             if hidden is not None:
                 hidden = Activations(state_dir / f"hidden-{i + 1:05d}", activations,
                                      new_hidden if activations == "memory" else None)
@@ -474,8 +475,9 @@ def quantize_streaming(source, out, config: AnyConfig, calibration: Optional[tor
     n_calib = calibration.numel() if needs_calib else 0
     report = QuantizationReport(reports, rep.quantized_bits_per_weight, rep.model_bits_per_weight,
                                 rep.total_bytes, time.perf_counter() - t_start, n_calib)
+    dist.barrier()  # every rank is done with the state folder (head calibration reads it)
     if dist.rank != 0:
-        dist.barrier()
+        dist.barrier()  # returns once rank 0 has written the model
         return None
     layers, embeddings = quantized_module_layouts(model)
     meta = model_marker(model, layers, embeddings, rep,
