@@ -21,7 +21,7 @@ r_0 = r_N = 1 and every bond r_k capped by the bond dimension chi.
 - `MPOLinear`: a drop-in for nn.Linear that stores the cores (fp16 by default) and contracts the
   input with them one core at a time, never forming W; counted by physkern.quant.accounting
   through `weight_numel()` / `storage_bits()`. For long inputs at large bonds the contraction
-  costs more than forming W once per call (2 cores at chi 115 on a 1536 x 576 weight: ~12x the
+  costs more than forming W once per call (2 cores at chi 115 on a 1536 x 576 weight: ~8x the
   dense product per token), so mode "auto" (default) takes whichever path `flops()` says is
   cheaper; "contract" / "dense" force one (same function, tested equal).
 - `chi_for_bits` / `bits_per_weight`: bond dimension <-> stored bits per weight.
