@@ -218,3 +218,18 @@ def test_svd_at_full_rank_reproduces_the_model(tiny_llama, monkeypatch, weighted
     assert sum(isinstance(mod, LowRankLinear) for mod in m.modules()) == 6
     with torch.no_grad():
         torch.testing.assert_close(m(X).logits, tiny_llama(X).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_quantize_cli_refuses_a_factorize_recipe_before_any_work(saved_tiny, tmp_path, capsys):
+    # The saved format cannot hold MPO / low-rank layers: the CLI says so before quantizing
+    # (not at save time after the work) and writes nothing.
+    import json
+    from physkern.cli import main
+    recipes = tmp_path / "r.json"
+    recipes.write_text(json.dumps([{"name": "svd_rtn", "factorize": {"method": "svd", "rank": 2},
+                                    "config": {"method": "rtn", "bits": 4, "group_size": 16}}]))
+    out = tmp_path / "out"
+    rc = main(["quantize", "--model", str(saved_tiny / "model"), "--corpus",
+               str(saved_tiny / "corpus.txt"), "--recipe", f"{recipes}:svd_rtn", "--out", str(out)])
+    assert rc == 2 and "cannot be saved yet" in capsys.readouterr().err
+    assert not out.exists()

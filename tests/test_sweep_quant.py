@@ -67,6 +67,7 @@ def test_sweep_quant_end_to_end_and_resume(tiny_setup, capsys):
     for p in pts:
         assert p["tokens_scored"] == 186 and p["perplexity"] > 1
         assert p["bits"]["model_bits_per_weight"] > 0
+        assert isinstance(p["git_commit"], str) and p["git_commit"]  # per point: files span commits
     fp = next(p for p in pts if p["recipe"] == "fp")
     assert fp["bits"]["model_bits_per_weight"] == pytest.approx(32.0)
     rtn = next(p for p in pts if p["recipe"] == "rtn4")
@@ -169,3 +170,15 @@ def test_corrupt_results_cli_error_then_fresh_keeps_backup(tiny_setup, tmp_path,
     # and a plain run resumes from the valid file
     assert main(args) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_point_key_tells_factorize_recipes_apart():
+    from physkern.sweeps.quant import _key_of, point_key
+    base = dict(recipe="f", seed=0, config=None, prune=None, lattice=None)
+    a = point_key(**base, factorize={"method": "svd", "rank": 2})
+    b = point_key(**base, factorize={"method": "svd", "rank": 4})
+    assert a != b and point_key(**base) != a
+    # a point recorded before factorize existed keeps its key
+    old = {"recipe": "f", "seed": 0, "config": None}
+    assert _key_of(old) == point_key(**base)
+    assert _key_of({**old, "factorize": {"method": "svd", "rank": 2}}) == a

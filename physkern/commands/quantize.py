@@ -303,6 +303,9 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import parse_size
     parse_size(args.max_shard_size)
     recipe = recipe_from_args(args)
+    if recipe.factorize is not None:  # refused before the work, not at save time after it
+        raise ValueError(f"recipe {recipe.name!r}: factorize (MPO / low-rank layers) cannot be "
+                         "saved yet; measure such recipes with `physkern sweep quant` instead")
     dist, device = init_from_env(args.device)
     source = stream_source(args, recipe)
     if source is None and dist.world > 1:

@@ -151,13 +151,16 @@ def _canon(obj) -> str:
 def point_key(recipe: str, seed: int, config: dict | None, prune: dict | None,
               lattice: dict | None, smooth: dict | None = None,
               finetune: dict | None = None, embedding: dict | None = None,
-              dense_dtype: str | None = None) -> tuple:
-    """What makes a point the same point when resuming. embedding and dense_dtype join the key
-    only when set, so the keys of points recorded before they existed are unchanged."""
+              dense_dtype: str | None = None, factorize: dict | None = None) -> tuple:
+    """What makes a point the same point when resuming. embedding, dense_dtype and factorize
+    join the key only when set, so the keys of points recorded before they existed are
+    unchanged."""
     key = (recipe, seed, _canon(config), _canon(prune), _canon(lattice), _canon(smooth),
            _canon(finetune))
     if embedding is not None or dense_dtype is not None:
         key += (_canon(embedding), _canon(dense_dtype))
+    if factorize is not None:
+        key += ("factorize", _canon(factorize))
     return key
 
 
@@ -168,7 +171,7 @@ def _key_of(point: dict) -> tuple:
     return point_key(point["recipe"], point["seed"], point["config"],
                      (point.get("prune") or {}).get("spec"), point.get("lattice"),
                      point.get("smooth"), None if ft is None else {**FINETUNE_DEFAULTS, **ft},
-                     point.get("embedding"), point.get("dense_dtype"))
+                     point.get("embedding"), point.get("dense_dtype"), point.get("factorize"))
 
 
 _FRESH_HINT = ("pass --fresh to start over (the old file is moved to "
@@ -233,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import evaluation_tokens, load_corpus
     from ..eval import perplexity
     from ..models import decoder_linear_layers, load_model, resolve_model_name
-    from ..provenance import provenance, write_json
+    from ..provenance import provenance, versions, write_json
     from ..quant.accounting import bits_report
 
     recipes = load_recipes(args.recipes)
@@ -308,8 +311,9 @@ def run(args: argparse.Namespace) -> int:
             cfg_dict = None if cfg is None else cfg.to_dict()
             emb = with_seed(r.embedding, seed)
             emb_dict = None if emb is None else emb.to_dict()
+            fact_dict = None if r.factorize is None else r.to_dict()["factorize"]
             if point_key(r.name, seed, cfg_dict, r.prune, r.lattice, r.smooth, r.finetune,
-                         emb_dict, r.dense_dtype) in done:
+                         emb_dict, r.dense_dtype, fact_dict) in done:
                 print(f"{r.name} seed {seed}: already in {json_path}, skipped")
                 continue
             t0 = time.perf_counter()
@@ -346,6 +350,8 @@ def run(args: argparse.Namespace) -> int:
                      "lattice": r.lattice,
                      **({"embedding": emb_dict} if emb_dict is not None else {}),
                      **({"dense_dtype": r.dense_dtype} if r.dense_dtype is not None else {}),
+                     **({"factorize": fact_dict} if fact_dict is not None else {}),
+                     "git_commit": versions()["git_commit"],  # points of one file may span commits
                      "perplexity": res.perplexity, "mean_nll": res.mean_nll,
                      "tokens_scored": res.tokens_scored, "windows": res.windows,
                      "bits": {"quantized_bits_per_weight": rep.quantized_bits_per_weight
