@@ -220,9 +220,10 @@ def _exact_config(in_small: int, in_big: int, pattern: str) -> CodebookConfig:
 
 
 def _copy(model):
-    m = model.__class__(model.config).eval()
-    m.load_state_dict(model.state_dict())
-    return m
+    """A deep copy: quantizing the head/embedding may edit the model's config object, which the
+    session fixtures share with every other test."""
+    import copy
+    return copy.deepcopy(model).eval()
 
 
 @pytest.mark.parametrize("fixture,cfg", [
