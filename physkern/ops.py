@@ -130,12 +130,15 @@ def codebook_matmul(x: torch.Tensor, qw: "QuantizedWeight", bias: Optional[torch
     """y = x @ W^T + bias with W = qw.dequantize() rebuilt on the fly from packed indices.
 
     x    [..., in_features] float32/float16/bfloat16
-    qw   QuantizedWeight (packed [S, out, words], codebooks [S, n_cb, K, d], scales/offsets)
+    qw   QuantizedWeight (packed [S, out, words], codebooks [S, n_cb, K, d], scales/offsets;
+         with a rotation R the stored weight is Q(W R), so x is rotated first: y = (x R) Q^T)
     bias [out_features] or None
     returns y [..., out_features] in x.dtype (fp32 accumulation)
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if getattr(qw, "rotation", None) is not None:
+        x = qw.rotation.apply(x)
     if qw.packed.shape[1] != qw.out_features:
         raise ValueError(f"qw.packed has {qw.packed.shape[1]} rows, qw.out_features is "
                          f"{qw.out_features}")

@@ -191,6 +191,12 @@ def test_layer_forward_and_meta(kind):
     assert torch.allclose(layer(x).double(), ref, atol=1e-5)
     assert torch.allclose(layer(x[0, 0:1]).double(), ref[0, 0:1], atol=1e-5)  # small-M path
     assert torch.allclose(layer(x), x @ layer.dequantize().T + layer.bias, atol=1e-5)
+    # the functional op on the QuantizedWeight computes the same function (it used to ignore
+    # qw.rotation and silently return x Q_stored^T)
+    from physkern import ops
+    for backend in ("auto", "cpu", "reference"):
+        got = ops.codebook_matmul(x, qw, layer.bias, backend=backend)
+        assert torch.allclose(got.double(), ref, atol=1e-5), backend
     meta = layer.layer_meta()
     assert meta["rotation"] == {"kind": "hadamard", "seed": 9, "block": 64}
     empty = QuantizedLinear.empty(meta)
