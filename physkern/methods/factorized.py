@@ -210,8 +210,8 @@ def heal_factorized(model: nn.Module, teacher: nn.Module, calibration: torch.Ten
     offsets (through physkern.finetune.differentiable_quantized) and, with train_norms, the
     float32 norm weights. Returns finetune_quantized's report keys plus "factorized_layers".
     """
-    from ..finetune import (SCHEDULES, _is_norm, _logits, differentiable_quantized, lr_factor,
-                            mean_kl, token_kl)
+    from ..finetune import (SCHEDULES, _is_norm, differentiable_quantized, holdout_split,
+                            kl_steps, mean_kl)
     from ..layers import QuantizedLinear
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or \
             calibration.dtype.is_floating_point:
@@ -236,10 +236,7 @@ def heal_factorized(model: nn.Module, teacher: nn.Module, calibration: torch.Ten
     modes = (model.training, teacher.training)
     model.eval()
     teacher.eval()
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=gen)
-    train, held = calibration[perm[:n - holdout]], calibration[perm[n - holdout:]]
-    dev = next(model.parameters()).device
+    gen, perm, train, held = holdout_split(calibration, holdout, seed)
     # originals (stored tensors) of everything trained: restored when the holdout KL rises
     slots = [(c, k) for _, m in facs for c, k in _factor_tensors(m)]
     stored = [c._parameters[k] if isinstance(c, nn.Module) and not isinstance(c, nn.ParameterList)
@@ -302,29 +299,16 @@ def heal_factorized(model: nn.Module, teacher: nn.Module, calibration: torch.Ten
                 groups.append({"params": [p],
                                "lr": lr * max(float(p.detach().abs().mean()), 1e-12)})
             stack.enter_context(torch.enable_grad())
-            opt = torch.optim.Adam(groups)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(schedule, t, steps))
             n_params = sum(g["params"][0].numel() for g in groups)
-            order: list[int] = []
-            t_log = time.perf_counter()
-            for step in range(steps):
-                if len(order) < batch_size:
-                    order += torch.randperm(train.shape[0], generator=gen).tolist()
-                ids = train[order[:batch_size]].to(dev)
-                del order[:batch_size]
-                with torch.no_grad():
-                    t_logits = _logits(teacher, ids)
-                loss = token_kl(t_logits, _logits(model, ids)).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                curve.append(float(loss.detach()))
-                if progress and (time.perf_counter() - t_log > 30 or step == steps - 1):
-                    print(f"heal step {step + 1}/{steps}: kl {curve[-1]:.4g}", flush=True)
-                    t_log = time.perf_counter()
-                if not math.isfinite(curve[-1]):
-                    break
+            t_log = [time.perf_counter()]
+
+            def log(step: int, loss: float) -> None:
+                if progress and (time.perf_counter() - t_log[0] > 30 or step == steps - 1):
+                    print(f"heal step {step + 1}/{steps}: kl {loss:.4g}", flush=True)
+                    t_log[0] = time.perf_counter()
+
+            curve += kl_steps(model, teacher, train, groups, steps, batch_size, schedule, gen,
+                              on_step=log)
             with torch.no_grad():  # trained values into the stored tensors, in their dtypes
                 for t, p in zip(stored, train_copies):
                     t.copy_(p.detach().to(t.dtype))
