@@ -23,6 +23,7 @@ PPL_SOURCES = {
     # (bench_generate's rtn4_g64 and cb_k64_d2_ef quantize the decoder only: their whole-model
     #  namesakes in whole_model_16k.json are other models, so no perplexity is joined to them.)
     "deploy": ("run_cpu.json", None),
+    "deploy_direct": ("run_cpu.json", None),  # the same saved model, LUT GEMV off
 }
 
 
