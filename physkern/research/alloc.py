@@ -178,6 +178,27 @@ def isolation_sensitivity(model: nn.Module, config: AnyConfig, calibration: torc
     return out
 
 
+def _window_gradients(model: nn.Module, calibration: torch.Tensor, chosen: list):
+    """Yield, per calibration window b, the gradients of L_b (summed next-token NLL of window b)
+    w.r.t. the chosen layers' weights, as stored (GPT-2 Conv1D: [in, out]). Only those weights
+    track gradients meanwhile; every parameter's requires_grad flag is restored afterwards."""
+    params = [l.module.weight for l in chosen]
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        for b in range(calibration.shape[0]):
+            ids = calibration[b:b + 1].to(params[0].device)
+            lp = torch.log_softmax(model(input_ids=ids).logits.float()[:, :-1], -1)
+            loss = -lp.gather(-1, ids[:, 1:, None]).sum()
+            yield torch.autograd.grad(loss, params)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+
+
 def fisher_diagonal(model: nn.Module, calibration: torch.Tensor,
                     layers: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:
     """Empirical diagonal Fisher of each layer's weight: {name: F [out, in] float64}.
@@ -188,27 +209,11 @@ def fisher_diagonal(model: nn.Module, calibration: torch.Tensor,
     """
     _check_windows("calibration", calibration)
     chosen = _select(model, layers)
-    params = [l.module.weight for l in chosen]
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    device = params[0].device
     acc = {l.name: torch.zeros(l.out_features, l.in_features, dtype=torch.float64) for l in chosen}
-    try:
-        for b in range(calibration.shape[0]):
-            ids = calibration[b:b + 1].to(device)
-            logits = model(input_ids=ids).logits.float()
-            lp = torch.log_softmax(logits[:, :-1], -1)
-            loss = -lp.gather(-1, ids[:, 1:, None]).sum()
-            grads = torch.autograd.grad(loss, params)
-            for l, g in zip(chosen, grads):
-                g = g.t() if l.kind == "conv1d" else g
-                acc[l.name] += g.detach().double().cpu().pow(2)
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
+    for grads in _window_gradients(model, calibration, chosen):
+        for l, g in zip(chosen, grads):
+            g = g.t() if l.kind == "conv1d" else g
+            acc[l.name] += g.detach().double().cpu().pow(2)
     return acc
 
 
@@ -219,23 +224,10 @@ def fisher_trace(model: nn.Module, calibration: torch.Tensor,
     Returns {name: {"sum": trace(F), "mean": trace(F) / (out * in)}}."""
     _check_windows("calibration", calibration)
     chosen = _select(model, layers)
-    params = [l.module.weight for l in chosen]
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     acc = {l.name: 0.0 for l in chosen}
-    try:
-        for b in range(calibration.shape[0]):
-            ids = calibration[b:b + 1].to(params[0].device)
-            lp = torch.log_softmax(model(input_ids=ids).logits.float()[:, :-1], -1)
-            loss = -lp.gather(-1, ids[:, 1:, None]).sum()
-            for l, g in zip(chosen, torch.autograd.grad(loss, params)):
-                acc[l.name] += float(g.double().pow(2).sum())
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
+    for grads in _window_gradients(model, calibration, chosen):
+        for l, g in zip(chosen, grads):
+            acc[l.name] += float(g.double().pow(2).sum())
     return {l.name: {"sum": acc[l.name], "mean": acc[l.name] / (l.out_features * l.in_features)}
             for l in chosen}
 
