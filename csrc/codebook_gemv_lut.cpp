@@ -42,6 +42,7 @@
 // enough work: in practice the head, not the decoder layers of a 135M model). Per call the
 // output and two small per-thread scale buffers are allocated; tables, x sums and fp32 copies of
 // half-precision parameters live in thread-local buffers that only grow.
+#include "op_checks.h"
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -606,24 +607,7 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
     TORCH_CHECK_VALUE(g.G == 1, fn, "group_slices (", group_slices,
                       ") must be in_features / block_dim without scales");
   }
-  if (offsets.has_value()) {
-    TORCH_CHECK_VALUE(scales.has_value(), fn, "offsets need scales");
-    TORCH_CHECK_VALUE(offsets->is_floating_point() && offsets->sizes() == scales->sizes(), fn,
-                      "offsets must have the shape of scales ", scales->sizes(), ", got ",
-                      offsets->sizes());
-  }
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->is_floating_point() && bias->dim() == 1 && bias->size(0) == out, fn,
-                      "bias must be float [", out, "], got ", bias->sizes());
-  }
-  for (const at::Tensor* t : {&x, &lut_idx, &codebooks}) {
-    TORCH_CHECK_VALUE(t->device().is_cpu(), fn, "every tensor must be on the CPU, got ",
-                      t->device());
-  }
-  for (const std::optional<at::Tensor>* t : {&scales, &offsets, &bias}) {
-    TORCH_CHECK_VALUE(!t->has_value() || (*t)->device().is_cpu(), fn,
-                      "every tensor must be on the CPU, got ", (*t)->device());
-  }
+  check_affine_bias_cpu(fn, out, scales, offsets, bias, {&x, &lut_idx, &codebooks});
 
   // Decode calls pass contiguous fp32 x: used as it is (no reshape / conversion per call).
   const bool x_f32 = x.scalar_type() == at::kFloat;

@@ -40,6 +40,7 @@
 // (csrc/codebook_matmul_isa_{baseline,avx2,avx512}.cpp); the best one the CPU supports is chosen
 // once, or the one named by the environment variable PHYSKERN_CPU_ISA ("avx512", "avx2",
 // "baseline"; the tests use it to check every copy on one machine).
+#include "op_checks.h"
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -143,24 +144,7 @@ at::Tensor codebook_matmul_cpu(const at::Tensor& x, const at::Tensor& packed,
                       fn, "scales must be float [", out, ", ", G, "], got ", scales->scalar_type(),
                       " ", scales->sizes());
   }
-  if (offsets.has_value()) {
-    TORCH_CHECK_VALUE(scales.has_value(), fn, "offsets need scales");
-    TORCH_CHECK_VALUE(offsets->is_floating_point() && offsets->sizes() == scales->sizes(), fn,
-                      "offsets must have the shape of scales ", scales->sizes(), ", got ",
-                      offsets->sizes());
-  }
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->is_floating_point() && bias->dim() == 1 && bias->size(0) == out, fn,
-                      "bias must be float [", out, "], got ", bias->sizes());
-  }
-  for (const at::Tensor* t : {&x, &packed, &codebooks}) {
-    TORCH_CHECK_VALUE(t->device().is_cpu(), fn, "every tensor must be on the CPU, got ",
-                      t->device());
-  }
-  for (const std::optional<at::Tensor>* t : {&scales, &offsets, &bias}) {
-    TORCH_CHECK_VALUE(!t->has_value() || (*t)->device().is_cpu(), fn,
-                      "every tensor must be on the CPU, got ", (*t)->device());
-  }
+  check_affine_bias_cpu(fn, out, scales, offsets, bias, {&x, &packed, &codebooks});
 
   const at::Tensor xf = x.reshape({-1, in_features}).to(at::kFloat).contiguous();
   const int64_t M = xf.size(0);
