@@ -16,6 +16,16 @@ Learning rate: Adam moves every parameter by about `lr` per step whatever its gr
 so `lr` is RELATIVE here: each tensor's step size is lr x its mean |value| at the start (offsets
 that are all zero use their layer's mean |scale|, norm biases their norm's mean |weight|). One
 lr then serves weight-sized codebooks, integer grids with tiny scales, and norm weights near 1.
+
+Discrete code updates (optional, `code_update_every` > 0; PV-tuning style): every that many
+steps the codes (indices) of a seeded `code_update_fraction` of each layer's block columns are
+re-assigned under the current trainable codebooks / scales to lower that layer's output error
+tr((W - Q) H (W - Q)^T), W being the teacher's weight of the same name and H = X^T X / N its
+inputs on the training windows (physkern.quant.code_update: the objective never goes up); then
+the continuous steps go on. The index bit width is unchanged, so the bits are too. The held-out
+keep-if-better check covers the codes: when it fails the original packed indices are restored.
+It needs the teacher's layers to be the targets the quantized layers approximate (not so after
+SmoothQuant or a factorization, which physkern.recipe refuses with code updates).
 """
 from __future__ import annotations
 
@@ -30,6 +40,9 @@ from torch import nn
 
 from .embedding import QuantizedEmbedding
 from .layers import QuantizedLinear
+from .linear import linear_layers
+from .quant.code_update import CodeUpdate, update_codes
+from .quant.packing import index_bits, pack_indices
 from .quant.reconstruct import reconstruct
 
 
@@ -46,11 +59,16 @@ class _LayerCopy:
         # int32 halves the fixed indices' memory; reconstruct keeps their dtype
         self.idx = qw.indices().to(torch.int32)                              # [S, out, nb]
         self.mod, self.codebook_rows = mod, qw.codebook_rows
+        self.codes_changed = False     # set by a code update: write_back then repacks idx
         self.codebooks = nn.Parameter(mod.codebooks.detach().float().clone())
         self.scales = None if mod.scales is None else \
             nn.Parameter(mod.scales.detach().float().clone())
         self.offsets = None if mod.offsets is None else \
             nn.Parameter(mod.offsets.detach().float().clone())
+
+    def stored_shape(self) -> tuple[int, int]:
+        """[out, in] of the layer's weight."""
+        return self.mod.out_features, self.mod.in_features
 
     def params(self) -> list[tuple[nn.Parameter, float]]:
         """[(parameter, magnitude)]: magnitude sets the parameter's relative learning rate."""
@@ -82,8 +100,11 @@ class _LayerCopy:
         return F.linear(x, self.stored_weight().to(x.dtype), self.mod.bias)
 
     def write_back(self) -> None:
-        """Store the trained values in the layer's buffers, rounded to their stored dtypes."""
+        """Store the trained values in the layer's buffers, rounded to their stored dtypes (and
+        the codes, repacked, when a code update changed them)."""
         with torch.no_grad():
+            if self.codes_changed:   # in place: bumps the version the index caches check
+                self.mod.packed.copy_(pack_indices(self.idx, index_bits(self.codebooks.shape[2])))
             self.mod.codebooks.copy_(self.codebooks)
             if self.scales is not None:
                 self.mod.scales.copy_(self.scales)
@@ -233,7 +254,8 @@ def _snapshot(model: nn.Module, train_norms: bool) -> list[tuple[torch.Tensor, t
     out = []
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
-            out += [(t, t.detach().clone()) for t in (m.codebooks, m.scales, m.offsets)
+            # packed too: code updates change it (a cheap copy: ~bits/32 of the weight)
+            out += [(t, t.detach().clone()) for t in (m.packed, m.codebooks, m.scales, m.offsets)
                     if t is not None]
         elif train_norms and _is_norm(m):
             out += [(p, p.detach().clone()) for p in m.parameters(recurse=False)]
@@ -310,10 +332,140 @@ def kl_steps(model: nn.Module, teacher: nn.Module, train: torch.Tensor, param_gr
     return curve
 
 
+# ----------------------------------------------------------------------------------------------
+# discrete code updates (module docstring)
+
+
+def check_code_update_args(every, fraction, steps: int) -> None:
+    """code_update_every: integer >= 0 (0 = off), < steps when on (so that at least one update
+    runs and continuous steps follow it); code_update_fraction: number in (0, 1]."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"code_update_every must be an integer >= 0 (steps between code "
+                         f"updates; 0 = off), got {every!r}")
+    if every and not every < steps:
+        raise ValueError(f"code_update_every must be < steps = {steps} (updates run before steps "
+                         f"every, 2*every, ... < steps; none would run), got {every!r}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or \
+            not 0 < fraction <= 1:
+        raise ValueError(f"code_update_fraction must be a number in (0, 1] (the share of each "
+                         f"layer's block columns re-assigned per update), got {fraction!r}")
+
+
+def _input_grams(teacher: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor,
+                 batch_size: int) -> dict[str, torch.Tensor]:
+    """{name: E[x x^T] [in, in] float32 (CPU)} of each named teacher module's input over
+    windows [n, seq]. Layers that read the very same tensor (q/k/v, gate/up: consecutive hooked
+    calls) share one accumulator and one result tensor."""
+    acc: dict[str, torch.Tensor] = {}       # owner -> float64 sum of x^T x
+    owner: dict[str, str] = {}              # layer -> the layer whose sum holds its Gram
+    count: dict[str, int] = {}
+    last: list = [None, None]               # (tensor, owner) of the previous hooked call
+
+    def make_hook(name: str):
+        def hook(_mod, inputs):
+            x = inputs[0]
+            own = last[1] if last[0] is x else name
+            if owner.setdefault(name, own) != own:
+                raise RuntimeError(f"internal error: {name}'s input sharing changed between "
+                                   "windows")
+            if own == name:
+                xf = x.detach().reshape(-1, x.shape[-1]).float()
+                acc[name] = acc.get(name, 0) + (xf.T @ xf).double().cpu()
+                count[name] = count.get(name, 0) + xf.shape[0]
+                last[0], last[1] = x, name
+        return hook
+
+    hooks = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    dev = next(teacher.parameters()).device
+    try:
+        with torch.no_grad():
+            for i in range(0, windows.shape[0], batch_size):
+                teacher(input_ids=windows[i:i + batch_size].to(dev), use_cache=False)
+                last[0] = last[1] = None    # releases the held tensor between windows
+    finally:
+        for h in hooks:
+            h.remove()
+    mean = {n: (a / count[n]).float() for n, a in acc.items()}
+    return {n: mean[o] for n, o in owner.items()}
+
+
+class _CodeUpdater:
+    """The code updates of one fine-tuning run: each eligible layer copy's target (the teacher
+    weight of the same name, in the copy's stored basis) and input Gram, the seeded generator of
+    block columns, and the record of every update."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, tr: "Trainable",
+                 train: torch.Tensor, fraction: float, seed: int, batch_size: int):
+        t0 = time.perf_counter()
+        self.fraction = float(fraction)
+        # a generator of its own: the training windows' order is the same with updates on or off
+        self.gen = torch.Generator().manual_seed(seed)
+        self.skipped: dict[str, str] = {}
+        self.records: list[dict] = []
+        names = {id(m): n for n, m in model.named_modules()}
+        sources = {id(m.weight_source) for m in model.modules()
+                   if isinstance(m, QuantizedEmbedding)}
+        teacher_lin = {l.name: l for l in linear_layers(teacher)}
+        chosen = []
+        for layer in tr.layers:
+            name = names[id(layer.mod)]
+            lin = teacher_lin.get(name)
+            if id(layer.mod) in sources:   # its objective would ignore the embedding role
+                self.skipped[name] = "also the quantized embedding's table"
+            elif lin is None or tuple(lin.weight().shape) != tuple(layer.stored_shape()):
+                self.skipped[name] = "no teacher linear layer of that name and shape"
+            else:
+                chosen.append((name, layer, lin))
+        grams = _input_grams(teacher, {n: lin.module for n, _, lin in chosen}, train,
+                             batch_size) if chosen else {}
+        self.layers = [(n, layer, *self._stored_basis(layer, lin.weight(), grams[n]))
+                       for n, layer, lin in chosen]
+        self.gram_seconds = time.perf_counter() - t0
+
+    @staticmethod
+    def _stored_basis(layer: "_LayerCopy", w: torch.Tensor, h: torch.Tensor):
+        """(target W, Gram H) in the layer's stored basis: W R and R^T H R with a rotation R."""
+        rot = layer.mod.rotation
+        w = w.detach()
+        if rot is None:
+            return w, h
+        return rot.apply(w.double()).float(), rot.rotate_gram(h.double()).float()
+
+    def __call__(self, step: int) -> None:
+        """Update the codes of every eligible layer copy (after `step` continuous steps)."""
+        t0 = time.perf_counter()
+        total = {"objective_before": 0.0, "objective_after": 0.0, "blocks_visited": 0,
+                 "codes_visited": 0, "codes_changed": 0, "rows_kept": 0}
+        for _, layer, w, h in self.layers:
+            res = self._update(layer, w, h)
+            for key, v in res.summary().items():
+                total[key] += v
+        self.records.append({"step": step, "layers": len(self.layers), **total,
+                             "seconds": time.perf_counter() - t0})
+
+    def _update(self, layer: "_LayerCopy", w: torch.Tensor, h: torch.Tensor) -> CodeUpdate:
+        dev = layer.idx.device
+        detach = lambda t: None if t is None else t.detach()
+        with torch.no_grad():
+            res = update_codes(layer.idx, layer.codebooks.detach(), detach(layer.scales),
+                               detach(layer.offsets), codebook_rows=layer.codebook_rows,
+                               weight=w.to(dev), gram=h.to(dev), fraction=self.fraction,
+                               generator=self.gen)
+            if res.changed:
+                layer.idx.copy_(res.indices)
+                layer.codes_changed = True
+        return res
+
+    def report(self) -> dict:
+        return {"code_update_layers": len(self.layers), "code_update_skipped": self.skipped,
+                "code_update_gram_seconds": self.gram_seconds, "code_updates": self.records}
+
+
 def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.Tensor,
                        steps: int = 100, lr: float = 1e-3, batch_size: int = 1, seed: int = 0,
                        holdout: int = 2, progress: bool = True,
-                       train_norms: bool = True, schedule: str = "constant") -> dict:
+                       train_norms: bool = True, schedule: str = "constant",
+                       code_update_every: int = 0, code_update_fraction: float = 0.1) -> dict:
     """Fine-tune the codebooks, scales, offsets (and norms) of a quantized `model` in place.
 
     model:       quantized student (QuantizedLinear layers); packed indices never change
@@ -325,17 +477,33 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
     batch_size:  training windows per step (<= the training windows)
     schedule:    "constant" (lr every step) or "cosine" (lr x (1 + cos(pi t / steps)) / 2 at
                  step t: large steps first, small ones to settle at the end)
-    Keep-if-better: the trained values are kept only if the held-out KL, measured with the
-    stored (rounded) values through the normal forward, went down; else the originals are
-    restored. Both models are run in eval mode; their modes are restored afterwards.
+    code_update_every: 0 (default: indices fixed) or k in [1, steps): before steps k, 2k, ...
+                 the codes of a seeded code_update_fraction (in (0, 1]) of each layer's block
+                 columns are re-assigned to lower its output error vs the teacher layer of the
+                 same name (module docstring; seeded by `seed` on a generator of its own, so the
+                 training windows' order does not depend on it). Layers that are also a
+                 quantized embedding's table, or have no teacher layer of their name and shape,
+                 keep their codes. The teacher's input Grams are taken once, on the training
+                 windows (never the held-out ones).
+    Keep-if-better: the trained values (codes included) are kept only if the held-out KL,
+    measured with the stored (rounded) values through the normal forward, went down; else the
+    originals are restored. Both models are run in eval mode; their modes are restored
+    afterwards.
 
     Returns {"steps", "lr", "lr_relative", "schedule", "batch_size", "seed", "train_norms",
     "train_windows", "holdout_windows", "holdout_indices" (rows of calibration), "window",
     "trained_parameters", "quantized_layers",
     "norm_tensors", "holdout_kl_before", "holdout_kl_after" (of the trained values, even when
-    they were not kept), "kept", "note", "seconds", "loss_curve" [steps run]}.
+    they were not kept), "kept", "note", "seconds", "loss_curve" [steps run],
+    "code_update_every", "code_update_fraction", "code_updates" [one record per update: "step"
+    (continuous steps before it), "layers", "objective_before" / "objective_after" (sums over
+    the layers of tr((W - Q) H (W - Q)^T), H = E[x x^T]), "blocks_visited", "codes_visited",
+    "codes_changed", "rows_kept", "seconds"], "codes_changed" (stored codes that differ from
+    the original ones at the end: 0 when not kept)} and, with code updates on,
+    "code_update_layers", "code_update_skipped" {name: why}, "code_update_gram_seconds".
     """
     check_training_args(calibration, steps, lr, batch_size, holdout, schedule)
+    check_code_update_args(code_update_every, code_update_fraction, steps)
     if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise ValueError("model: no QuantizedLinear layers to fine-tune (run physkern.quantize "
                          "first)")
@@ -355,10 +523,19 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
                 from tqdm.auto import tqdm
                 bar = tqdm(total=steps, desc="finetune", unit="step")
 
+            updater = None
+            if code_update_every:
+                updater = _CodeUpdater(model, teacher, tr, train, code_update_fraction, seed,
+                                       batch_size)
+
             def on_step(step: int, kl: float) -> None:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(kl=f"{kl:.4g}")
+                done = step + 1     # continuous steps so far; an update only if more follow
+                if updater is not None and done % code_update_every == 0 and done < steps \
+                        and math.isfinite(kl):
+                    updater(done)
 
             curve = kl_steps(model, teacher, train, tr.param_groups(float(lr)), steps,
                              batch_size, schedule, gen, on_step)
@@ -366,14 +543,18 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
                 bar.close()
             notes = list(tr.notes)
             n_layers, n_norms = len(tr.layers), len(tr.norms)
+            # before the write-back, the layers' packed buffers still hold the original codes
+            changed = sum(int((l.idx != l.mod.quantized_weight().indices()).sum())
+                          for l in tr.layers if l.codes_changed)
         after = mean_kl(model, teacher, held, batch_size)   # stored (rounded) values
         kept = after < before                               # False for NaN too
         if not kept:
+            changed = 0
             with torch.no_grad():
                 for live, orig in snapshot:
                     live.copy_(orig)
             notes.append(f"holdout KL did not improve ({before:.6g} -> {after:.6g}): original "
-                         "codebooks, scales, offsets and norms restored")
+                         "codes, codebooks, scales, offsets and norms restored")
         else:
             notes.append(f"holdout KL {before:.6g} -> {after:.6g}: trained values kept")
     finally:
@@ -387,4 +568,9 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
             "trained_parameters": n_params, "quantized_layers": n_layers,
             "norm_tensors": n_norms, "holdout_kl_before": before, "holdout_kl_after": after,
             "kept": kept, "note": "; ".join(notes), "seconds": time.perf_counter() - t0,
-            "loss_curve": curve}
+            "loss_curve": curve, "code_update_every": code_update_every,
+            "code_update_fraction": float(code_update_fraction),
+            "code_updates": [] if updater is None else updater.records,
+            "codes_changed": changed,
+            **({} if updater is None else {k: v for k, v in updater.report().items()
+                                           if k != "code_updates"})}

@@ -21,8 +21,11 @@ JSON form (bench/recipes/*.json hold lists of these; a preset file holds one):
      "prune": {"rule": "seeds"|"opposite"|"uniform",
                "removed_fraction": f in (0, 1) | "relative_rank": f in (0, 1]} | null
      "finetune": {"steps": 100, "lr": 1e-3, "train_norms": true, "batch_size": 1, "holdout": 2,
-                  "schedule": "constant", "windows": null} | null   (defaults shown; lr is
-                                        RELATIVE, see physkern.finetune; needs "config")
+                  "schedule": "constant", "windows": null, "code_update_every": 0,
+                  "code_update_fraction": 0.1} | null   (defaults shown; lr is RELATIVE, see
+                                        physkern.finetune; needs "config"; code_update_every
+                                        k > 0: discrete code updates every k steps, not with
+                                        "smooth" or "factorize")
      "lattice": {"xi": number > 0 | "inf", "eps": number in (0, 1) | null} | null
      "factorize": {"method": "mpo", "chi": int | "bits": b, "cores": 3, "sweeps": 2,
                    "weighted": false, "dtype": "float16", "layers": [...]}
@@ -58,9 +61,11 @@ PRUNE_AMOUNTS = ("removed_fraction", "relative_rank")
 LATTICE_KEYS = ("xi", "eps")
 # The one set of fine-tuning defaults (physkern.finetune.finetune_quantized has the same). lr 1e-3
 # is what every committed fine-tuned result used (bench/recipes/codebook_push.json); windows None
-# = the quantizer's calibration windows.
+# = the quantizer's calibration windows; code_update_every 0 = codes fixed (every result before
+# code updates existed), so sweep points recorded without the two keys resume as the same points.
 FINETUNE_DEFAULTS = {"steps": 100, "lr": 1e-3, "train_norms": True, "batch_size": 1,
-                     "holdout": 2, "schedule": "constant", "windows": None}
+                     "holdout": 2, "schedule": "constant", "windows": None,
+                     "code_update_every": 0, "code_update_fraction": 0.1}
 DEFAULT_CALIBRATION = {"windows": 32, "window": 1024}
 DENSE_DTYPES = ("float16", "bfloat16")
 RECIPE_KEYS = ("name", "config", "embedding", "dense_dtype", "smooth", "prune", "finetune",
@@ -148,8 +153,9 @@ def parse_lattice(spec, where: str = "lattice") -> dict | None:
 
 def parse_finetune(spec, where: str = "finetune") -> dict | None:
     """Validate a recipe's "finetune" object; returns {"steps", "lr", "train_norms",
-    "batch_size", "holdout", "schedule", "windows"} with the defaults filled in (so resume keys
-    are canonical), or None."""
+    "batch_size", "holdout", "schedule", "windows", "code_update_every",
+    "code_update_fraction"} with the defaults filled in (so resume keys are canonical), or
+    None."""
     if spec is None:
         return None
     if not isinstance(spec, dict):
@@ -179,7 +185,13 @@ def parse_finetune(spec, where: str = "finetune") -> dict | None:
     if not isinstance(out["train_norms"], bool):
         raise ValueError(f"{where}.train_norms must be true or false, got "
                          f"{out['train_norms']!r}")
-    return {**out, "lr": float(lr)}
+    from .finetune import check_code_update_args
+    try:
+        check_code_update_args(out["code_update_every"], out["code_update_fraction"],
+                               out["steps"])
+    except ValueError as e:
+        raise ValueError(f"{where}.{e}") from None
+    return {**out, "lr": float(lr), "code_update_fraction": float(out["code_update_fraction"])}
 
 
 def parse_calibration(spec, where: str = "calibration") -> dict | None:
@@ -342,6 +354,11 @@ class Recipe:
             raise ValueError(f"{where}: finetune needs a quantization config (it trains the "
                              "quantized layers' codebooks and scales) or a factorize config "
                              "(it heals the factors), got both null")
+        if self.finetune is not None and self.finetune["code_update_every"] and (
+                self.smooth is not None or self.factorize is not None):
+            raise ValueError(f"{where}: finetune.code_update_every needs the teacher's layers "
+                             "to be what the quantized layers approximate (they are not after "
+                             "smooth or factorize); set it to 0 or drop smooth / factorize")
         if self.embedding is not None and self.config is None:
             raise ValueError(f"{where}: embedding needs a quantization config for the decoder "
                              "layers too, got config null")
@@ -504,7 +521,9 @@ def run_finetune(model, teacher, windows, spec: dict, seed: int, source: str) ->
     return {"spec": spec, "windows_source": source, **finetune_quantized(
         model, teacher, windows, steps=spec["steps"], lr=spec["lr"],
         batch_size=spec["batch_size"], seed=seed, holdout=spec["holdout"],
-        train_norms=spec["train_norms"], schedule=spec["schedule"])}
+        train_norms=spec["train_norms"], schedule=spec["schedule"],
+        code_update_every=spec["code_update_every"],
+        code_update_fraction=spec["code_update_fraction"])}
 
 
 def apply_prune(model, spec: dict) -> dict:

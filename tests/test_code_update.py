@@ -143,9 +143,15 @@ def test_chunked_candidates_give_the_same_codes(monkeypatch):
     w, h = _problem(out=20, inf=16, seed=4)
     qw = _perturbed(quantize_codebook(w, 16, 2, scope="group", group_size=4, scales="row"), 3)
     ref, _ = update_quantized_weight(qw, w, h, 1.0, 0)
-    monkeypatch.setattr(code_update, "_CHUNK_ELEMENTS", 16 * 2 * 3)   # 3 rows a chunk
-    small, _ = update_quantized_weight(qw, w, h, 1.0, 0)
-    assert torch.equal(ref.packed, small.packed)
+    lay = _perturbed(quantize_codebook(w, 16, 2, scope="layer", scales="row"), 3)
+    ref_lay, _ = update_quantized_weight(lay, w, h, 1.0, 0)
+    # 6 rows x K a piece: one 4-row codebook a piece, and 6-row slices of the layer codebook
+    monkeypatch.setattr(code_update, "_CHUNK_ELEMENTS", 16 * 6)
+    assert list(code_update._pieces(5, 4, 16)) == [(c, c + 1, 0, 4) for c in range(5)]
+    assert list(code_update._pieces(1, 20, 16)) == [(0, 1, r, min(20, r + 6))
+                                                    for r in range(0, 20, 6)]
+    assert torch.equal(ref.packed, update_quantized_weight(qw, w, h, 1.0, 0)[0].packed)
+    assert torch.equal(ref_lay.packed, update_quantized_weight(lay, w, h, 1.0, 0)[0].packed)
 
 
 def test_choose_blocks_counts():

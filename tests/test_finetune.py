@@ -168,7 +168,14 @@ def test_bad_inputs(tiny_gpt2):
     ({"train_norms": 1}, r"finetune\.train_norms must be true or false"),
     ({"holdout": 0}, r"finetune\.holdout must be an integer >= 1"),
     ({"epochs": 3}, r"unknown keys \['epochs'\]; valid: steps, lr, train_norms, batch_size, "
-                    r"holdout, schedule, windows"),
+                    r"holdout, schedule, windows, code_update_every, code_update_fraction"),
+    ({"code_update_every": -1}, r"finetune\.code_update_every must be an integer >= 0"),
+    ({"code_update_every": 2.0}, r"finetune\.code_update_every must be an integer >= 0"),
+    ({"code_update_every": 100}, r"finetune\.code_update_every must be < steps = 100"),
+    ({"code_update_every": 5, "code_update_fraction": 0}, r"finetune\.code_update_fraction must "
+                                                          r"be a number in \(0, 1\]"),
+    ({"code_update_fraction": 1.5}, r"finetune\.code_update_fraction must be"),
+    ({"code_update_fraction": "all"}, r"finetune\.code_update_fraction must be"),
     ({"schedule": "linear"}, r"finetune\.schedule must be one of constant, cosine"),
     ({"windows": 2}, r"finetune\.windows must be null .* > holdout = 2, got 2"),
     ({"windows": 8.0}, r"finetune\.windows must be"),
@@ -189,7 +196,8 @@ def test_finetune_recipes_load(tmp_path):
                               "finetune": {"steps": 5, "lr": 1e-3}}]))
     r = load_recipes(str(p))[0]
     assert r["finetune"] == {"steps": 5, "lr": 1e-3, "train_norms": True, "batch_size": 1,
-                             "holdout": 2, "schedule": "constant", "windows": None}
+                             "holdout": 2, "schedule": "constant", "windows": None,
+                             "code_update_every": 0, "code_update_fraction": 0.1}
     assert r["label"] == "rtn+finetune"
 
 
@@ -202,7 +210,9 @@ def test_sweep_finetune_point_bits_and_resume(tiny_setup, capsys):  # noqa: F811
     ft = pts["rtn_ft"]
     assert ft["finetune"]["spec"] == {"steps": 8, "lr": 3e-3, "train_norms": True,
                                       "batch_size": 1, "holdout": 2, "schedule": "constant",
-                                      "windows": None}
+                                      "windows": None, "code_update_every": 0,
+                                      "code_update_fraction": 0.1}
+    assert ft["finetune"]["code_updates"] == [] and ft["finetune"]["codes_changed"] == 0
     assert ft["finetune"]["steps"] == 8 and len(ft["finetune"]["loss_curve"]) == 8
     assert ft["finetune"]["kept"] is True
     assert ft["finetune"]["holdout_kl_after"] < ft["finetune"]["holdout_kl_before"]
@@ -286,3 +296,160 @@ def test_trainable_weight_is_dequantize_and_differentiable(cfg, request):
             for p, _ in layer.params():
                 assert p.grad is not None and torch.isfinite(p.grad).all()
                 assert p.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# discrete code updates (physkern.quant.code_update inside the fine-tuning loop)
+
+
+def _packed(model):
+    return {n: m.packed.clone() for n, m in model.named_modules()
+            if isinstance(m, QuantizedLinear)}
+
+
+def _without_seconds(rep):
+    drop = ("seconds", "code_update_gram_seconds")
+    return {k: ([{a: b for a, b in u.items() if a != "seconds"} for u in v]
+                if k == "code_updates" else v) for k, v in rep.items() if k not in drop}
+
+
+def test_code_updates_run_record_and_keep_the_format(tiny_llama):
+    student = copy.deepcopy(tiny_llama)
+    quantize(student, COARSE, progress=False)
+    before, bits = _packed(student), bits_report(student).to_dict()
+    rep = finetune_quantized(student, tiny_llama, CALIB, steps=9, lr=1e-2, progress=False,
+                             code_update_every=3, code_update_fraction=0.5)
+    assert rep["code_update_every"] == 3 and rep["code_update_fraction"] == 0.5
+    ups = rep["code_updates"]
+    assert [u["step"] for u in ups] == [3, 6]          # before steps 3 and 6, not after the last
+    assert rep["code_update_layers"] == 14 and rep["code_update_skipped"] == {}
+    for u in ups:
+        assert u["layers"] == 14 and u["objective_after"] <= u["objective_before"]
+        assert 0 < u["codes_changed"] <= u["codes_visited"]
+    assert rep["kept"] is True and rep["holdout_kl_after"] < rep["holdout_kl_before"]
+    after = _packed(student)
+    differ = sum(int((QuantizedLinear.quantized_weight(m).indices() !=
+                      _unpacked(m, before[n])).sum())
+                 for n, m in student.named_modules() if isinstance(m, QuantizedLinear))
+    assert rep["codes_changed"] == differ > 0
+    assert any(not torch.equal(after[n], before[n]) for n in before)
+    assert bits_report(student).to_dict() == bits       # same K, same packing: same bits
+    with torch.no_grad():   # the written-back codes are what the custom-op forward reads
+        assert torch.allclose(student(X).logits, dense_copy(student)(X).logits, atol=1e-4,
+                              rtol=1e-4)
+
+
+def _unpacked(mod, packed):
+    from physkern.quant.packing import unpack_indices
+    qw = mod.quantized_weight()
+    return unpack_indices(packed, qw.bits, qw.n_blocks)
+
+
+def test_code_updates_off_is_the_old_run(tiny_llama):
+    """code_update_every 0 (the default) gives the run of before: same values, same record
+    apart from the new keys, and the training order does not depend on the update option."""
+    a, b = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    quantize(a, COARSE, progress=False)
+    quantize(b, COARSE, progress=False)
+    ra = finetune_quantized(a, tiny_llama, CALIB, steps=4, lr=1e-2, progress=False)
+    rb = finetune_quantized(b, tiny_llama, CALIB, steps=4, lr=1e-2, progress=False,
+                            code_update_every=0, code_update_fraction=0.7)
+    assert ra["code_updates"] == [] and ra["codes_changed"] == 0
+    assert "code_update_layers" not in ra
+    assert ra["loss_curve"] == rb["loss_curve"]
+    assert all(torch.equal(x, y) for x, y in zip(_state(a).values(), _state(b).values()))
+
+
+def test_code_updates_are_deterministic_per_seed(tiny_gpt2):
+    runs = []
+    for seed in (3, 3, 4):
+        student = copy.deepcopy(tiny_gpt2)
+        quantize(student, COARSE, progress=False)
+        rep = finetune_quantized(student, tiny_gpt2, CALIB, steps=6, lr=1e-2, seed=seed,
+                                 progress=False, code_update_every=2,
+                                 code_update_fraction=0.25)
+        runs.append((_state(student), _without_seconds(rep)))
+    (s3, r3), (s3b, r3b), (s4, r4) = runs
+    assert r3 == r3b and all(torch.equal(s3[k], s3b[k]) for k in s3)
+    assert r3["code_updates"] != r4["code_updates"]
+
+
+def test_code_updates_behind_the_holdout_guard(tiny_llama):
+    """An absurd lr makes the held-out KL worse: the codes are restored with everything else."""
+    student = copy.deepcopy(tiny_llama)
+    quantize(student, COARSE, progress=False)
+    state = _state(student)
+    rep = finetune_quantized(student, tiny_llama, CALIB, steps=3, lr=1e4, progress=False,
+                             code_update_every=1, code_update_fraction=1.0)
+    assert rep["kept"] is False and "original codes" in rep["note"]
+    assert rep["codes_changed"] == 0
+    assert all(torch.equal(state[k], v) for k, v in _state(student).items())
+
+
+def test_code_updates_skip_the_embedding_table_and_handle_rotation(tiny_llama):
+    student = copy.deepcopy(tiny_llama)
+    quantize(student, CodebookConfig(k=4, block_dim=2, scope="layer", calibrate=False,
+                                     rotation="hadamard"),
+             embedding=CodebookConfig(k=8, block_dim=2, scope="layer", calibrate=False),
+             progress=False)
+    rep = finetune_quantized(student, tiny_llama, CALIB, steps=4, lr=1e-2, progress=False,
+                             code_update_every=2, code_update_fraction=1.0)
+    assert rep["code_update_skipped"] == {"lm_head": "also the quantized embedding's table"}
+    assert rep["code_update_layers"] == 14
+    assert rep["code_updates"][0]["objective_after"] < rep["code_updates"][0]["objective_before"]
+    with torch.no_grad():   # rotated layers: the new codes are in the stored basis
+        assert torch.allclose(student(X).logits, dense_copy(student)(X).logits, atol=1e-4,
+                              rtol=1e-4)
+
+
+def test_input_grams_share_one_tensor_per_input(tiny_llama):
+    """The teacher Grams equal physkern.calib's independent E[x x^T]; q/k/v share one."""
+    from physkern.calib import Gram, collect_statistics
+    from physkern.finetune import _input_grams
+    from physkern.linear import decoder_linear_layers
+    layers = decoder_linear_layers(tiny_llama)
+    grams = _input_grams(tiny_llama, {l.name: l.module for l in layers}, CALIB, 3)
+    ref = collect_statistics(tiny_llama, CALIB, {"g": lambda l: Gram(l.in_features)}, layers,
+                             progress=False)
+    for l in layers:
+        torch.testing.assert_close(grams[l.name], ref[l.name]["g"].mean, rtol=1e-5, atol=1e-6)
+    att = "model.layers.0.self_attn."
+    assert grams[att + "q_proj"] is grams[att + "k_proj"] is grams[att + "v_proj"]
+    assert grams[att + "o_proj"] is not grams[att + "q_proj"]
+
+
+def test_code_update_bad_arguments(tiny_gpt2):
+    student = copy.deepcopy(tiny_gpt2)
+    quantize(student, COARSE, progress=False)
+    ok = dict(steps=4, progress=False)
+    for kw, match in [(dict(code_update_every=-1), "code_update_every must be an integer >= 0"),
+                      (dict(code_update_every=True), "code_update_every must be an integer"),
+                      (dict(code_update_every=4), r"code_update_every must be < steps = 4"),
+                      (dict(code_update_every=1, code_update_fraction=0.0),
+                       r"code_update_fraction must be a number in \(0, 1\]"),
+                      (dict(code_update_fraction=1.01), "code_update_fraction"),
+                      (dict(code_update_fraction=None), "code_update_fraction")]:
+        with pytest.raises(ValueError, match=match):
+            finetune_quantized(student, tiny_gpt2, CALIB, **{**ok, **kw})
+
+
+def test_code_update_recipes(tiny_llama):
+    """Recipe keys: defaults in FINETUNE_DEFAULTS equal finetune_quantized's, run_finetune
+    passes them, and code updates are refused where the teacher is not the target."""
+    import inspect
+    from physkern.recipe import FINETUNE_DEFAULTS, Recipe, parse_finetune, run_finetune
+    sig = inspect.signature(finetune_quantized).parameters
+    for key in ("code_update_every", "code_update_fraction"):
+        assert sig[key].default == FINETUNE_DEFAULTS[key]
+    spec = parse_finetune({"steps": 4, "lr": 1e-2, "code_update_every": 2,
+                           "code_update_fraction": 1})
+    assert spec["code_update_fraction"] == 1.0 and spec["code_update_every"] == 2
+    student = copy.deepcopy(tiny_llama)
+    quantize(student, COARSE, progress=False)
+    rep = run_finetune(student, tiny_llama, CALIB, spec, 0, "test windows")
+    assert rep["spec"] == spec and [u["step"] for u in rep["code_updates"]] == [2]
+    cfg = {"method": "codebook", "k": 4, "block_dim": 2, "scope": "layer"}
+    with pytest.raises(ValueError, match="code_update_every needs the teacher's layers"):
+        Recipe(config=cfg, smooth={"alpha": 0.5}, finetune=spec)
+    r = Recipe(config=cfg, finetune=spec)
+    assert Recipe.from_dict(r.to_dict()).finetune == spec

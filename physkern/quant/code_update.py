@@ -38,8 +38,8 @@ from .format import QuantizedWeight
 from .packing import index_bits, pack_indices
 from .reconstruct import reconstruct
 
-# elements of one [rows, K, d] candidate tensor (float64): bounds the memory of a block visit
-# for large K or many rows (8 MB)
+# rows x K candidate scores (float64) scored at once: bounds the memory of a block visit for
+# large K or many rows (8 MB a score tensor)
 _CHUNK_ELEMENTS = 1 << 20
 
 
@@ -127,25 +127,47 @@ def _check_problem(indices, codebooks, scales, weight, gram) -> None:
                          f"{tuple(scales.shape)}")
 
 
-def _best_codes(cb: torch.Tensor, cb_ids: torch.Tensor, cur: torch.Tensor, a: torch.Tensor,
-                h_jj: torch.Tensor, g_j: torch.Tensor) -> torch.Tensor:
-    """For every row, the code of the stage codebook cb [n_cb, K, d] minimising Df (module
-    docstring), or its current code `cur` [out] when no candidate strictly lowers f.
-    a: the rows' scales on the block [out, d]; h_jj: H[J, J] [d, d]; g_j: (E H)[:, J] [out, d].
-    Rows go in chunks so that the [rows, K, d] candidates stay under _CHUNK_ELEMENTS."""
-    out = cur.shape[0]
-    k, d = cb.shape[1], cb.shape[2]
-    step = max(1, _CHUNK_ELEMENTS // (k * d))
+def _pieces(n_cb: int, rows: int, k: int):
+    """(c0, c1, r0, r1): codebooks [c0, c1) x their local rows [r0, r1) per piece, so that
+    pieces x K stays under _CHUNK_ELEMENTS: whole codebooks together when they are small, else
+    slices of one codebook's rows."""
+    if rows * k <= _CHUNK_ELEMENTS:
+        m = max(1, _CHUNK_ELEMENTS // (rows * k))
+        for c0 in range(0, n_cb, m):
+            yield c0, min(n_cb, c0 + m), 0, rows
+    else:
+        step = max(1, _CHUNK_ELEMENTS // k)
+        for c in range(n_cb):
+            for r0 in range(0, rows, step):
+                yield c, c + 1, r0, min(rows, r0 + step)
+
+
+def _best_codes(cb: torch.Tensor, cur: torch.Tensor, a: torch.Tensor, h_jj: torch.Tensor,
+                g_j: torch.Tensor) -> torch.Tensor:
+    """For every row, the code of its stage codebook minimising Df (module docstring), or its
+    current code when no candidate scores strictly lower.
+
+    cb [n_cb, K, d] the stage's codebooks; cur [n_cb, R] the current codes, a [n_cb, R, d]
+    the rows' scales on the block, g_j [n_cb, R, d] = (E H)[:, J], all with rows grouped by
+    codebook (R = codebook_rows); h_jj = H[J, J] [d, d]. With p = a * u (u a candidate entry,
+    p0 the current one), Df = p^T H_JJ p - 2 p . (H_JJ p0 + g) + (terms without u), so two
+    batched GEMMs over the d^2 and d coordinates score every candidate of every row.
+    """
+    n_cb, k, d = cb.shape
     new = cur.clone()
-    for r0 in range(0, out, step):
-        rows = slice(r0, min(out, r0 + step))
-        cand = cb.index_select(0, cb_ids[rows])                            # [r, K, d]
-        now = cand.gather(1, cur[rows, None, None].expand(-1, 1, d))       # [r, 1, d]
-        delta = a[rows, None, :] * (cand - now)                            # [r, K, d]
-        df = ((delta @ h_jj) * delta).sum(-1) - 2 * (delta * g_j[rows, None, :]).sum(-1)
-        best_df, best = df.min(1)
-        # strict decrease only: Df(cur) = 0 exactly, and ties must not churn codes
-        new[rows] = torch.where(best_df < 0, best, cur[rows])
+    u2 = (cb[..., :, None] * cb[..., None, :]).reshape(n_cb, k, d * d)       # u u^T
+    for c0, c1, r0, r1 in _pieces(n_cb, cur.shape[1], k):
+        c, r = slice(c0, c1), slice(r0, r1)
+        ai, gi, ci = a[c, r], g_j[c, r], cur[c, r]                           # [m, r, ...]
+        p0 = ai * cb[c].gather(1, ci[..., None].expand(-1, -1, d))
+        v = ai * (p0 @ h_jj + gi)                                            # H symmetric
+        m2 = (ai[..., :, None] * ai[..., None, :] * h_jj).reshape(*ai.shape[:2], d * d)
+        score = m2 @ u2[c].mT - 2 * (v @ cb[c].mT)                           # [m, r, K]
+        best_score, best = score.min(-1)
+        # strictly below the current code's own score (computed the same way): ties and
+        # duplicate entries never churn codes
+        keep = best_score < score.gather(-1, ci[..., None]).squeeze(-1)
+        new[c, r] = torch.where(keep, best, ci)
     return new
 
 
@@ -154,16 +176,17 @@ def _descent_pass(idx: torch.Tensor, cbs: torch.Tensor, a_full: torch.Tensor,
                   blocks: torch.Tensor) -> None:
     """One coordinate-descent visit of `blocks`, every stage, all rows at once; updates idx
     [S, out, nb] and the error e = W - Q [out, in] in place (float64)."""
-    d = cbs.shape[3]
+    n_stages, n_cb, _, d = cbs.shape
+    grouped = lambda t: t.reshape(n_cb, -1, *t.shape[1:])     # rows grouped by codebook
     for b in blocks.tolist():
         j = slice(b * d, (b + 1) * d)
         a = a_full[:, j]
-        for s in range(cbs.shape[0]):
+        for s in range(n_stages):
             cur = idx[s, :, b]
             g_j = e @ h[:, j]                       # (E H)[:, J] with the current error
-            new = _best_codes(cbs[s], cb_ids, cur, a, h[j, j], g_j)
-            moved = new != cur
-            if not bool(moved.any()):
+            new = _best_codes(cbs[s], grouped(cur), grouped(a), h[j, j],
+                              grouped(g_j)).reshape(-1)
+            if not bool((new != cur).any()):
                 continue
             delta = a * (cbs[s][cb_ids, new] - cbs[s][cb_ids, cur])       # [out, d]
             e[:, j] -= delta
@@ -195,7 +218,8 @@ def update_codes(indices: torch.Tensor, codebooks: torch.Tensor,
     rebuild = lambda i: reconstruct(i, codebooks, scales, offsets, codebook_rows=codebook_rows,
                                     dtype=torch.float64)
     w, h = weight.to(dev, torch.float64), gram.to(dev, torch.float64)
-    f_old = row_objectives(w, h, rebuild(old))
+    q_old = rebuild(old)
+    f_old = row_objectives(w, h, q_old)
     s, out, nb = old.shape
     blocks = choose_blocks(nb, fraction, generator)
     new = old.clone()
@@ -203,7 +227,7 @@ def update_codes(indices: torch.Tensor, codebooks: torch.Tensor,
     a_full = (torch.ones(out, inf, dtype=torch.float64, device=dev) if scales is None else
               scales.double().repeat_interleave(inf // scales.shape[1], 1))
     cb_ids = torch.arange(out, device=dev) // codebook_rows
-    _descent_pass(new, codebooks.double(), a_full, cb_ids, w - rebuild(old), h, blocks)
+    _descent_pass(new, codebooks.double(), a_full, cb_ids, w - q_old, h, blocks)
     # per-row guarantee, measured from scratch: rounding never buys a worse row
     f_new = row_objectives(w, h, rebuild(new))
     worse = f_new > f_old
