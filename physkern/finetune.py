@@ -1,4 +1,5 @@
-"""End-to-end fine-tuning of codebooks and scales with the indices fixed (AQLM / GPTVQ style).
+"""End-to-end fine-tuning of codebooks and scales with the indices fixed (AQLM / GPTVQ style),
+optionally with discrete code updates in between (PV-tuning style; below).
 
 After `physkern.quantize` every chosen layer is a QuantizedLinear whose weight is
 
@@ -7,8 +8,9 @@ After `physkern.quantize` every chosen layer is a QuantizedLinear whose weight i
 (physkern.quant.format). The packed indices idx are the bulk of the bits; the codebooks C,
 scales and offsets are small and continuous. `finetune_quantized` trains those (and optionally
 the norm weights) to match the full-precision teacher's next-token distributions,
-KL(teacher || student), and writes them back in their stored dtypes: the indices, every storage
-dtype and so the true bits (physkern.quant.accounting) are unchanged. Scalar RTN / GPTQ layers
+KL(teacher || student), and writes them back in their stored dtypes: the indices (unless code
+updates are on), every storage dtype and so the true bits (physkern.quant.accounting) are
+unchanged. Scalar RTN / GPTQ layers
 are the same format (d = 1, integer codebook, per-group scales and offsets) and are trained the
 same way.
 
@@ -468,7 +470,8 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
                        code_update_every: int = 0, code_update_fraction: float = 0.1) -> dict:
     """Fine-tune the codebooks, scales, offsets (and norms) of a quantized `model` in place.
 
-    model:       quantized student (QuantizedLinear layers); packed indices never change
+    model:       quantized student (QuantizedLinear layers); packed indices change only with
+                 code updates (code_update_every > 0), their bit width never
     teacher:     the full-precision model (same tokenizer, same device), run under no_grad
     calibration: [n_windows, seq] integer token ids from calibration text. A seeded shuffle
                  splits them: the last `holdout` (>= 1) windows are held out, the rest train
@@ -518,15 +521,14 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
         before = mean_kl(model, teacher, held, batch_size)
         with differentiable_quantized(model, train_norms) as tr, torch.enable_grad():
             n_params = sum(p.numel() for p in tr.parameters())
+            updater = None
+            if code_update_every:   # the teacher's Grams first (one pass over train)
+                updater = _CodeUpdater(model, teacher, tr, train, code_update_fraction, seed,
+                                       batch_size)
             bar = None
             if progress:
                 from tqdm.auto import tqdm
                 bar = tqdm(total=steps, desc="finetune", unit="step")
-
-            updater = None
-            if code_update_every:
-                updater = _CodeUpdater(model, teacher, tr, train, code_update_fraction, seed,
-                                       batch_size)
 
             def on_step(step: int, kl: float) -> None:
                 if bar is not None:
