@@ -448,6 +448,7 @@ def test_code_update_recipes(tiny_llama):
     quantize(student, COARSE, progress=False)
     rep = run_finetune(student, tiny_llama, CALIB, spec, 0, "test windows")
     assert rep["spec"] == spec and [u["step"] for u in rep["code_updates"]] == [2]
+    assert json.loads(json.dumps(rep))["code_updates"] == rep["code_updates"]  # JSON as is
     cfg = {"method": "codebook", "k": 4, "block_dim": 2, "scope": "layer"}
     with pytest.raises(ValueError, match="code_update_every needs the teacher's layers"):
         Recipe(config=cfg, smooth={"alpha": 0.5}, finetune=spec)
