@@ -454,3 +454,30 @@ def test_code_update_recipes(tiny_llama):
         Recipe(config=cfg, smooth={"alpha": 0.5}, finetune=spec)
     r = Recipe(config=cfg, finetune=spec)
     assert Recipe.from_dict(r.to_dict()).finetune == spec
+
+
+def test_code_update_objective_is_the_teacher_layer_error(tiny_gpt2):
+    """The recorded objective before an update equals sum over layers of
+    tr((W - Q) H (W - Q)^T) computed here: W the teacher's weight read by hand (GPT-2 Conv1D
+    stores [in, out]), Q the layer's dequantize(), H = E[x x^T] from physkern.calib."""
+    from physkern.calib import Gram, collect_statistics
+    from physkern.finetune import _CodeUpdater
+    from physkern.linear import decoder_linear_layers
+    student = copy.deepcopy(tiny_gpt2)
+    quantize(student, COARSE, progress=False)
+    layers = decoder_linear_layers(tiny_gpt2)
+    grams = collect_statistics(tiny_gpt2, CALIB, {"g": lambda l: Gram(l.in_features)}, layers,
+                               progress=False)
+    want = 0.0
+    for l in layers:
+        w = l.module.weight.detach().double()
+        w = w.T if type(l.module).__name__ == "Conv1D" else w
+        e = w - student.get_submodule(l.name).dequantize(torch.float64)
+        want += float(torch.trace(e @ grams[l.name]["g"].mean.double() @ e.T))
+    with differentiable_quantized(student, train_norms=False, write_back=False) as tr:
+        up = _CodeUpdater(student, tiny_gpt2, tr, CALIB, 1.0, 0, 2)
+        up(0)
+    (rec,) = up.records
+    assert rec["layers"] == len(layers) == 8
+    assert rec["objective_before"] == pytest.approx(want, rel=1e-5)
+    assert rec["objective_after"] < rec["objective_before"]
