@@ -6,14 +6,16 @@ A model saved by physkern.save_quantized carries, in config.json,
     "quantization_config": {"quant_method": "physkern", "format_version": 1,
                             "quantized_layers": {name: layer meta, ...}}
 
-(the same layer metadata as physkern.json). After `import physkern` (which calls `register()`):
+(the same layer metadata as physkern.json; a model with MPO / low-rank layers has format
+version 2 and their layouts under "factorized_layers" too). After `import physkern` (which
+calls `register()`):
 - AutoConfig knows model type "physkern": `PhyskernDispatchConfig.from_dict` returns the base
   architecture's own config (LlamaConfig, GPT2Config, ...), so AutoModelForCausalLM builds the
   usual model class;
 - transformers finds quant_method "physkern" in its quantizer registry, and this quantizer
   replaces each named linear layer of the empty (meta-device) skeleton by an empty
-  QuantizedLinear with the stored buffer shapes and dtypes; transformers then loads
-  model.safetensors into those buffers by name.
+  QuantizedLinear (or MPOLinear / LowRankLinear) with the stored tensor shapes and dtypes;
+  transformers then loads model.safetensors into those tensors by name.
 Why the model type and not only the quantization config: transformers meets an unknown
 quant_method with a warning and loads the checkpoint into plain Linear layers, leaving them at
 random initialisation. An unknown model type is an error, so without physkern transformers
@@ -38,6 +40,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .hf_config import FORMAT_VERSION, MODEL_TYPE, QUANT_METHOD, base_config_dict
 
+# 1: quantized layers only; 2: + factorized_layers (physkern.serialization.FORMAT_VERSIONS)
+FORMAT_VERSIONS = (FORMAT_VERSION, 2)
+
 
 class PhyskernDispatchConfig(PreTrainedConfig):
     """Model type "physkern": loads as the base architecture's own config class."""
@@ -59,24 +64,32 @@ class PhyskernQuantizationConfig(QuantizationConfigMixin):
 
     quantized_layers:     {dotted module name: QuantizedLinear.layer_meta()}
     quantized_embeddings: {dotted module name: QuantizedEmbedding meta + "source" layer}
+    factorized_layers:    {dotted module name: serialization.factorized_layer_meta()}
+                          (format version 2 only)
     """
 
     def __init__(self, quantized_layers: dict[str, dict] | None = None,
                  quantized_embeddings: dict[str, dict] | None = None,
-                 format_version: int = FORMAT_VERSION, **kwargs: Any):
+                 format_version: int = FORMAT_VERSION,
+                 factorized_layers: dict[str, dict] | None = None, **kwargs: Any):
+        from .serialization import check_factorized_version
         self.quant_method = QUANT_METHOD
-        if format_version != FORMAT_VERSION:
+        if type(format_version) is not int or format_version not in FORMAT_VERSIONS:
             raise ValueError(f"quantization_config.format_version: {format_version!r} is not "
-                             f"supported (this physkern reads {FORMAT_VERSION})")
-        if not isinstance(quantized_layers, dict) or not quantized_layers:
-            raise ValueError("quantization_config.quantized_layers must be a non-empty mapping "
-                             "of layer name -> layer metadata")
+                             f"supported (this physkern reads "
+                             f"{', '.join(map(str, FORMAT_VERSIONS))})")
+        check_factorized_version("quantization_config", format_version, factorized_layers)
+        if not isinstance(quantized_layers, dict) or not (quantized_layers or factorized_layers):
+            raise ValueError("quantization_config.quantized_layers must be a mapping of layer "
+                             "name -> layer metadata, non-empty unless factorized_layers is")
         if quantized_embeddings is not None and not isinstance(quantized_embeddings, dict):
             raise ValueError("quantization_config.quantized_embeddings must be a mapping of "
                              "embedding name -> metadata")
         self.format_version = format_version
         self.quantized_layers = quantized_layers
         self.quantized_embeddings = quantized_embeddings or {}
+        if factorized_layers:  # absent otherwise: version-1 configs serialise as before
+            self.factorized_layers = factorized_layers
         self.extra = kwargs  # kept as written (e.g. a newer writer's fields), never interpreted
 
 
@@ -89,13 +102,14 @@ class PhyskernHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         from .serialization import install_quantized_modules
         qc = self.quantization_config
+        factorized = getattr(qc, "factorized_layers", None) or {}
         with torch.device("meta"):  # shapes only; transformers fills the buffers by name
             install_quantized_modules(model, qc.quantized_layers, qc.quantized_embeddings,
-                                      "config.json")
+                                      "config.json", factorized)
         # Quantized modules and their parents come from the checkpoint: transformers' weight
         # init (run when any key is missing, e.g. a tied head) must skip them, and some
         # architectures' init (GPT-2 attention/MLP) reaches into a child's `.weight`.
-        for name in [*qc.quantized_layers, *qc.quantized_embeddings]:
+        for name in [*qc.quantized_layers, *qc.quantized_embeddings, *factorized]:
             parent = name.rpartition(".")[0]
             for module in (model.get_submodule(name), model.get_submodule(parent)):
                 module._is_hf_initialized = True

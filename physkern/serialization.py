@@ -1,7 +1,10 @@
 """Save and load quantized models: safetensors + JSON, written atomically, loaded defensively.
 
 A saved model is a directory:
-  physkern.json       format version, quantized layers and their buffer layout, recipe, bits,
+  physkern.json       format version, quantized layers and their buffer layout, factorized
+                      (MPO / low-rank) layers and theirs ("factorized_layers", format version 2:
+                      only written when the model has such layers, so an older physkern refuses
+                      the file instead of loading it without them), recipe, bits,
                       and "files": every other file this save wrote (relative paths)
   model.safetensors   every tensor of the model (tied tensors once)
   config.json, tokenizer files   as transformers writes them
@@ -18,7 +21,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path, PurePosixPath
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -29,7 +32,9 @@ from .checkpoint import (INDEX_FILE, MAX_HEADER, ST_DTYPES, TORCH_TO_ST, Checkpo
 from .dense import QUANTIZED_BUFFERS
 
 MARKER = "physkern.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1             # quantized layers and embeddings only
+FACTORIZED_FORMAT_VERSION = 2  # + "factorized_layers" (MPOLinear / LowRankLinear layouts)
+FORMAT_VERSIONS = (FORMAT_VERSION, FACTORIZED_FORMAT_VERSION)  # what this physkern reads
 MODEL_FILE = "model.safetensors"
 # Temporary folders of a save: `.<name>.partial-*` beside a new target, `.physkern.partial-*`
 # inside an existing one; `.<name>.old-*` beside it (left by physkern versions that swapped whole
@@ -202,11 +207,12 @@ def save_quantized(model: nn.Module, path, tokenizer=None, extra: Optional[dict]
     max_bytes = None if max_shard_size is None else parse_size(max_shard_size)
     validate_output_dir(path, overwrite)
     layers, embeddings = quantized_module_layouts(model)
+    factorized = factorized_module_layouts(model)  # checked as loading will: before any write
     report = bits_report(model)
-    meta = model_marker(model, layers, embeddings, report, extra)
+    meta = model_marker(model, layers, embeddings, report, extra, factorized)
 
     def write(tmp: Path) -> None:
-        _write_config(model, layers, embeddings, tmp)
+        _write_config(model, layers, embeddings, tmp, factorized)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _write_tensors(model, tmp, max_bytes)
@@ -214,10 +220,14 @@ def save_quantized(model: nn.Module, path, tokenizer=None, extra: Optional[dict]
 
 
 def model_marker(model: nn.Module, layers: dict, embeddings: dict, report,
-                 extra: Optional[dict] = None) -> dict:
-    """physkern.json's content (without "files") for `model` with these layouts and bits."""
-    return {"format_version": FORMAT_VERSION, "architecture": type(model).__name__,
+                 extra: Optional[dict] = None, factorized: Optional[dict] = None) -> dict:
+    """physkern.json's content (without "files") for `model` with these layouts and bits;
+    factorized: factorized_module_layouts(model) (None: computed here)."""
+    if factorized is None:
+        factorized = factorized_module_layouts(model)
+    return {"format_version": _format_version(factorized), "architecture": type(model).__name__,
             "quantized_layers": layers, "quantized_embeddings": embeddings,
+            **({"factorized_layers": factorized} if factorized else {}),
             "dense_dtype": getattr(model.config, "physkern_dense_dtype", None), "bits": {
                 "quantized_bits_per_weight": report.quantized_bits_per_weight,
                 "model_bits_per_weight": report.model_bits_per_weight,
@@ -281,30 +291,62 @@ def write_model_dir(path, meta: dict, write) -> Path:
 
 def quantized_module_layouts(model: nn.Module) -> tuple[dict, dict]:
     """({layer name: QuantizedLinear.layer_meta()}, {embedding name: QuantizedEmbedding meta
-    with "source", the layer holding its table}) of `model`; other compressed modules are an
-    error (save_quantized cannot store them yet)."""
+    with "source", the layer holding its table}) of `model`; factorized modules are described
+    by factorized_module_layouts; any other compressed module is an error (save_quantized
+    cannot store it)."""
     from .embedding import QuantizedEmbedding
     from .layers import QuantizedLinear
     names = {id(m): n for n, m in model.named_modules()}
+    factorized = {id(m) for m in model.modules() if isinstance(m, factorized_classes())}
     layers, embeddings, other = {}, {}, []
     for name, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
             layers[name] = m.layer_meta()
         elif isinstance(m, QuantizedEmbedding):
             embeddings[name] = {**m.layer_meta(), "source": names[id(m.weight_source)]}
-        elif hasattr(m, "weight_numel") and hasattr(m, "storage_bits"):
+        elif hasattr(m, "weight_numel") and hasattr(m, "storage_bits") and \
+                id(m) not in factorized:
             other.append(name)
     if other:
-        raise ValueError(f"save_quantized supports QuantizedLinear and QuantizedEmbedding "
-                         f"only; found other compressed modules: {other[:3]}")
+        raise ValueError(f"save_quantized supports QuantizedLinear, QuantizedEmbedding, "
+                         f"MPOLinear and LowRankLinear only; found other compressed modules: "
+                         f"{other[:3]}")
     return layers, embeddings
 
 
-def _write_config(model: nn.Module, layers: dict, embeddings: dict, folder: Path) -> None:
-    """config.json under model type "physkern" (physkern.hf_config) and, for a model that
-    generates, generation_config.json."""
+def factorized_module_layouts(model: nn.Module) -> dict:
+    """{layer name: factorized_layer_meta} of every MPOLinear / LowRankLinear,
+    the factors' dtypes as the file stores them (stored_dtype: a dense storage dtype narrower
+    than the factors applies to them, as physkern.dense rounded them), each layout checked as
+    load_quantized will check it (ValueError naming the layer)."""
+    from .dense import dense_storage_dtype
+    dense = dense_storage_dtype(model)
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, factorized_classes()):
+            fm = factorized_layer_meta(
+                m, lambda buf, t, name=name: stored_dtype(f"{name}.{buf}", t, dense))
+            out[name] = check_factorized_meta(f"layer {name}", fm)
+    return out
+
+
+def _format_version(factorized: dict) -> int:
+    """Version 1 unless the model has factorized layers (older readers then refuse the file)."""
+    return FACTORIZED_FORMAT_VERSION if factorized else FORMAT_VERSION
+
+
+def _write_config(model: nn.Module, layers: dict, embeddings: dict, folder: Path,
+                  factorized: Optional[dict] = None) -> None:
+    """config.json under model type "physkern" (physkern.hf_config; the factorized layouts
+    beside the quantized ones, format version 2, when there are any) and, for a model that
+    generates, generation_config.json. factorized: None = factorized_module_layouts(model)."""
     from .hf_config import physkern_config_dict
+    if factorized is None:
+        factorized = factorized_module_layouts(model)
     d = physkern_config_dict(model.config.to_diff_dict(), layers, embeddings)
+    if factorized:
+        d["quantization_config"].update(format_version=_format_version(factorized),
+                                        factorized_layers=factorized)
     with open(folder / "config.json", "w") as f:
         json.dump(d, f, indent=2, sort_keys=True)
     gen = getattr(model, "generation_config", None)
@@ -312,12 +354,21 @@ def _write_config(model: nn.Module, layers: dict, embeddings: dict, folder: Path
         gen.save_pretrained(folder)
 
 
+def stored_dtype(key: str, t: torch.Tensor, dense: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype the file stores state-dict entry `key` in: a dense float tensor (physkern.dense)
+    wider than the dense storage dtype at that dtype, anything else at its own."""
+    from .dense import is_dense
+    if dense is not None and is_dense(key, t) and t.element_size() > dense.itemsize:
+        return dense
+    return t.dtype
+
+
 def stored_tensor(key: str, t: torch.Tensor, dense: Optional[torch.dtype]) -> torch.Tensor:
     """State-dict entry `key` as the file stores it: dense float tensors at the dense storage
     dtype (physkern.dense; lossless: they were rounded to it in memory), contiguous, on CPU."""
-    from .dense import is_dense
-    if dense is not None and is_dense(key, t) and t.element_size() > dense.itemsize:
-        t = t.to(dense)
+    dt = stored_dtype(key, t, dense)
+    if dt != t.dtype:
+        t = t.to(dt)
     return t.detach().contiguous().cpu()
 
 
@@ -364,14 +415,28 @@ def _read_marker(file: Path) -> dict:
     if not isinstance(meta, dict):
         raise ValueError(f"{file}: must hold a JSON object, got {type(meta).__name__}")
     version = meta.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in FORMAT_VERSIONS:
         raise ValueError(f"{file}: format_version {version!r} is not supported (this physkern "
-                         f"reads {FORMAT_VERSION})")
+                         f"reads {', '.join(map(str, FORMAT_VERSIONS))})")
     layers = meta.get("quantized_layers")
     if not isinstance(layers, dict):
         raise ValueError(f"{file}: quantized_layers must be an object of layer name -> layout, "
                          f"got {type(layers).__name__}")
+    check_factorized_version(file, version, meta.get("factorized_layers"))
     return meta
+
+
+def check_factorized_version(file, version, factorized) -> None:
+    """factorized_layers (absent, or an object of layer name -> layout) needs format_version 2
+    (a version-1 reader would ignore it and load those layers uninitialised)."""
+    if factorized is None:
+        return
+    if not isinstance(factorized, dict):
+        raise ValueError(f"{file}: factorized_layers must be an object of layer name -> layout, "
+                         f"got {type(factorized).__name__}")
+    if factorized and version != FACTORIZED_FORMAT_VERSION:
+        raise ValueError(f"{file}: factorized_layers need format_version "
+                         f"{FACTORIZED_FORMAT_VERSION}, got {version!r}")
 
 
 def check_layer_meta(file: Path, name, lm) -> dict:
@@ -429,6 +494,162 @@ def _layer_tensors(lm: dict) -> dict:
     if lm.get("bias_dtype"):
         want["bias"] = (getattr(torch, lm["bias_dtype"]), (out,))
     return want
+
+
+def _check_layer_header(st_file, header: dict, name: str, want: dict) -> None:
+    """Each of a layer's tensors `want` ({name: (dtype, shape)}) is in the file's header with
+    that shape and dtype (a bias: any float dtype, cast on loading like other dense tensors)."""
+    for buf, (dt, shape) in want.items():
+        key = f"{name}.{buf}"
+        if key not in header:
+            raise ValueError(f"{st_file}: layer {name}: tensor {buf} is missing")
+        st_dtype, st_shape = header[key]
+        if st_shape != shape:
+            raise ValueError(f"{st_file}: layer {name}: {buf} has shape {list(st_shape)}, "
+                             f"{MARKER} implies {list(shape)}")
+        if st_dtype != dt and (buf != "bias" or not st_dtype.is_floating_point):
+            raise ValueError(f"{st_file}: layer {name}: {buf} has dtype "
+                             f"{_TORCH_TO_ST[st_dtype]} ({_fmt(st_dtype)}), {MARKER} "
+                             f"implies {_fmt(dt)}")
+
+
+# ---- factorized layers (MPOLinear, LowRankLinear): one JSON layout each ----------------------
+
+FACTORIZED_TYPES = ("mpo", "lowrank")
+MAX_CORES = 64  # bounds the loops over a crafted layout (the recipes allow 2-6)
+
+
+def factorized_classes() -> tuple[type, type]:
+    """(MPOLinear, LowRankLinear): the factorized modules (physkern.methods.factorized) this
+    format stores."""
+    from .research.mpo import MPOLinear
+    from .research.prune import LowRankLinear
+    return MPOLinear, LowRankLinear
+
+
+def _dtype_name(t: Optional[torch.Tensor]) -> Optional[str]:
+    return None if t is None else str(t.dtype).replace("torch.", "")
+
+
+def factorized_layer_meta(module: nn.Module,
+                          stored_dtype: Optional[Callable] = None) -> dict:
+    """The layout of an MPOLinear / LowRankLinear: everything needed to rebuild its tensors.
+
+    mpo:     {"type": "mpo", "in_features", "out_features", "out_factors": [o_k],
+              "in_factors": [i_k], "bonds": [r_0 = 1, ..., r_N = 1], "dtype", "bias_dtype"}
+              (core k is [r_k, o_k, i_k, r_{k+1}])
+    lowrank: {"type": "lowrank", "in_features", "out_features", "rank", "up_dtype",
+              "down_dtype", "bias_dtype"} (up [out, rank], down [rank, in])
+    stored_dtype(buffer name, tensor) -> torch.dtype: the dtype the file stores a factor in
+    (physkern.serialization's dense-dtype rule); default: its own dtype. bias_dtype is the
+    in-memory dtype (the bias is a dense tensor, cast on loading like any other).
+    """
+    MPOLinear, LowRankLinear = factorized_classes()
+    sd = stored_dtype or (lambda _name, t: t.dtype)
+    name = lambda n, t: str(sd(n, t)).replace("torch.", "")
+    base = {"in_features": int(module.in_features), "out_features": int(module.out_features)}
+    if isinstance(module, MPOLinear):
+        dts = {name(f"cores.{k}", g) for k, g in enumerate(module.cores)}
+        if len(dts) != 1:  # MPOLinear casts every core to one dtype: a mix is a bug upstream
+            raise ValueError(f"MPOLinear cores must share one dtype to be saved, got "
+                             f"{sorted(dts)}")
+        bonds = [int(module.cores[0].shape[0])] + [int(g.shape[3]) for g in module.cores]
+        return {"type": "mpo", **base, "out_factors": list(module.out_factors),
+                "in_factors": list(module.in_factors), "bonds": bonds, "dtype": dts.pop(),
+                "bias_dtype": _dtype_name(module.bias)}
+    if isinstance(module, LowRankLinear):
+        return {"type": "lowrank", **base, "rank": int(module.rank),
+                "up_dtype": name("up", module.up), "down_dtype": name("down", module.down),
+                "bias_dtype": _dtype_name(module.bias)}
+    raise ValueError(f"factorized_layer_meta: expected an MPOLinear or LowRankLinear, got "
+                     f"{type(module).__name__}")
+
+
+def _pos_int(where: str, field: str, v) -> int:
+    if type(v) is not int or v < 1:
+        raise ValueError(f"{where}: {field} must be a positive integer, got {v!r}")
+    return v
+
+
+def _int_list(where: str, field: str, v, n: Optional[int] = None) -> list[int]:
+    """v checked as a list of positive ints: n entries, or 1 to MAX_CORES when n is None."""
+    if not isinstance(v, list) or (len(v) != n if n is not None else
+                                   not 1 <= len(v) <= MAX_CORES):
+        want = f"{n} entries" if n is not None else f"1 to {MAX_CORES} entries"
+        raise ValueError(f"{where}: {field} must be a list of {want}, got {str(v)[:200]}")
+    for x in v:
+        _pos_int(where, f"{field} entry", x)
+    return v
+
+
+def _float_dtype(where: str, field: str, v, nullable: bool = False) -> None:
+    if (v is None and nullable) or v in FLOAT_DTYPES:
+        return
+    raise ValueError(f"{where}: {field} must be one of {FLOAT_DTYPES}"
+                     f"{' or null' if nullable else ''}, got {v!r}")
+
+
+def check_factorized_meta(where: str, fm) -> dict:
+    """Types, ranges and shape relations of one factorized layout (see factorized_layer_meta);
+    touches no tensor. mpo: as many out as in factors (1 to MAX_CORES), their products =
+    out_features / in_features, bonds = one more entry than cores, starting and ending at 1
+    (core k's right bond is core k+1's left one by construction: factorized_tensors).
+    ValueError starting with `where` and naming the field."""
+    if not isinstance(fm, dict):
+        raise ValueError(f"{where}: layout must be an object, got {type(fm).__name__}")
+    if fm.get("type") not in FACTORIZED_TYPES:
+        raise ValueError(f"{where}: type must be one of {FACTORIZED_TYPES}, got "
+                         f"{fm.get('type')!r}")
+    out, inf = (_pos_int(where, f, fm.get(f)) for f in ("out_features", "in_features"))
+    _float_dtype(where, "bias_dtype", fm.get("bias_dtype"), nullable=True)
+    if fm["type"] == "lowrank":
+        _pos_int(where, "rank", fm.get("rank"))
+        for f in ("up_dtype", "down_dtype"):
+            _float_dtype(where, f, fm.get(f))
+        return fm
+    of = _int_list(where, "out_factors", fm.get("out_factors"))
+    n = len(of)
+    inf_ = _int_list(where, "in_factors", fm.get("in_factors"), n)
+    bonds = _int_list(where, "bonds", fm.get("bonds"), n + 1)
+    if math.prod(of) != out:
+        raise ValueError(f"{where}: out_factors {of} multiply to {math.prod(of)}, not "
+                         f"out_features {out}")
+    if math.prod(inf_) != inf:
+        raise ValueError(f"{where}: in_factors {inf_} multiply to {math.prod(inf_)}, not "
+                         f"in_features {inf}")
+    if bonds[0] != 1 or bonds[-1] != 1:
+        raise ValueError(f"{where}: bonds must start and end with 1 (the MPO's open ends), "
+                         f"got {bonds}")
+    _float_dtype(where, "dtype", fm.get("dtype"))
+    return fm
+
+
+def factorized_tensors(fm: dict) -> dict[str, tuple[torch.dtype, tuple]]:
+    """{buffer name under the layer: (dtype, shape)} a checked layout stores: core k
+    [bonds[k], o_k, i_k, bonds[k+1]] / up [out, rank], down [rank, in]; bias [out] if any."""
+    dt = lambda n: getattr(torch, n)
+    if fm["type"] == "mpo":
+        r = fm["bonds"]
+        want = {f"cores.{k}": (dt(fm["dtype"]), (r[k], o, i, r[k + 1]))
+                for k, (o, i) in enumerate(zip(fm["out_factors"], fm["in_factors"]))}
+    else:
+        want = {"up": (dt(fm["up_dtype"]), (fm["out_features"], fm["rank"])),
+                "down": (dt(fm["down_dtype"]), (fm["rank"], fm["in_features"]))}
+    if fm.get("bias_dtype"):
+        want["bias"] = (dt(fm["bias_dtype"]), (fm["out_features"],))
+    return want
+
+
+def empty_factorized(fm: dict) -> nn.Module:
+    """A zero-filled MPOLinear / LowRankLinear with the tensors of a checked layout (for
+    loading: build it under `torch.device("meta")`, after the sizes were checked against the
+    file, and fill it from the file)."""
+    MPOLinear, LowRankLinear = factorized_classes()
+    t = {k: torch.zeros(shape, dtype=dt) for k, (dt, shape) in factorized_tensors(fm).items()}
+    if fm["type"] == "mpo":
+        cores = [t[f"cores.{k}"] for k in range(len(fm["out_factors"]))]
+        return MPOLinear(cores, t.get("bias"), dtype=cores[0].dtype)
+    return LowRankLinear(t["up"], t["down"], t.get("bias"))
 
 
 def check_embedding_meta(file, name, em, layers: dict) -> dict:
@@ -505,14 +726,48 @@ def check_quantized_modules(model: nn.Module, layers: dict, embeddings: dict,
     return layers, embeddings
 
 
-def install_quantized_modules(model: nn.Module, layers: dict, embeddings: dict, file) -> None:
+def check_factorized_modules(model: nn.Module, factorized, layers: dict, embeddings: dict,
+                             file) -> dict:
+    """Check stored factorized layouts (check_factorized_meta: types,
+    ranges, factor products, bond chain) and that each names a linear layer of `model` (built
+    from its config) with the same in/out features, neither quantized nor an embedding's table;
+    allocates nothing. Returns them. Raises ValueError naming `file`, the layer and the field."""
+    from .linear import linear_layers
+    if factorized is None:
+        return {}
+    if not isinstance(factorized, dict):
+        raise ValueError(f"{file}: factorized_layers must be an object, got "
+                         f"{type(factorized).__name__}")
+    originals = {l.name: l for l in linear_layers(model)}
+    sources = {em["source"] for em in embeddings.values()}
+    for name, fm in factorized.items():
+        if not isinstance(name, str) or not name or any(not p for p in name.split(".")):
+            raise ValueError(f"{file}: factorized layer name {name!r} is not a module path")
+        where = f"{file}: layer {name}"
+        check_factorized_meta(where, fm)
+        if name in layers or name in sources:
+            raise ValueError(f"{where}: listed as factorized and as quantized")
+        orig = originals.get(name)
+        if orig is None:
+            raise ValueError(f"{where}: the model has no linear layer of that name")
+        if (orig.in_features, orig.out_features) != (fm["in_features"], fm["out_features"]):
+            raise ValueError(f"{where}: in_features {fm['in_features']}, out_features "
+                             f"{fm['out_features']} do not match the model's "
+                             f"{orig.in_features}, {orig.out_features}")
+    return factorized
+
+
+def install_quantized_modules(model: nn.Module, layers: dict, embeddings: dict, file,
+                              factorized: Optional[dict] = None) -> None:
     """Replace, in a model built from its config, each named linear layer by an empty
-    QuantizedLinear with the stored layout and each named embedding by a QuantizedEmbedding
-    reading its source layer, after check_quantized_modules. Run it under
+    QuantizedLinear with the stored layout (or, for `factorized` layouts, an empty MPOLinear /
+    LowRankLinear) and each named embedding by a QuantizedEmbedding reading its source layer,
+    after check_quantized_modules / check_factorized_modules. Run it under
     `torch.device("meta")` to allocate nothing."""
     from .embedding import QuantizedEmbedding
     from .layers import QuantizedLinear
     layers, embeddings = check_quantized_modules(model, layers, embeddings, file)
+    factorized = check_factorized_modules(model, factorized, layers, embeddings, file)
     tables = {em["source"]: n for n, em in embeddings.items() if not em["tied"]}
     built = {name: QuantizedLinear.empty(lm) for name, lm in layers.items()}
     for name, em in embeddings.items():
@@ -522,6 +777,8 @@ def install_quantized_modules(model: nn.Module, layers: dict, embeddings: dict, 
     for name, layer in built.items():
         if name not in tables:
             model.set_submodule(name, layer)
+    for name, fm in factorized.items():
+        model.set_submodule(name, empty_factorized(fm))
 
 
 def _fmt(dtype: torch.dtype) -> str:
@@ -569,8 +826,9 @@ def load_quantized(path, device: str | torch.device = "cpu"):
     """Load a model saved by save_quantized: returns (model, tokenizer or None).
 
     Defensive against a corrupt or crafted directory: physkern.json's layer layouts (types,
-    ranges) and every tensor's dtype and shape in model.safetensors' header (read alone, byte
-    ranges checked against the file size) are checked against the model that config.json and
+    ranges; for factorized layers also factor products = features and the bond chain) and
+    every tensor's dtype and shape in model.safetensors' header (read alone, byte ranges
+    checked against the file size) are checked against the model that config.json and
     physkern.json describe BEFORE any tensor is allocated; missing and unexpected tensors are
     errors; after loading, every packed index is checked < K once (when K is not a power of
     two), so the kernels never read outside a codebook. Every failure is a ValueError naming
@@ -586,6 +844,7 @@ def load_quantized(path, device: str | torch.device = "cpu"):
     meta = _read_marker(marker)
     layers = meta["quantized_layers"]
     embeddings = meta.get("quantized_embeddings", {})
+    factorized = meta.get("factorized_layers")
     if not st_file.is_file() and not (path / INDEX_FILE).is_file():
         raise ValueError(f"{st_file}: missing (and no {INDEX_FILE})")
     ckpt = Checkpoint(path)  # headers only (one file or the shards its index names)
@@ -598,23 +857,18 @@ def load_quantized(path, device: str | torch.device = "cpu"):
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
         raise ValueError(f"{cfg_file}: cannot build a model from it: {_one_line(exc)}") from None
     layers, embeddings = check_quantized_modules(skeleton, layers, embeddings, marker)
-    # Quantized buffers against the header from the layouts alone, before even the meta-device
-    # build of the quantized layers asks for their sizes.
-    for name, lm in layers.items():
-        for buf, (dt, shape) in _layer_tensors(lm).items():
-            key = f"{name}.{buf}"
-            if key not in header:
-                raise ValueError(f"{st_file}: layer {name}: tensor {buf} is missing")
-            st_dtype, st_shape = header[key]
-            if st_shape != shape:
-                raise ValueError(f"{st_file}: layer {name}: {buf} has shape {list(st_shape)}, "
-                                 f"{MARKER} implies {list(shape)}")
-            if st_dtype != dt and (buf != "bias" or not st_dtype.is_floating_point):
-                raise ValueError(f"{st_file}: layer {name}: {buf} has dtype "
-                                 f"{_TORCH_TO_ST[st_dtype]} ({_fmt(st_dtype)}), {MARKER} "
-                                 f"implies {_fmt(dt)}")
+    factorized = check_factorized_modules(skeleton, factorized, layers, embeddings, marker)
+    # Quantized buffers and factors against the header from the layouts alone, before even the
+    # meta-device build of those layers asks for their sizes.
+    wanted = {name: _layer_tensors(lm) for name, lm in layers.items()}
+    wanted.update({name: factorized_tensors(fm) for name, fm in factorized.items()})
+    for name, want in wanted.items():
+        _check_layer_header(st_file, header, name, want)
+    # factors are read as stored (exact dtype); a factorized layer's bias is dense, like others
+    factor_keys = {f"{name}.{buf}": name for name, fm in factorized.items()
+                   for buf in factorized_tensors(fm)}
     with torch.device("meta"):
-        install_quantized_modules(skeleton, layers, embeddings, marker)
+        install_quantized_modules(skeleton, layers, embeddings, marker, factorized)
     # Every tensor the loaded model will hold, checked against the file's header.
     expected: dict = {}  # state-dict key -> (dtype, shape, layer name or None)
     groups: dict = {}    # id of a (possibly tied) tensor -> its state-dict keys
@@ -623,7 +877,7 @@ def load_quantized(path, device: str | torch.device = "cpu"):
     for key, t in skeleton.state_dict(keep_vars=True).items():
         persistent_ids.add(id(t))
         owner = key.rpartition(".")[0]
-        layer = owner if owner in layers else None
+        layer = owner if owner in layers else factor_keys.get(key)
         expected[key] = (t.dtype, tuple(t.shape), layer)
         groups.setdefault(id(t), []).append(key)
         if layer is not None:
@@ -650,7 +904,8 @@ def load_quantized(path, device: str | torch.device = "cpu"):
                              f"{MARKER if layer else cfg_file.name} implies {list(shape)}")
         # Quantized buffers are read as stored; dense float tensors (norms, biases) may be
         # stored at 16 bits (physkern.dense) and are cast to the model's dtype on loading.
-        dense = dt.is_floating_point and key.rpartition(".")[2] not in QUANTIZED_BUFFERS
+        dense = dt.is_floating_point and key.rpartition(".")[2] not in QUANTIZED_BUFFERS and \
+            (key not in factor_keys or key.endswith(".bias"))
         dtype_ok = st_dtype.is_floating_point if dense else st_dtype == dt
         if not dtype_ok:
             raise ValueError(f"{what} has dtype {_TORCH_TO_ST[st_dtype]} ({_fmt(st_dtype)}), "
@@ -673,7 +928,7 @@ def load_quantized(path, device: str | torch.device = "cpu"):
     except (ValueError, RuntimeError, TypeError) as exc:
         raise ValueError(f"{cfg_file}: cannot build a model from it: {_one_line(exc)}") from None
     with torch.device("meta"):
-        install_quantized_modules(model, layers, embeddings, marker)
+        install_quantized_modules(model, layers, embeddings, marker, factorized)
     with ckpt:
         fill_from_checkpoint(model, ckpt, expected)
     for name in layers:

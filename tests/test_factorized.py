@@ -1,5 +1,6 @@
 """Factorization methods (MPO, truncated SVD) through the recipe: configs, layer replacement,
-bits counted, composition with codebook quantization, healing, and the refusal to save."""
+bits counted, composition with codebook quantization, healing. Saving and loading such models
+(and `physkern quantize` with a factorize recipe): tests/test_factorized_save.py."""
 from __future__ import annotations
 
 import copy
@@ -8,8 +9,8 @@ import math
 import pytest
 import torch
 
-from physkern.methods import MPOConfig, SVDConfig, factorization_from_dict
-from physkern.methods.factorized import apply_factorization, check_savable, heal_factorized
+from physkern.methods import MPOConfig, SVDConfig
+from physkern.methods.factorized import apply_factorization, heal_factorized
 from physkern.methods.lowrank import whitened_factors
 from physkern.quant.accounting import bits_report
 from physkern.recipe import Recipe
@@ -179,19 +180,6 @@ def test_heal_needs_factorized_layers(tiny_llama):
         heal_factorized(copy.deepcopy(tiny_llama), tiny_llama, CALIB, steps=1, progress=False)
 
 
-def test_saving_a_factorized_model_is_refused_and_writes_nothing(tiny_llama, tmp_path):
-    from physkern.serialization import save_quantized
-    m = copy.deepcopy(tiny_llama)
-    apply_factorization(m, factorization_from_dict({"method": "mpo", "chi": 2, "cores": 2,
-                                                     "layers": ["model.layers.0.mlp.down_proj"]}))
-    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj"):
-        check_savable(m)
-    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj"):
-        save_quantized(m, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-    assert not any(tmp_path.iterdir())
-
-
 def test_factorize_layers_must_match(tiny_llama):
     with pytest.raises(ValueError, match="match no decoder linear layer"):
         apply_factorization(copy.deepcopy(tiny_llama), SVDConfig(rank=1, layers=["*.nope"]))
@@ -218,18 +206,3 @@ def test_svd_at_full_rank_reproduces_the_model(tiny_llama, monkeypatch, weighted
     assert sum(isinstance(mod, LowRankLinear) for mod in m.modules()) == 6
     with torch.no_grad():
         torch.testing.assert_close(m(X).logits, tiny_llama(X).logits, rtol=1e-3, atol=1e-3)
-
-
-def test_quantize_cli_refuses_a_factorize_recipe_before_any_work(saved_tiny, tmp_path, capsys):
-    # The saved format cannot hold MPO / low-rank layers: the CLI says so before quantizing
-    # (not at save time after the work) and writes nothing.
-    import json
-    from physkern.cli import main
-    recipes = tmp_path / "r.json"
-    recipes.write_text(json.dumps([{"name": "svd_rtn", "factorize": {"method": "svd", "rank": 2},
-                                    "config": {"method": "rtn", "bits": 4, "group_size": 16}}]))
-    out = tmp_path / "out"
-    rc = main(["quantize", "--model", str(saved_tiny / "model"), "--corpus",
-               str(saved_tiny / "corpus.txt"), "--recipe", f"{recipes}:svd_rtn", "--out", str(out)])
-    assert rc == 2 and "cannot be saved yet" in capsys.readouterr().err
-    assert not out.exists()

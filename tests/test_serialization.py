@@ -274,7 +274,7 @@ def test_garbage_json(crafted, text):
     _load_fails(crafted, MARKER)
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None, 1.0])
+@pytest.mark.parametrize("version", [3, 0, "1", None, 1.0, True])  # 2: factorized layers
 def test_unknown_format_version(crafted, version):
     _edit_meta(crafted, lambda m: m.update(format_version=version))
     _load_fails(crafted, MARKER, "format_version")

@@ -19,9 +19,12 @@ physkern.finetune.finetune_quantized, training the factors/cores (in float32, wr
 their stored dtype) together with the codebooks/scales of any QuantizedLinear layers and the
 norms.
 
-Saving: physkern.serialization.save_quantized refuses models with such modules before writing
-anything (ValueError naming them); `check_savable` gives the same refusal with this module's
-wording for callers that want it earlier.
+Saving: physkern.serialization.save_quantized stores the modules' tensors (MPO cores
+`<name>.cores.<k>`, low-rank factors `<name>.up` / `<name>.down`, `<name>.bias`) in the same
+safetensors file(s) and each module's layout under "factorized_layers" in physkern.json and
+config.json (the layouts live in physkern.serialization, beside QuantizedLinear's checks, which
+must not import this module: it depends on the calibration and model-loading code);
+`check_savable` says early whether every compressed module of a model can be saved.
 """
 from __future__ import annotations
 
@@ -89,13 +92,13 @@ def factorized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def check_savable(model: nn.Module) -> None:
-    """ValueError naming the first factorized layers: save_quantized cannot store them yet."""
-    found = factorized_modules(model)
-    if found:
-        names = [n for n, _ in found]
-        raise ValueError(f"layer {names[0]} is a {type(found[0][1]).__name__} (factorized, "
-                         f"{len(names)} such layers): MPO / low-rank layers cannot be saved yet "
-                         "(physkern.save_quantized stores QuantizedLinear/QuantizedEmbedding only)")
+    """ValueError naming the first compressed module that save_quantized cannot store: one that
+    is not a QuantizedLinear / QuantizedEmbedding / MPOLinear / LowRankLinear, or a factorized
+    module whose layout loading would refuse (physkern.serialization.check_factorized_meta).
+    Writes nothing; save_quantized runs the same checks before writing."""
+    from ..serialization import factorized_module_layouts, quantized_module_layouts
+    quantized_module_layouts(model)
+    factorized_module_layouts(model)
 
 
 def _input_grams(model: nn.Module, layers, calibration: torch.Tensor) -> dict:
