@@ -34,8 +34,9 @@ On CPU the result is bit for bit the in-memory path's (physkern.api.quantize +
 save_quantized) for the same recipe, seed and calibration windows (tests/test_streaming.py):
 the same block code runs on the same inputs in the same order. GPU execution (device="cuda")
 runs the same loop with the block on the GPU; it is untested here (no GPU on this machine).
-Fine-tuning, smoothing and pruning need the whole model: not streamed (see
-physkern.commands.quantize, which says what memory the in-memory path needs).
+Fine-tuning, smoothing, pruning and factorization (a recipe's "factorize": MPO / low-rank
+layers) need the whole model: not streamed (physkern.commands.quantize takes the in-memory path
+for them and says so, with what memory fine-tuning needs).
 """
 from __future__ import annotations
 

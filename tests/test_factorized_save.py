@@ -304,3 +304,37 @@ def test_inflated_bonds_fail_before_allocating(crafted, monkeypatch):
     for n in real:
         monkeypatch.setattr(torch, n, guarded(n))
     _load_fails(crafted, ST, f"layer {MPO_LAYER}", "cores.0 has shape", str(2**40))
+
+
+# ---- the CLI -------------------------------------------------------------------------------
+
+def test_quantize_cli_factorize_recipe_end_to_end(saved_tiny, tmp_path, capsys):
+    """A factorize recipe on a local checkpoint (which would stream) runs in memory with a
+    note, saves, and the saved model loads with the factorized layers and scores with `ppl`."""
+    from physkern.cli import main
+    recipes = tmp_path / "r.json"
+    recipes.write_text(json.dumps([
+        {"name": "svd_rtn", "factorize": {"method": "svd", "rank": 4, "layers": ["*.mlp.*"]},
+         "config": {"method": "rtn", "bits": 4, "group_size": 16}},
+        {"name": "mpo_only", "factorize": {"method": "mpo", "chi": 3, "cores": 2, "sweeps": 0,
+                                           "layers": ["*.attn.c_proj"]}}]))
+    for name in ("svd_rtn", "mpo_only"):
+        out = tmp_path / name
+        rc = main(["quantize", "--model", str(saved_tiny / "model"), "--corpus",
+                   str(saved_tiny / "corpus.txt"), "--recipe", f"{recipes}:{name}",
+                   "--calib-windows", "2", "--calib-window", "32", "--out", str(out)])
+        cap = capsys.readouterr()
+        assert rc == 0, cap.err
+        assert "factorize" in cap.err and "in memory" in cap.err
+        meta = json.loads((out / MARKER).read_text())
+        assert meta["whole_recipe"]["factorize"]["method"] == name[:3]
+        loaded, tok = load_quantized(out)
+        assert tok is not None
+        kinds = {type(m) for m in loaded.modules()}
+        assert (LowRankLinear if name == "svd_rtn" else MPOLinear) in kinds
+        assert (physkern.QuantizedLinear in kinds) == (name == "svd_rtn")
+        rep = bits_report(loaded)
+        assert abs(_tensor_bytes(out) - rep.total_bytes) <= 0.01 * _tensor_bytes(out)
+    rc = main(["ppl", "--model", str(tmp_path / "mpo_only"), "--corpus",
+               str(saved_tiny / "corpus.txt"), "--tokens", "256", "--window", "32"])
+    assert rc == 0, capsys.readouterr().err

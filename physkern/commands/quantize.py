@@ -157,11 +157,12 @@ def recipe_from_args(args: argparse.Namespace):
         recipe = Recipe(config=config_from_args(args), name="flags")
     if source is not None:
         extra = [k for k in ("smooth", "prune", "lattice") if recipe[k] is not None]
-        if recipe.config is None or extra:
+        if recipe.config is None and recipe.factorize is None:
+            extra = ["no config or factorize"]
+        if extra:
             raise ValueError(f"{source} {recipe.name!r}: `physkern quantize` runs a quantization "
-                             f"config with optional fine-tuning; this recipe has "
-                             f"{'no config' if recipe.config is None else ', '.join(extra)} "
-                             "(run it with `physkern sweep quant`)")
+                             f"config and/or a factorization with optional fine-tuning; this "
+                             f"recipe has {', '.join(extra)} (run it with `physkern sweep quant`)")
     changes = {}
     if args.embedding is not None:
         changes["embedding"] = embedding_from_spec(args.embedding)
@@ -243,18 +244,24 @@ def register(sub) -> None:
 
 
 def stream_source(args: argparse.Namespace, recipe):
-    """The local checkpoint directory `physkern quantize` streams from (config.json +
-    model.safetensors or HF shards; the packaged model's converted copy included), or None for
-    the in-memory path (--in-memory, hub names, GGUF, physkern-quantized directories, and
-    recipes with fine-tuning, which needs the whole model)."""
+    """The local checkpoint directory `physkern quantize` streams from (local_checkpoint), or
+    None for the in-memory path (--in-memory, no local checkpoint, and recipes with fine-tuning
+    or factorization, which need the whole model)."""
+    if args.in_memory or recipe.finetune is not None or recipe.factorize is not None:
+        return None
+    return local_checkpoint(args)
+
+
+def local_checkpoint(args: argparse.Namespace):
+    """--model as a local checkpoint directory that can stream (config.json + model.safetensors
+    or HF shards; the packaged model's converted copy included), or None (hub names, GGUF,
+    physkern-quantized directories)."""
     import os
     from pathlib import Path
 
     from ..checkpoint import INDEX_FILE, SINGLE_FILE
     from ..models import PACKAGED_ALIASES, packaged_model_dir
     from ..serialization import is_quantized_dir
-    if args.in_memory or recipe.finetune is not None:
-        return None
     spec = args.model
     if spec is None or spec in PACKAGED_ALIASES:
         return packaged_model_dir()
@@ -265,6 +272,13 @@ def stream_source(args: argparse.Namespace, recipe):
                                           (d / INDEX_FILE).is_file()):
         return d
     return None
+
+
+def _streamable(args: argparse.Namespace) -> bool:
+    """Whether --model would stream (local_checkpoint), without converting the packaged model."""
+    from ..models import PACKAGED_ALIASES
+    return args.model is None or args.model in PACKAGED_ALIASES or \
+        local_checkpoint(args) is not None
 
 
 def finetune_memory_note(args: argparse.Namespace) -> str:
@@ -303,14 +317,16 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import parse_size
     parse_size(args.max_shard_size)
     recipe = recipe_from_args(args)
-    if recipe.factorize is not None:  # refused before the work, not at save time after it
-        raise ValueError(f"recipe {recipe.name!r}: factorize (MPO / low-rank layers) cannot be "
-                         "saved yet; measure such recipes with `physkern sweep quant` instead")
     dist, device = init_from_env(args.device)
     source = stream_source(args, recipe)
     if source is None and dist.world > 1:
         raise ValueError("torchrun: several ranks need the streaming path (a local safetensors "
-                         "checkpoint, no --in-memory, no fine-tuning)")
+                         "checkpoint, no --in-memory, no fine-tuning, no factorize)")
+    if recipe.factorize is not None and not args.in_memory and _streamable(args):
+        # streaming quantizes one block at a time from the checkpoint; factorization (its
+        # layers replaced before quantization, healed with the whole model) does not stream
+        print(f"note: recipe {recipe.name!r} has factorize ({recipe.factorize.method}): it "
+              "does not stream, the model is quantized in memory", file=sys.stderr)
     if recipe.finetune is not None:
         print(finetune_memory_note(args), file=sys.stderr)
     if source is not None:
@@ -322,8 +338,13 @@ def run(args: argparse.Namespace) -> int:
     return _run_in_memory(args, recipe, parse_dtype(args.dtype))
 
 
-def _print_result(report, final, seconds: float, out, tuned=None) -> None:
-    print(report.table())
+def _print_result(report, final, seconds: float, out, tuned=None, factorized=None) -> None:
+    if factorized is not None:
+        print(f"factorized {len(factorized['layers'])} layers ({factorized['spec']['method']}): "
+              f"{factorized['bits_per_weight']:.3f} bits/weight over their "
+              f"{factorized['weights']:,} weights")
+    if report is not None:  # None: a factorize-only recipe quantizes nothing
+        print(report.table())
     if tuned is not None:
         print(f"\nfine-tuning ({tuned['steps']} steps, {tuned['seconds']:.0f} s): {tuned['note']}")
     bits = final.quantized_bits_per_weight, final.model_bits_per_weight
@@ -381,14 +402,18 @@ def _run_in_memory(args, recipe, dtype) -> int:
     corpus = load_corpus(args.corpus)
     applied = apply_recipe(model, recipe, tok, corpus, args.seed)
     report, tuned, calib = applied.quantization, applied.finetune, applied.calibration
+    extra = {"recipe": None if applied.config is None else applied.config.to_dict(),
+             "whole_recipe": recipe.to_dict(), "seed": args.seed,
+             "calibration": {
+                 "corpus": corpus.describe(), "windows": int(calib.shape[0]),
+                 "window": int(calib.shape[1]), "seed": args.seed}
+             if calib is not None else None,
+             "finetune": tuned, "report": None if report is None else report.to_dict()}
+    if applied.factorize is not None:  # absent otherwise: older files unchanged
+        extra["factorize"] = applied.factorize
     save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite,
-                   max_shard_size=args.max_shard_size,
-                   extra={"recipe": applied.config.to_dict(),
-                          "whole_recipe": recipe.to_dict(), "seed": args.seed,
-                          "calibration": {
-                              "corpus": corpus.describe(), "windows": int(calib.shape[0]),
-                              "window": int(calib.shape[1]), "seed": args.seed}
-                          if calib is not None else None,
-                          "finetune": tuned, "report": report.to_dict()})
-    _print_result(report, bits_report(model), report.seconds, args.out, tuned)  # after dense dtype
+                   max_shard_size=args.max_shard_size, extra=extra)
+    seconds = report.seconds if report is not None else applied.seconds_quantize
+    _print_result(report, bits_report(model), seconds, args.out, tuned,  # after dense dtype
+                  applied.factorize)
     return 0
