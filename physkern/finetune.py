@@ -458,6 +458,16 @@ class _CodeUpdater:
                 layer.codes_changed = True
         return res
 
+    def note(self) -> str:
+        """One line for the run's note: when, how many codes moved, the objective's course."""
+        if not self.records:
+            return "no code update ran (training stopped early)"
+        r = self.records
+        return (f"code updates before steps {[u['step'] for u in r]} on {len(self.layers)} "
+                f"layers: {sum(u['codes_changed'] for u in r)} codes changed, layer objective "
+                + ", ".join(f"{u['objective_before']:.4g} -> {u['objective_after']:.4g}"
+                            for u in r))
+
     def report(self) -> dict:
         return {"code_update_layers": len(self.layers), "code_update_skipped": self.skipped,
                 "code_update_gram_seconds": self.gram_seconds, "code_updates": self.records}
@@ -544,6 +554,8 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
             if bar is not None:
                 bar.close()
             notes = list(tr.notes)
+            if updater is not None:
+                notes.append(updater.note())
             n_layers, n_norms = len(tr.layers), len(tr.norms)
             # before the write-back, the layers' packed buffers still hold the original codes
             changed = sum(int((l.idx != l.mod.quantized_weight().indices()).sum())

@@ -327,6 +327,7 @@ def test_code_updates_run_record_and_keep_the_format(tiny_llama):
         assert u["layers"] == 14 and u["objective_after"] <= u["objective_before"]
         assert 0 < u["codes_changed"] <= u["codes_visited"]
     assert rep["kept"] is True and rep["holdout_kl_after"] < rep["holdout_kl_before"]
+    assert "code updates before steps [3, 6] on 14 layers" in rep["note"]
     after = _packed(student)
     differ = sum(int((QuantizedLinear.quantized_weight(m).indices() !=
                       _unpacked(m, before[n])).sum())
