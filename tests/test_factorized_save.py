@@ -117,7 +117,7 @@ def test_round_trip_mpo_and_lowrank_identical_logits(fact_llama, saved):
         "type": "lowrank", "in_features": 32, "out_features": 32, "rank": 5,
         "up_dtype": "float16", "down_dtype": "float16", "bias_dtype": None}
     assert not meta["quantized_layers"]
-    # loading again from the loaded model's save gives the same file content
+    # the loaded model counts the same stored bytes as the saved one
     assert bits_report(loaded).total_bytes == bits_report(fact_llama).total_bytes
 
 
@@ -181,6 +181,10 @@ def test_from_pretrained_equals_load_quantized(tiny_llama, tmp_path):
         for (_, a), (_, b) in zip(m.get_submodule(name).state_dict().items(),
                                   theirs.get_submodule(name).state_dict().items()):
             assert a.dtype == b.dtype and torch.equal(a, b), name
+    theirs.save_pretrained(tmp_path / "again")  # keeps the quantization config: loads again
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    assert isinstance(again.get_submodule(MPO_LAYER), MPOLinear)
+    assert torch.equal(_logits(again), _logits(m))
     assert torch.equal(_logits(theirs), _logits(m))
 
 
