@@ -1,4 +1,4 @@
-// Shared definitions of physkern::codebook_matmul_cpu (csrc/codebook_matmul.cpp) and its
+// Shared definitions of physkern::codebook_matmul's CPU implementation (csrc/codebook_matmul.cpp) and its
 // per-instruction-set kernels (csrc/codebook_matmul_isa_*.cpp, each compiling
 // csrc/codebook_matmul_kernels.h for one instruction set; separate files so they build in
 // parallel).
@@ -70,6 +70,7 @@ struct Args {
   const float* ct;           // lut: [S * n_cb * d, Kp]
   float* table;              // lut: [M * S * n_cb * nb, Kp]
   float* y;                  // [M, out]
+  float* w;                  // dequant_rows: [out, in] (codebooks float32)
 };
 
 inline float half_to_float(uint16_t h) {
@@ -108,6 +109,7 @@ struct Kernels {
   void (*direct_rows)(const Args&, int64_t, int64_t);
   void (*lut_build)(const Args&, int64_t, int64_t);
   void (*lut_rows)(const Args&, int64_t, int64_t);
+  void (*dequant_rows)(const Args&, int64_t, int64_t);
   const char* name;
 };
 

@@ -1,4 +1,4 @@
-// physkern::codebook_matmul_cpu kernels for AVX2 + FMA + F16C.
+// physkern::codebook_matmul CPU kernels for AVX2 + FMA + F16C.
 // The kernel code is csrc/codebook_matmul_kernels.h; this file compiles it for one instruction set.
 #include "codebook_matmul.h"
 
@@ -14,7 +14,8 @@ namespace isa_avx2 {
 }  // namespace isa_avx2
 
 Kernels kernels_avx2() {
-  return {isa_avx2::direct_rows, isa_avx2::lut_build, isa_avx2::lut_rows, "avx2"};
+  return {isa_avx2::direct_rows, isa_avx2::lut_build, isa_avx2::lut_rows,
+          isa_avx2::dequant_rows, "avx2"};
 }
 
 }  // namespace cbmm

@@ -1,4 +1,4 @@
-// physkern::codebook_matmul_cpu kernels for AVX-512 (F, BW, VL, DQ) + F16C.
+// physkern::codebook_matmul CPU kernels for AVX-512 (F, BW, VL, DQ) + F16C.
 // The kernel code is csrc/codebook_matmul_kernels.h; this file compiles it for one instruction set.
 #include "codebook_matmul.h"
 
@@ -16,7 +16,8 @@ namespace isa_avx512 {
 }  // namespace isa_avx512
 
 Kernels kernels_avx512() {
-  return {isa_avx512::direct_rows, isa_avx512::lut_build, isa_avx512::lut_rows, "avx512"};
+  return {isa_avx512::direct_rows, isa_avx512::lut_build, isa_avx512::lut_rows,
+          isa_avx512::dequant_rows, "avx512"};
 }
 
 }  // namespace cbmm

@@ -1,4 +1,4 @@
-// physkern::codebook_matmul_cpu kernels for the compiler's default target (GCC vector extensions; scalar fp16 conversion).
+// physkern::codebook_matmul CPU kernels for the compiler's default target (GCC vector extensions; scalar fp16 conversion).
 // The kernel code is csrc/codebook_matmul_kernels.h; this file compiles it for one instruction set.
 #include "codebook_matmul.h"
 
@@ -11,7 +11,8 @@ namespace isa_baseline {
 }  // namespace isa_baseline
 
 Kernels kernels_baseline() {
-  return {isa_baseline::direct_rows, isa_baseline::lut_build, isa_baseline::lut_rows, "baseline"};
+  return {isa_baseline::direct_rows, isa_baseline::lut_build, isa_baseline::lut_rows,
+          isa_baseline::dequant_rows, "baseline"};
 }
 
 }  // namespace cbmm

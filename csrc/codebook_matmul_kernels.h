@@ -1,4 +1,4 @@
-// Kernels of physkern::codebook_matmul_cpu (csrc/codebook_matmul.cpp), one copy per instruction
+// Kernels of physkern::codebook_matmul's CPU implementation (csrc/codebook_matmul.cpp), one copy per instruction
 // set. NOT a normal header: each csrc/codebook_matmul_isa_*.cpp includes it once, inside its own
 // namespace (and `#pragma GCC target` region), with PHYSKERN_CBMM_ISA set to
 //   0  baseline (the compiler's default target; 4-lane GCC vector extensions, scalar fp16)
@@ -12,6 +12,7 @@
 //   direct_rows(a, o_begin, o_end)  rows [o_begin, o_end) of y by decode-and-dot
 //   lut_build(a, t_begin, t_end)    table items [t_begin, t_end) of the lookup-table path
 //   lut_rows(a, o_begin, o_end)     rows [o_begin, o_end) of y by table lookups
+//   dequant_rows(a, o_begin, o_end) rows [o_begin, o_end) of the dense float32 W (larger M)
 
 // Lanes of the float vectors the kernels compute with (one native register).
 constexpr int VW = PHYSKERN_CBMM_ISA >= 2 ? 16 : (PHYSKERN_CBMM_ISA == 1 ? 8 : 4);
@@ -813,6 +814,67 @@ void lut_rows(const Args& a, int64_t o0, int64_t o1) {
         res[m] = hsum(ldx(accv.data() + (r * M + m) * VW)) + tail[r * M + m];
       if (a.offsets) cvt_row(a.offsets, a.offsets_type, o * G, G, offset_row.data());
       finish_row(a, o, res.data(), offset_row.data());
+    }
+  }
+}
+
+// ---- dequantization (the larger-M path: W once, then one at::addmm) -------------------------
+
+// Rows [o0, o1) of W into a.w (float32 [out, in]): each block's centroids summed over the stages
+// in stage order, times the row's group scale, plus its offset. The codebooks are float32 here
+// (cb_kind 0: the caller converts them once, so the inner loops are plain float copies and adds
+// that the compiler vectorises for the fixed block dims).
+template <int D>
+PHYSKERN_CBMM_INLINE void dequant_stage(const float* cb, const uint32_t* off, int64_t nb,
+                                        int64_t d_rt, bool first, float* w) {
+  const int64_t d = D > 0 ? D : d_rt;
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* src = cb + off[b];
+    float* dst = w + b * d;
+    if (first) {
+      for (int64_t j = 0; j < d; ++j) dst[j] = src[j];
+    } else {
+      for (int64_t j = 0; j < d; ++j) dst[j] += src[j];
+    }
+  }
+}
+
+void dequant_rows(const Args& a, int64_t o0, int64_t o1) {
+  const int64_t S = a.S, d = a.d, in = a.in, G = a.G, g = a.g, nbs = a.nbs;
+  std::vector<uint16_t> tmp(static_cast<size_t>(nbs + 64));
+  std::vector<uint32_t> off(static_cast<size_t>(nbs));
+  std::vector<float> sc(static_cast<size_t>(a.scales ? G : 0));
+  std::vector<float> of(static_cast<size_t>(a.offsets ? G : 0));
+  const float* cb = static_cast<const float*>(a.codebooks);
+  for (int64_t o = o0; o < o1; ++o) {
+    float* w = a.w + o * in;
+    const int64_t c = o / a.codebook_rows;
+    for (int64_t s = 0; s < S; ++s) {
+      decode_offsets(a.packed + (s * a.out + o) * a.words, a.words, a.bits, a.nb,
+                     static_cast<uint32_t>(d), 0u, tmp.data(), off.data());
+      const float* base = cb + (s * a.n_cb + c) * a.K * d;
+      switch (d) {
+        case 1: dequant_stage<1>(base, off.data(), a.nb, d, s == 0, w); break;
+        case 2: dequant_stage<2>(base, off.data(), a.nb, d, s == 0, w); break;
+        case 4: dequant_stage<4>(base, off.data(), a.nb, d, s == 0, w); break;
+        case 8: dequant_stage<8>(base, off.data(), a.nb, d, s == 0, w); break;
+        case 16: dequant_stage<16>(base, off.data(), a.nb, d, s == 0, w); break;
+        default: dequant_stage<0>(base, off.data(), a.nb, d, s == 0, w); break;
+      }
+    }
+    if (a.scales) {
+      cvt_row(a.scales, a.scales_type, o * G, G, sc.data());
+      if (a.offsets) cvt_row(a.offsets, a.offsets_type, o * G, G, of.data());
+      for (int64_t gi = 0; gi < G; ++gi) {
+        float* wg = w + gi * g;
+        const float s = sc[gi];
+        if (a.offsets) {
+          const float t = of[gi];
+          for (int64_t j = 0; j < g; ++j) wg[j] = wg[j] * s + t;
+        } else {
+          for (int64_t j = 0; j < g; ++j) wg[j] *= s;
+        }
+      }
     }
   }
 }

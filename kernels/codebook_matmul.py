@@ -17,16 +17,18 @@ Implementations, one contract (`x [..., in] -> y [..., out]`, y in x's dtype):
   for prefill. Split-K writes fp32 partial sums that one reduction kernel adds (with the bias)
   and casts.
 - `codebook_matmul_reference`: dequantize (fp32) + matmul. The independent reference for tests.
-- The CPU path lives in `codebook_matmul_cpu`. For x with at most NATIVE_MAX_M rows (decode)
-  it runs C++ from physkern._C, chosen by `codebook_matmul_small_m`: for up to GEMV_LUT_MAX_M
-  rows and formats where it pays, the lookup-table GEMV `physkern::codebook_gemv_lut`
-  (csrc/codebook_gemv_lut.cpp: per row of x a table of x-slice . centroid products, then one
-  register-permute lookup per d weights, 16 output rows per vector, from a cached byte layout of
-  the indices); otherwise the fused op `physkern::codebook_matmul_cpu`
-  (csrc/codebook_matmul.cpp): the packed indices are decoded row by row and the centroids FMA'd
-  straight into the output. The dense W never exists. Otherwise (more rows, no physkern._C, other devices)
-  vectorised torch: a LUT GEMV for shared codebooks and small M, else one gather + one matmul,
-  with the unpacked indices cached per packed tensor (see `IndexCache`).
+- The CPU path: physkern::codebook_matmul's C++ CPU kernel (csrc/codebook_matmul.cpp; the op's
+  schema is defined there): for x with at most NATIVE_MAX_M rows (decode) the fused kernel, where
+  the packed indices are decoded row by row and the centroids FMA'd straight into the output (the
+  dense W never exists); above, W dequantized once and one GEMM. `codebook_matmul_small_m` is the
+  decode selector: for up to GEMV_LUT_MAX_M rows and formats where it pays, the lookup-table GEMV
+  `physkern::codebook_gemv_lut` (csrc/codebook_gemv_lut.cpp: per row of x a table of
+  x-slice . centroid products, then one register-permute lookup per d weights, 16 output rows per
+  vector, from a cached byte layout of the indices), else the op's CPU kernel.
+  `codebook_matmul_cpu` is the CPU path as a function (and, without physkern._C, the op's CPU
+  kernel): the C++ above, or vectorised torch (no physkern._C, other devices): a LUT GEMV for
+  shared codebooks and small M, else one gather + one matmul, with the unpacked indices cached
+  per packed tensor (see `IndexCache`).
 """
 from __future__ import annotations
 
@@ -590,41 +592,40 @@ INDEX_CACHE = IndexCache()
 # LUT GEMV is used for x with at most this many rows (see codebook_matmul_cpu).
 LUT_MAX_M = 4
 
-# The fused C++ op serves x with at most this many rows. Measured on Zen 5 (1 thread, the five
-# bench/bench_kernels.py recipes, three shapes): at M = 16 it ran at 0.9-1.3x the time of a dense
-# fp32 matmul where the torch path took 2-4x; at M = 32, 1.5-1.8x vs the torch path's 1.6-2.8x.
-# Beyond that the torch path's one dequantisation is amortised over more rows.
+# physkern::codebook_matmul's C++ CPU kernel runs its fused decode-and-dot kernel for x with at
+# most this many rows, and dequantize + one GEMM above (kFusedMaxM in csrc/codebook_matmul.cpp,
+# where the measurements are; tests/test_codebook_matmul_native.py checks that the two agree).
+# The decode selector (codebook_matmul_small_m) serves the same rows.
 NATIVE_MAX_M = 32
 
-_NATIVE_OP = "physkern::codebook_matmul_cpu"
+OP_NAME = "physkern::codebook_matmul"
+# Internal to physkern._C: the fused kernel at any M with its method forced. Only
+# codebook_matmul_native (tests, benchmarks) calls it; no path of the package does.
+_FUSED_OP = "physkern::_codebook_matmul_fused"
 _native: Optional[bool] = None
+# The op's CPU kernel, called below autograd (see codebook_matmul_small_m); set once the C++ op
+# is known to exist.
+_cpu_kernel = None
+_CPU_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 
 
 def native_matmul_available() -> bool:
-    """Whether physkern._C is importable and registers a CPU kernel for
-    physkern::codebook_matmul_cpu (False without the extension, or with a stale build)."""
-    global _native
+    """Whether physkern._C defines physkern::codebook_matmul with its C++ CPU kernel (False
+    without the extension, or with a stale build from before the op moved to C++: physkern.ops
+    then defines the op itself, with the pure-torch CPU path). Checked through the internal op,
+    which only the extension defines, so the answer does not depend on whether physkern.ops has
+    registered its fallback yet."""
+    global _native, _cpu_kernel
     if _native is None:
         from ._native import native_op_available
-        _native = native_op_available(_NATIVE_OP)
+        _native = native_op_available(_FUSED_OP) and native_op_available(OP_NAME)
         if _native:
-            _register_native_fake()
+            _cpu_kernel = torch.ops.physkern.codebook_matmul.default
     return _native
 
 
-def _register_native_fake() -> None:
-    """Shape function of the C++ op, so that it also traces (FakeTensor, torch.compile)."""
-    try:
-        @torch.library.register_fake(_NATIVE_OP)
-        def _(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows,
-              scale_group, method="auto"):
-            return x.new_empty(*x.shape[:-1], packed.shape[1])
-    except RuntimeError:  # already registered (module reloaded)
-        pass
-
-
 def native_isa() -> Optional[str]:
-    """Instruction set the C++ op's kernels run with ("avx512", "avx2", "baseline"), or None."""
+    """Instruction set the C++ kernels run with ("avx512", "avx2", "baseline"), or None."""
     return torch.ops.physkern.codebook_matmul_cpu_isa() if native_matmul_available() else None
 
 
@@ -632,20 +633,23 @@ def codebook_matmul_native(x: torch.Tensor, packed: torch.Tensor, codebooks: tor
                            scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
                            bias: Optional[torch.Tensor], in_features: int, codebook_rows: int,
                            scale_group: int, method: str = "direct") -> torch.Tensor:
-    """The fused C++ op physkern::codebook_matmul_cpu (CPU tensors; needs physkern._C).
+    """The C++ fused kernel (csrc/codebook_matmul.cpp) at any M, its method forced: for tests and
+    benchmarks (the op itself runs "direct" for at most NATIVE_MAX_M rows). CPU tensors; needs
+    physkern._C.
 
     Same contract as codebook_matmul_triton: x [..., in] -> y [..., out] in x.dtype, fp32
-    accumulation. method: "direct" (decode-and-dot, any scope; what "auto" runs) or "lut" (per-row
-    lookup tables of x-block . centroid products; shared codebooks, scale_group % d == 0).
-    Bad arguments raise ValueError from the op itself.
+    accumulation. method: "direct" (decode-and-dot, any scope; "auto" is the same) or "lut"
+    (per-row lookup tables of x-block . centroid products; shared codebooks,
+    scale_group % d == 0). Bad arguments raise ValueError from the kernel itself.
     """
     if method not in ("auto", "direct", "lut"):
         raise ValueError(f"method must be 'auto', 'direct' or 'lut', got {method!r}")
     if not native_matmul_available():
-        raise RuntimeError("physkern._C with physkern::codebook_matmul_cpu is not available "
+        raise RuntimeError("physkern._C with physkern::codebook_matmul is not available "
                            "(run `make install`)")
-    return torch.ops.physkern.codebook_matmul_cpu(x, packed, codebooks, scales, offsets, bias,
-                                                 in_features, codebook_rows, scale_group, method)
+    return torch.ops.physkern._codebook_matmul_fused(x, packed, codebooks, scales, offsets, bias,
+                                                     in_features, codebook_rows, scale_group,
+                                                     method)
 
 
 # ---- lookup-table GEMV (csrc/codebook_gemv_lut.cpp) -------------------------------------------
@@ -785,18 +789,26 @@ def codebook_matmul_small_m(x: torch.Tensor, packed: torch.Tensor, codebooks: to
                             scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
                             bias: Optional[torch.Tensor], in_features: int, codebook_rows: int,
                             scale_group: int) -> torch.Tensor:
-    """The C++ path for x with at most NATIVE_MAX_M rows (CPU tensors, physkern._C present): the
-    LUT GEMV where it is supported and pays (gemv_lut_pays, at most GEMV_LUT_MAX_M rows), else
-    the direct decode-and-dot op. The one place that chooses between them; the decision per
-    weight is cached with its index layout. Layouts are the caller's to have validated."""
+    """The C++ path for x [..., in] with at most NATIVE_MAX_M rows (CPU tensors, physkern._C
+    present) -> y [..., out] in x.dtype: the LUT GEMV physkern::codebook_gemv_lut where it is
+    supported and pays (gemv_lut_pays, at most GEMV_LUT_MAX_M rows), else physkern::
+    codebook_matmul's CPU kernel (its fused decode-and-dot kernel at these M). The one place
+    that chooses between them; the decision per weight is cached with its index layout.
+
+    The op's CPU kernel is called below autograd (redispatch to the CPU key): that skips the
+    Python autograd kernel physkern.ops registers (~5 us a call, a tenth of a small layer's
+    GEMV), so callers must have nothing to differentiate or trace (physkern.ops.codebook_linear
+    checks). Layouts are the caller's to have validated."""
     if x.numel() <= GEMV_LUT_MAX_M * in_features:
         lay = _gemv_lut_plan(packed, codebooks, scales, in_features, codebook_rows, scale_group)
         if lay is not None:
             return torch.ops.physkern.codebook_gemv_lut(x, lay[0], codebooks, scales, offsets,
                                                         bias, in_features, codebook_rows, lay[1])
-    return torch.ops.physkern.codebook_matmul_cpu(x, packed, codebooks, scales, offsets, bias,
-                                                 in_features, codebook_rows, scale_group,
-                                                 "direct")
+    if _cpu_kernel is None and not native_matmul_available():
+        raise RuntimeError("physkern._C with physkern::codebook_matmul is not available "
+                           "(run `make install`)")
+    return _cpu_kernel.redispatch(_CPU_KEYSET, x, packed, codebooks, scales, offsets, bias,
+                                  in_features, codebook_rows, scale_group)
 
 
 class _PlanCache:
@@ -925,13 +937,15 @@ def codebook_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.
                         scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
                         bias: Optional[torch.Tensor], in_features: int, codebook_rows: int,
                         scale_group: int, method: str = "auto") -> torch.Tensor:
-    """The CPU path: the fused C++ op for small M, else vectorised torch; fp32 arithmetic.
+    """The CPU path: C++ from physkern._C where present, else vectorised torch; fp32 arithmetic.
 
-    Same contract as codebook_matmul_triton. method: "auto" (the C++ path when x is a CPU
-    tensor with at most NATIVE_MAX_M rows and physkern._C has it: codebook_matmul_small_m picks
-    the LUT GEMV or the direct op; else "lut" or "dequant" as below), "native" (the C++ op's
-    direct method, any M), "native_lut" (its lookup-table method), "gemv_lut" (the C++ LUT GEMV,
-    codebook_matmul_gemv_lut, any M),
+    Same contract as codebook_matmul_triton: x [..., in] -> y [..., out] in x.dtype. method:
+    "auto" (on CPU tensors with physkern._C: codebook_matmul_small_m for at most NATIVE_MAX_M
+    rows, which picks the LUT GEMV or the op's fused kernel, and above it the op's C++
+    dequantize + GEMM; otherwise "lut" or "dequant" as below: this is also the CPU kernel of
+    physkern::codebook_matmul when physkern.ops defines the op without the extension),
+    "native" (the C++ fused kernel's direct method, any M), "native_lut" (its lookup-table
+    method), "gemv_lut" (the C++ LUT GEMV, codebook_matmul_gemv_lut, any M),
     "lut" (torch: gather-sum over a table of x-block . centroid products, AQLM-style; shared
     codebooks, small M) or "dequant" (torch: one gather rebuilds W, one matmul).
     """
@@ -944,10 +958,14 @@ def codebook_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.
     if method == "gemv_lut":
         return codebook_matmul_gemv_lut(x, packed, codebooks, scales, offsets, bias, in_features,
                                         codebook_rows, scale_group)
-    if (method == "auto" and x.device.type == "cpu" and x.numel() <= NATIVE_MAX_M * in_features
-            and native_matmul_available()):
-        return codebook_matmul_small_m(x, packed, codebooks, scales, offsets, bias, in_features,
-                                       codebook_rows, scale_group)
+    if method == "auto" and x.device.type == "cpu" and native_matmul_available():
+        if x.numel() <= NATIVE_MAX_M * in_features:
+            return codebook_matmul_small_m(x, packed, codebooks, scales, offsets, bias,
+                                           in_features, codebook_rows, scale_group)
+        # The op's C++ CPU kernel (dequantize + GEMM at this M), below autograd: this function
+        # computes values only (physkern.ops.codebook_matmul is the differentiable entry).
+        return _cpu_kernel.redispatch(_CPU_KEYSET, x, packed, codebooks, scales, offsets, bias,
+                                      in_features, codebook_rows, scale_group)
     stages, out = packed.shape[0], packed.shape[1]
     _, n_cb, k, d = codebooks.shape
     nb = in_features // d

@@ -1,23 +1,28 @@
-"""physkern's kernels as torch.library custom ops, dispatching per device.
+"""physkern's kernels as torch.library ops, dispatching per device.
 
     physkern::kmeans_assign(blocks, centroids, importance?) -> (indices, distances)
     physkern::codebook_matmul(x, packed, codebooks, scales?, offsets?, bias?,
                               in_features, codebook_rows, scale_group) -> y
 
-CUDA tensors run the Triton kernels (kernels/kmeans_assign.py, kernels/codebook_matmul.py);
-CPU tensors run the CPU paths beside them (k-means assignment: the fused C++ op
-physkern::kmeans_assign_cpu from physkern._C, or its pure-torch fallback without the extension;
-codebook matmul: for x with at most NATIVE_MAX_M rows C++ that never builds the dense W, the
-lookup-table GEMV physkern::codebook_gemv_lut or the fused op physkern::codebook_matmul_cpu as
-kernels/codebook_matmul.codebook_matmul_small_m picks, else the vectorised torch path).
-Both ops have a register_fake, so they trace under torch.compile, and pass torch.library.opcheck.
-codebook_matmul has an autograd formula for x and bias (grad_x = grad_y @ W), so calibration
-passes can backpropagate through quantized layers; indices, codebooks and scales get no gradient.
+kmeans_assign is a Python custom op: CUDA tensors run the Triton kernel
+(kernels/kmeans_assign.py), CPU tensors the fused C++ op physkern::kmeans_assign_cpu from
+physkern._C, or its pure-torch fallback without the extension.
 
-Decode fast path: `codebook_matmul(backend="auto")` on CPU tensors with few rows, outside
-torch.compile and with no gradient to track, calls the C++ op directly instead of going through
-the Python custom op (whose dispatch costs ~7 us a call, a tenth of a small layer's GEMV); the
-result is the same op's.
+codebook_matmul is one op, defined once: its schema and CPU kernel are C++ (physkern._C,
+csrc/codebook_matmul.cpp: the fused decode-and-dot kernel for x with at most NATIVE_MAX_M rows,
+dequantize + one GEMM above); this module registers its CUDA kernel (the Triton launcher of
+kernels/codebook_matmul.py), its fake (shape function, for torch.compile and opcheck) and its
+autograd formula for x and bias (grad_x = grad_y @ W, so calibration passes can backpropagate
+through quantized layers; indices, codebooks and scales get no gradient). Without physkern._C
+this module defines the same schema itself, with the pure-torch CPU path as its CPU kernel.
+Both ops pass torch.library.opcheck.
+
+The selector: `codebook_linear` (QuantizedLinear's forward, and codebook_matmul(backend="auto"))
+sends CPU tensors with few rows, outside torch.compile and with no gradient to track, to
+kernels/codebook_matmul.codebook_matmul_small_m, which picks the lookup-table GEMV
+physkern::codebook_gemv_lut or the op's own C++ CPU kernel (called below autograd): that skips
+the op's Python autograd kernel, whose dispatch costs ~5-7 us a call, a tenth of a small layer's
+GEMV. Everything else goes through the op.
 
 The Python wrappers `kmeans_assign` and `codebook_matmul` take `backend=`:
 "auto" (the op, per device), "triton" (the Triton launcher directly: CUDA, or CPU tensors under
@@ -36,6 +41,7 @@ from physkern.kernels.codebook_matmul import (INDEX_CACHE, NATIVE_MAX_M, clear_g
                                               codebook_matmul_cpu, codebook_matmul_reference,
                                               codebook_matmul_small_m, codebook_matmul_triton,
                                               native_matmul_available)
+from physkern.kernels.codebook_matmul import OP_NAME as CODEBOOK_MATMUL_OP
 from physkern.kernels.kmeans_assign import (SUPPORTED_BLOCK_DIMS, kmeans_assign_cpu,
                                             kmeans_assign_reference, kmeans_assign_triton)
 
@@ -87,18 +93,34 @@ def kmeans_assign(blocks: torch.Tensor, centroids: torch.Tensor,
 
 # ---- physkern::codebook_matmul -----------------------------------------------------------
 
-@torch.library.custom_op("physkern::codebook_matmul", mutates_args=())
-def _codebook_matmul_op(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor,
-                        scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
-                        bias: Optional[torch.Tensor], in_features: int, codebook_rows: int,
-                        scale_group: int) -> torch.Tensor:
-    fn = codebook_matmul_triton if x.device.type == "cuda" else codebook_matmul_cpu
-    return fn(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows,
-              scale_group)
+# The op's schema. physkern._C defines it (csrc/codebook_matmul.cpp, with the C++ CPU kernel);
+# only without the extension is it defined here, from this same string, with the pure-torch CPU
+# path as its CPU kernel, so the package and its callers see one op either way.
+CODEBOOK_MATMUL_SCHEMA = ("(Tensor x, Tensor packed, Tensor codebooks, Tensor? scales, "
+                          "Tensor? offsets, Tensor? bias, int in_features, int codebook_rows, "
+                          "int scale_group) -> Tensor")
+
+if not native_matmul_available():
+    torch.library.define(CODEBOOK_MATMUL_OP, CODEBOOK_MATMUL_SCHEMA)
+
+    @torch.library.register_kernel(CODEBOOK_MATMUL_OP, "cpu")
+    def _codebook_matmul_torch_cpu(x, packed, codebooks, scales, offsets, bias, in_features,
+                                   codebook_rows, scale_group):
+        # No C++: the vectorised torch path (codebook_matmul_cpu without physkern._C).
+        return codebook_matmul_cpu(x, packed, codebooks, scales, offsets, bias, in_features,
+                                   codebook_rows, scale_group)
 
 
-@_codebook_matmul_op.register_fake
-def _(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows, scale_group):
+@torch.library.register_kernel(CODEBOOK_MATMUL_OP, "cuda")
+def _codebook_matmul_cuda(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows,
+                          scale_group):
+    return codebook_matmul_triton(x, packed, codebooks, scales, offsets, bias, in_features,
+                                  codebook_rows, scale_group)
+
+
+@torch.library.register_fake(CODEBOOK_MATMUL_OP)
+def _codebook_matmul_fake(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows,
+                          scale_group):
     torch._check(x.shape[-1] == in_features)
     return x.new_empty(*x.shape[:-1], packed.shape[1])
 
@@ -110,6 +132,9 @@ def _cbmm_setup_context(ctx, inputs, output):
 
 
 def _cbmm_backward(ctx, grad_y):
+    # grad_x = grad_y @ W (fp32, cast to x's dtype), grad_bias = grad_y summed over rows;
+    # indices, codebooks and scales get no gradient (fine-tuning differentiates through
+    # quant.reconstruct instead).
     from physkern.quant.format import QuantizedWeight
 
     packed, codebooks, scales, offsets = ctx.saved_tensors
@@ -122,7 +147,12 @@ def _cbmm_backward(ctx, grad_y):
     return grad_x, None, None, None, None, grad_bias, None, None, None
 
 
-_codebook_matmul_op.register_autograd(_cbmm_backward, setup_context=_cbmm_setup_context)
+torch.library.register_autograd(CODEBOOK_MATMUL_OP, _cbmm_backward,
+                                setup_context=_cbmm_setup_context)
+
+# The op (an OpOverload): what codebook_linear calls off the decode fast path, and what
+# torch.library.opcheck is pointed at.
+_codebook_matmul_op = torch.ops.physkern.codebook_matmul.default
 
 
 def codebook_matmul(x: torch.Tensor, qw: "QuantizedWeight", bias: Optional[torch.Tensor] = None,
@@ -156,10 +186,14 @@ def codebook_linear(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tens
                     bias: Optional[torch.Tensor], in_features: int, codebook_rows: int,
                     scale_group: int) -> torch.Tensor:
     """codebook_matmul(backend="auto") on plain tensors (QuantizedLinear's forward): the one
-    place that picks the path. Layouts are the caller's to have validated (QuantizedLinear
-    validates on construction, load_quantized before loading). Small-M CPU calls with nothing
-    to trace or differentiate go straight to the C++ path (codebook_matmul_small_m); everything
-    else through the custom op (its device dispatch, fake and autograd formula)."""
+    selector of the path. x [..., in] -> y [..., out] in x.dtype.
+
+    Small-M CPU calls with nothing to trace or differentiate (_eager_native_ok) go straight to
+    codebook_matmul_small_m, which picks the LUT GEMV or the op's C++ CPU kernel and skips the
+    ~5-7 us of custom-op dispatch (Python autograd kernel) that the decode loop would pay on
+    every layer; everything else calls physkern::codebook_matmul (its device dispatch: C++ on
+    CPU, Triton on CUDA; its fake and autograd formula). Layouts are the caller's to have
+    validated (QuantizedLinear validates on construction, load_quantized before loading)."""
     args = (x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows, scale_group)
     if _eager_native_ok(x, bias, in_features):
         return codebook_matmul_small_m(*args)
@@ -167,8 +201,8 @@ def codebook_linear(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tens
 
 
 def _eager_native_ok(x: torch.Tensor, bias: Optional[torch.Tensor], in_features: int) -> bool:
-    """Whether the custom op's CPU path would run the C++ op and nothing needs the custom op
-    around it: CPU tensor, at most NATIVE_MAX_M rows, not tracing, no gradient to record."""
+    """Whether the op would run C++ on CPU for x and nothing needs the op around it: CPU tensor,
+    at most NATIVE_MAX_M rows, not tracing, no gradient to record."""
     if x.device.type != "cpu" or x.numel() > NATIVE_MAX_M * in_features:
         return False
     if torch.compiler.is_compiling() or not native_matmul_available():

@@ -1,15 +1,19 @@
-"""Fused C++ CPU codebook matmul (physkern::codebook_matmul_cpu, csrc/codebook_matmul.cpp) against
-the independent reference: QuantizedWeight.dequantize() in float64, then x @ W^T + b in float64.
+"""C++ CPU kernel of physkern::codebook_matmul (csrc/codebook_matmul.cpp: the fused kernel for few
+rows, dequantize + GEMM above) against the independent reference: QuantizedWeight.dequantize()
+in float64, then x @ W^T + b in float64. The fused kernel is reached at any M with its method
+forced through codebook_matmul_native (the internal op physkern::_codebook_matmul_fused).
 
 Every scope (row / group / layer), d in {1, 2, 3, 4, 8, 12, 16}, K in {1, 2, 16, 256, 4096}, 1 and
 2 stages, per-row scales with scale groups (larger than, equal to and smaller than d, multiples of
 the vector width and not), affine offsets, bias or not, odd in / out, M in {1, 2, 7} (and wider
-tiles), fp32 / fp16 / bf16 inputs and codebooks, both methods, every instruction-set copy of the
-kernels (subprocesses with PHYSKERN_CPU_ISA), the dispatch from physkern.ops / QuantizedLinear,
-and the torch fallback when physkern._C is missing.
+tiles), fp32 / fp16 / bf16 inputs and codebooks, both methods, the dequantize path above
+NATIVE_MAX_M rows, every instruction-set copy of the kernels (subprocesses with
+PHYSKERN_CPU_ISA), the dispatch from physkern.ops / QuantizedLinear, the op's one schema, and the
+torch fallback (same op, same schema) when physkern._C is missing.
 """
 import itertools
 import os
+import re
 import subprocess
 import sys
 
@@ -19,14 +23,14 @@ from _subprocess import assert_snippet_prints_ok
 
 from physkern import ops
 from physkern.kernels.codebook_matmul import (INDEX_CACHE, NATIVE_MAX_M, codebook_matmul_cpu,
-                                              codebook_matmul_native, native_isa,
-                                              native_matmul_available)
+                                              codebook_matmul_native, codebook_matmul_reference,
+                                              native_isa, native_matmul_available)
 from physkern.layers import QuantizedLinear
 from physkern.quant.format import QuantizedWeight
 from physkern.quant.packing import index_bits, pack_indices
 
 needs_native = pytest.mark.skipif(not native_matmul_available(),
-                                  reason="physkern._C without physkern::codebook_matmul_cpu")
+                                  reason="physkern._C without physkern::codebook_matmul")
 
 
 def make_qw(out, inf, d, k, stages=1, codebook_rows=1, scale_group=None, scales=False,
@@ -75,7 +79,13 @@ def args(qw, x, bias):
 
 
 def run(qw, x, bias, method="direct"):
-    return torch.ops.physkern.codebook_matmul_cpu(*args(qw, x, bias), method)
+    """The fused kernel at any M, method forced."""
+    return codebook_matmul_native(*args(qw, x, bias), method=method)
+
+
+def op(qw, x, bias):
+    """physkern::codebook_matmul itself (fused kernel up to NATIVE_MAX_M rows, dequantize above)."""
+    return torch.ops.physkern.codebook_matmul(*args(qw, x, bias))
 
 
 # (out, in, d, K, stages, scope, scale_group, scales, offsets): scope "row" = 1 row per codebook,
@@ -165,6 +175,40 @@ def test_wide_tiles(case, m):
     bias = torch.randn(qw.out_features)
     check(run(qw, x, bias), x, qw, bias)
     check(run(qw, x, bias, "auto"), x, qw, bias)
+    y = op(qw, x, bias)
+    check(y, x, qw, bias)
+    if m <= NATIVE_MAX_M:  # the op runs the very same kernel
+        assert torch.equal(y, run(qw, x, bias))
+
+
+@needs_native
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("cb_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_path_above_native_max_m(case, cb_dtype):
+    """Above NATIVE_MAX_M rows the op dequantizes W in C++ and runs one GEMM: equal to the
+    float64 reference, to codebook_matmul_reference and to the torch path it replaced."""
+    qw = _qw(case, cb_dtype=cb_dtype, seed=5)
+    for m, with_bias in ((NATIVE_MAX_M + 1, True), (2 * NATIVE_MAX_M + 7, False)):
+        x = torch.randn(m, qw.in_features)
+        bias = torch.randn(qw.out_features) if with_bias else None
+        y = op(qw, x, bias)
+        check(y, x, qw, bias)
+        for other in (codebook_matmul_reference(*args(qw, x, bias)),
+                      codebook_matmul_cpu(*args(qw, x, bias), method="dequant")):
+            torch.testing.assert_close(y, other, rtol=1e-5, atol=1e-5 * other.abs().max().item())
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dequantize_path_dtypes_and_shapes(dtype):
+    qw = make_qw(40, 96, 8, 16, 2, 8, 32, True, True, cb_dtype=torch.float16)
+    bias = torch.randn(40).to(dtype)
+    x3 = torch.randn(3, 20, 96).to(dtype)                      # [..., in], 60 rows
+    y = op(qw, x3, bias)
+    assert y.dtype == dtype and y.shape == (3, 20, 40)
+    check(y, x3, qw, bias, rtol=2e-6 * 12 if dtype == torch.float64 else None)
+    xt = torch.randn(96, 50).T.to(dtype)                       # transposed
+    check(op(qw, xt, None), xt, qw, None, rtol=2e-6 * 12 if dtype == torch.float64 else None)
 
 
 @needs_native
@@ -266,63 +310,86 @@ def test_op_checks_its_arguments():
     a = list(args(qw, x, None))
     with pytest.raises(ValueError, match="in_features"):
         run(qw, torch.randn(2, 12), None)
+    with pytest.raises(ValueError, match="in_features"):               # above NATIVE_MAX_M too
+        torch.ops.physkern.codebook_matmul(torch.randn(NATIVE_MAX_M + 1, 12), *a[1:])
     with pytest.raises(ValueError, match="method"):
-        torch.ops.physkern.codebook_matmul_cpu(*a, "fast")
+        torch.ops.physkern._codebook_matmul_fused(*a, "fast")
     bad = list(a)
     bad[5] = torch.randn(7)
     with pytest.raises(ValueError, match="bias"):
-        torch.ops.physkern.codebook_matmul_cpu(*bad, "direct")
+        torch.ops.physkern.codebook_matmul(*bad)
     bad = list(a)
     bad[1] = qw.packed.to(torch.int64)
     with pytest.raises(ValueError, match="packed"):
-        torch.ops.physkern.codebook_matmul_cpu(*bad, "direct")
+        torch.ops.physkern.codebook_matmul(*bad)
     bad = list(a)
     bad[3] = None
     with pytest.raises(ValueError, match="offsets need scales"):
-        torch.ops.physkern.codebook_matmul_cpu(*bad, "direct")
+        torch.ops.physkern.codebook_matmul(*bad)
     bad = list(a)
     bad[7] = 3
     with pytest.raises(ValueError, match="codebook_rows"):
-        torch.ops.physkern.codebook_matmul_cpu(*bad, "direct")
+        torch.ops.physkern.codebook_matmul(*bad)
     bad = list(a)
     bad[8] = 5
     with pytest.raises(ValueError, match="scale_group"):
-        torch.ops.physkern.codebook_matmul_cpu(*bad, "direct")
+        torch.ops.physkern.codebook_matmul(*bad)
     bad = list(a)
     bad[3] = torch.rand(8, 3)
     with pytest.raises(ValueError, match="scales"):
-        torch.ops.physkern.codebook_matmul_cpu(*bad, "direct")
+        torch.ops.physkern.codebook_matmul(*bad)
     bad = list(a)
     bad[2] = torch.randn(1, 1, 4096, 4)                        # 12-bit indices: 2 words a row
     with pytest.raises(ValueError, match="words per row"):
-        torch.ops.physkern.codebook_matmul_cpu(*bad, "direct")
+        torch.ops.physkern.codebook_matmul(*bad)
     with pytest.raises(ValueError, match="method"):
         codebook_matmul_native(*a, method="fast")
 
 
 @needs_native
-def test_opcheck_native_op():
+def test_opcheck_op_with_cpp_kernel():
+    # The C++ schema + CPU kernel with the fake, CUDA kernel and autograd formula registered from
+    # physkern.ops: both sides of NATIVE_MAX_M, with and without gradients, half inputs.
     qw = make_qw(24, 32, 8, 4, 2, 8, 16, True, True)
-    for x, bias, method in [(torch.randn(3, 32), torch.randn(24), "direct"),
-                            (torch.randn(2, 5, 32), None, "lut"),
-                            (torch.randn(1, 32).half(), torch.randn(24).half(), "auto")]:
-        torch.library.opcheck(torch.ops.physkern.codebook_matmul_cpu.default,
-                              (*args(qw, x, bias), method))
-
-
-@needs_native
-def test_opcheck_custom_op_runs_native():
-    # The custom op's CPU path goes through the C++ op for few rows; opcheck must still pass.
-    qw = make_qw(24, 32, 8, 4, 2, 8, 16, True, True)
+    assert ops._codebook_matmul_op is torch.ops.physkern.codebook_matmul.default
     for x, bias in [(torch.randn(3, 32, requires_grad=True), torch.randn(24, requires_grad=True)),
-                    (torch.randn(2, 5, 32), None), (torch.randn(NATIVE_MAX_M + 1, 32), None)]:
+                    (torch.randn(2, 5, 32), None), (torch.randn(1, 32).half(), torch.randn(24).half()),
+                    (torch.randn(NATIVE_MAX_M + 1, 32, requires_grad=True), torch.randn(24)),
+                    (torch.randn(NATIVE_MAX_M + 1, 32), None)]:
         torch.library.opcheck(ops._codebook_matmul_op, args(qw, x, bias))
 
 
 @needs_native
+def test_one_schema_defined_in_cpp():
+    """physkern::codebook_matmul is the one op: its schema comes from physkern._C and is the
+    string physkern.ops would define without it; the old separately named op is gone."""
+    schema = torch.ops.physkern.codebook_matmul.default._schema
+    assert str(schema) == "physkern::codebook_matmul" + ops.CODEBOOK_MATMUL_SCHEMA
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("physkern::codebook_matmul", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("physkern::codebook_matmul", "CUDA")
+    with pytest.raises(RuntimeError, match="does not exist"):
+        torch._C._dispatch_has_kernel_for_dispatch_key("physkern::codebook_matmul_cpu", "CPU")
+    # The CPU kernel is C++ (the Python fallback is not registered next to it).
+    assert not hasattr(ops, "_codebook_matmul_torch_cpu")
+
+
+def test_native_max_m_matches_cpp():
+    """kernels' NATIVE_MAX_M mirrors the C++ kernel's kFusedMaxM (the selector and the op must
+    switch paths at the same M)."""
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "csrc",
+                       "codebook_matmul.cpp")
+    if not os.path.exists(src):
+        pytest.skip("csrc/ not beside the tests")
+    with open(src) as f:
+        found = re.search(r"constexpr int64_t kFusedMaxM = (\d+);", f.read())
+    assert found and int(found.group(1)) == NATIVE_MAX_M
+
+
+@needs_native
 def test_dispatch_small_m_native_large_m_torch():
-    """ops.codebook_matmul / codebook_matmul_cpu / QuantizedLinear use the C++ op for few rows
-    (the torch path's index cache is not touched) and the torch path above NATIVE_MAX_M."""
+    """ops.codebook_matmul / codebook_matmul_cpu / QuantizedLinear run C++ for every M (the torch
+    path's index cache is not touched): the decode selector up to NATIVE_MAX_M, the op's
+    dequantize + GEMM above; the explicit torch methods still use the cache."""
     qw = make_qw(48, 64, 8, 16, 1, 48, 32, True, False, cb_dtype=torch.float16)
     bias = torch.randn(48)
     layer = QuantizedLinear(qw, bias)
@@ -339,6 +406,11 @@ def test_dispatch_small_m_native_large_m_torch():
     assert INDEX_CACHE.misses == misses
     x = torch.randn(NATIVE_MAX_M + 1, 64)
     check(ops.codebook_matmul(x, qw, bias), x, qw, bias)
+    check(codebook_matmul_cpu(*args(qw, x, bias)), x, qw, bias)
+    with torch.no_grad():
+        check(layer(x), x, qw, bias)
+    assert INDEX_CACHE.misses == misses
+    check(codebook_matmul_cpu(*args(qw, x, bias), method="dequant"), x, qw, bias)
     assert INDEX_CACHE.misses == misses + 1
     # Explicit methods of codebook_matmul_cpu.
     x = torch.randn(3, 64)
@@ -390,6 +462,8 @@ for case in T.CASES:
             if qw.scales is None or qw.scale_group % qw.block_dim == 0:
                 T.check(T.run(qw, x, bias, 'lut'), x, qw, bias)
             n += 1
+        x = torch.randn(T.NATIVE_MAX_M + 1, qw.in_features)   # the op's dequantize path
+        T.check(T.op(qw, x, bias), x, qw, bias)
 print('ok', isa, n)
 """
 
@@ -441,5 +515,14 @@ def test_falls_back_without_extension():
         "    raise SystemExit('native without the extension should fail')\n"
         "except RuntimeError as e:\n"
         "    assert 'make install' in str(e)\n"
+        "# The same op, defined from the same schema string, with the torch CPU kernel.\n"
+        "op = torch.ops.physkern.codebook_matmul.default\n"
+        "assert ops._codebook_matmul_op is op\n"
+        "assert str(op._schema) == 'physkern::codebook_matmul' + ops.CODEBOOK_MATMUL_SCHEMA\n"
+        "for x in (torch.randn(3, 48, requires_grad=True), torch.randn(40, 48)):\n"
+        "    torch.library.opcheck(op, (x, qw.packed, qw.codebooks, qw.scales, None, b, 48, 4, 16))\n"
+        "x = torch.randn(3, 48, requires_grad=True)\n"
+        "ops.codebook_matmul(x, qw, b).sum().backward()\n"
+        "torch.testing.assert_close(x.grad, w.float().sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)\n"
         "print('ok')\n")
     assert_snippet_prints_ok(code)

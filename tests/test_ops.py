@@ -26,6 +26,20 @@ def test_opcheck_codebook_matmul():
                                qw.in_features, qw.codebook_rows, qw.scale_group))
     torch.library.opcheck(ops._codebook_matmul_op,
                           (torch.randn(4, 32), qw.packed, qw.codebooks, None, None, None, 32, 8, 32))
+    # Above NATIVE_MAX_M rows (the C++ kernel's dequantize + GEMM path, when built).
+    torch.library.opcheck(ops._codebook_matmul_op,
+                          (torch.randn(ops.NATIVE_MAX_M + 3, 32, requires_grad=True), qw.packed,
+                           qw.codebooks, qw.scales, qw.offsets, torch.randn(24), 32, 8, 16))
+
+
+def test_codebook_matmul_is_one_registered_op():
+    """ops._codebook_matmul_op is physkern::codebook_matmul with the documented schema, a CPU and
+    a CUDA kernel, whether its schema came from physkern._C or from this module."""
+    op = torch.ops.physkern.codebook_matmul.default
+    assert ops._codebook_matmul_op is op
+    assert str(op._schema) == "physkern::codebook_matmul" + ops.CODEBOOK_MATMUL_SCHEMA
+    for key in ("CPU", "CUDA", "Autograd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("physkern::codebook_matmul", key)
 
 
 @pytest.mark.parametrize("importance", [None, "dim", "block"])
