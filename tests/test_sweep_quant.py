@@ -182,3 +182,34 @@ def test_point_key_tells_factorize_recipes_apart():
     old = {"recipe": "f", "seed": 0, "config": None}
     assert _key_of(old) == point_key(**base)
     assert _key_of({**old, "factorize": {"method": "svd", "rank": 2}}) == a
+
+
+def test_sweep_quant_is_a_plain_function(tiny_setup, capsys):
+    """physkern.sweeps.quant.run takes keyword arguments (the CLI lives in physkern/commands/):
+    called directly it writes the same points as `physkern sweep quant`, resuming its file, and
+    checks its arguments with ValueErrors naming them."""
+    from physkern.cli import main
+    from physkern.sweeps import quant
+    root = tiny_setup
+    kw = dict(model=str(root / "model"), corpus=str(root / "corpus.txt"), tokens=192, window=32,
+              calib_windows=4, calib_window=32, only=["fp", "rtn4"])
+    assert main(_args(root, "--name", "plain", "--only", "fp", "rtn4")) == 0
+    cli_points = json.loads((root / "out" / "plain.json").read_text())["points"]
+    path = quant.run(str(root / "recipes.json"), name="plain", out_dir=str(root / "out"), **kw)
+    assert path == root / "out" / "plain.json"
+    assert capsys.readouterr().out.count("skipped") == 2
+    assert json.loads(path.read_text())["points"] == cli_points
+    path = quant.run(str(root / "recipes.json"), name="plain2", out_dir=str(root / "out"), **kw)
+    fresh = json.loads(path.read_text())["points"]
+    strip = lambda pts: [{k: v for k, v in p.items() if not k.startswith("seconds")}
+                         for p in pts]
+    assert strip(fresh) == strip(cli_points)
+    with pytest.raises(ValueError, match="only"):
+        quant.run(str(root / "recipes.json"), out_dir=str(root / "out"), only=["nope"])
+    with pytest.raises(ValueError, match="calib-windows"):
+        quant.run(str(root / "recipes.json"), out_dir=str(root / "out"), calib_windows=0)
+    # No argparse left in the sweeps.
+    import physkern.sweeps.plot
+    import physkern.sweeps.xi
+    for mod in (quant, physkern.sweeps.plot, physkern.sweeps.xi):
+        assert not hasattr(mod, "register_sweep") and not hasattr(mod, "argparse")

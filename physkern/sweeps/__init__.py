@@ -1,1 +1,2 @@
-"""Sweep kinds for `physkern sweep KIND`: one module each, each with `register_sweep(subparsers)`."""
+"""Sweeps behind `physkern sweep KIND`, one module each, as plain functions (no argparse: the
+command line of every kind is physkern/commands/sweep.py)."""

@@ -3,7 +3,8 @@
     physkern sweep plot bench/results/pareto_16k.json [--out FILE.png]
     python -m physkern.sweeps.plot bench/results/pareto_16k.json [--out FILE.png]
 
-redraw the PNG beside the JSON (or at --out) from the JSON alone; nothing is re-run.
+redraw the PNG beside the JSON (or at --out) from the JSON alone (`replot`); nothing is re-run.
+The command line is physkern/commands/sweep.py; `main` here hands its arguments to it.
 
 What a figure shows:
 - Perplexity (log y) against true bits, in two panels: bits/parameter over the whole model and
@@ -20,10 +21,10 @@ What a figure shows:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import textwrap
 from pathlib import Path
+from typing import Optional, Sequence
 
 BITS_AXES = (("model_bits_per_weight", "true bits/parameter (whole model)"),
              ("quantized_bits_per_weight", "true bits/weight (quantized layers)"))
@@ -259,35 +260,14 @@ def replot(json_path: Path | str, out: Path | str | None = None) -> Path:
     return plot(read_payload(json_path), Path(out) if out else json_path.with_suffix(".png"))
 
 
-def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("results", nargs="+", help="results JSON written by `physkern sweep quant`")
-    p.add_argument("--out", default=None,
-                   help="PNG path (one results file only; default: the JSON's path with .png)")
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m physkern.sweeps.plot RESULTS.json ... [--out PNG]`: the same as
+    `physkern sweep plot ...` (its arguments, errors and exit status; argv defaults to
+    sys.argv[1:])."""
+    import sys
 
-
-def _run(args: argparse.Namespace) -> int:
-    if args.out and len(args.results) > 1:
-        raise ValueError("--out takes one results file; got "
-                         f"{len(args.results)}: {args.results}")
-    for r in args.results:
-        print(f"wrote {replot(r, args.out)}")
-    return 0
-
-
-def register_sweep(kinds) -> None:
-    """`physkern sweep plot RESULTS.json ...`: redraw sweep PNGs from their JSON."""
-    p = kinds.add_parser("plot", help="redraw `sweep quant` PNGs from their results JSON",
-                         description="Redraws the PNG of `physkern sweep quant` results from the "
-                                     "JSON alone (nothing is re-run).")
-    _add_args(p)
-    p.set_defaults(func=_run)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m physkern.sweeps.plot",
-                                 description=__doc__.splitlines()[0])
-    _add_args(ap)
-    return _run(ap.parse_args(argv))
+    from ..cli import main as cli_main  # the CLI finds its commands at run time: no cycle
+    return cli_main(["sweep", "plot", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """`physkern sweep quant`: run a list of quantization recipes, record perplexity vs TRUE bits.
 
+Plain functions (`run` takes keyword arguments); the command line is physkern/commands/sweep.py.
+
 The recipe format is read, validated and applied by physkern.recipe (Recipe, load_recipes,
 apply_recipe); this module runs the points, records them and resumes. Recipes also take
 "embedding", "dense_dtype" and "calibration" (physkern.recipe's docstring; a recipe's
@@ -81,7 +83,6 @@ starts over after moving the old file aside to <name>.json.bak-<UTC timestamp> (
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -89,40 +90,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..commands._common import add_eval_args, add_model_corpus_args, resolve_window
+from ..commands._common import resolve_window
 from .plot import plot
 
 DEFAULT_TOKENS = 131072  # 128 windows of 1024: 130,944 scored tokens (acceptance: >= 100k)
 DEFAULT_OUT_DIR = "bench/results"
-
-
-def register_sweep(kinds) -> None:
-    p = kinds.add_parser(
-        "quant", help="perplexity vs true bits/weight for a list of quantization recipes",
-        description="Quantizes the model with every recipe (and seed) of a JSON recipes file and "
-                    "records perplexity on the evaluation text and true bits (accounting). "
-                    "Resumable: points already in the output JSON are skipped.")
-    add_model_corpus_args(p)
-    add_eval_args(p, tokens_default=DEFAULT_TOKENS)
-    p.add_argument("--recipes", required=True,
-                   help="JSON list of {name, config, smooth, prune, finetune, lattice, seeds, "
-                        "label, note}")
-    p.add_argument("--name", default=None,
-                   help="results name: writes <out-dir>/<name>.json and .png "
-                        "(default: the recipes file's stem)")
-    p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"default {DEFAULT_OUT_DIR}")
-    p.add_argument("--only", nargs="*", default=None, help="run only these recipe names")
-    p.add_argument("--calib-windows", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--calib-window", type=int, default=None,
-                   help="tokens per calibration window (default: the evaluation window)")
-    p.add_argument("--seeds", nargs="+", type=int, default=None,
-                   help="override the seeds of every random recipe (e.g. --seeds 0 for a quick "
-                        "single-seed pass); deterministic recipes still run once")
-    p.add_argument("--fresh", action="store_true",
-                   help="start over: move an existing output JSON aside to "
-                        "<name>.json.bak-<UTC timestamp> (kept, not deleted) instead of resuming "
-                        "from it")
-    p.set_defaults(func=run)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,51 +204,70 @@ def move_aside(json_path: Path) -> Path | None:
 # run
 
 
-def run(args: argparse.Namespace) -> int:
+def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
+        device: str = "cpu", tokens: int | None = DEFAULT_TOKENS, window: int | None = None,
+        stride: int | None = None, batch_size: int = 1, name: str | None = None,
+        out_dir: str = DEFAULT_OUT_DIR, only: list[str] | None = None, calib_windows: int = 32,
+        calib_window: int | None = None, seeds: list[int] | None = None,
+        fresh: bool = False) -> Path:
+    """Run every recipe (and seed) of the recipes file `recipes`; returns the results JSON path
+    (<out_dir>/<name>.json, name defaulting to the file's stem; a PNG and a markdown table are
+    written / printed beside it).
+
+    model / corpus: load_model / load_corpus specs (None = the packaged ones); device: torch
+    device. Evaluation: `tokens` of the evaluation text (0 or None = all) in windows of `window`
+    tokens (None = min(context, 1024)) with `stride` (None = window), `batch_size` windows per
+    forward. Calibration: `calib_windows` windows of `calib_window` tokens (None = window).
+    only: run only these recipe names; seeds: override the seeds of every random recipe;
+    fresh: move an existing results file aside instead of resuming from it. Bad values raise
+    ValueError naming the argument.
+    """
     from ..data import evaluation_tokens, load_corpus
     from ..eval import perplexity
     from ..models import decoder_linear_layers, load_model, resolve_model_name
     from ..provenance import provenance, versions, write_json
     from ..quant.accounting import bits_report
 
-    recipes = load_recipes(args.recipes)
-    if args.only:
-        missing = set(args.only) - {r["name"] for r in recipes}
+    recipes_file = recipes
+    recipes = load_recipes(recipes_file)
+    if only:
+        missing = set(only) - {r["name"] for r in recipes}
         if missing:
-            raise ValueError(f"only: {sorted(missing)} not in {args.recipes} (recipes: "
+            raise ValueError(f"only: {sorted(missing)} not in {recipes_file} (recipes: "
                              f"{[r['name'] for r in recipes]})")
-        recipes = [r for r in recipes if r["name"] in args.only]
-    if args.tokens is not None and args.tokens < 0:
-        raise ValueError(f"tokens must be >= 0 (0 = all), got {args.tokens}")
-    if args.seeds is not None and any(s < 0 for s in args.seeds):
-        raise ValueError(f"seeds must be non-negative integers, got {args.seeds}")
-    if args.calib_windows <= 0:
-        raise ValueError(f"calib-windows must be positive, got {args.calib_windows}")
-    name = args.name or Path(args.recipes).stem
-    json_path = Path(args.out_dir) / f"{name}.json"
+        recipes = [r for r in recipes if r["name"] in only]
+    if tokens is not None and tokens < 0:
+        raise ValueError(f"tokens must be >= 0 (0 = all), got {tokens}")
+    if seeds is not None and any(s < 0 for s in seeds):
+        raise ValueError(f"seeds must be non-negative integers, got {seeds}")
+    if calib_windows <= 0:
+        raise ValueError(f"calib-windows must be positive, got {calib_windows}")
+    name = name or Path(recipes_file).stem
+    json_path = Path(out_dir) / f"{name}.json"
     old = None
-    if args.fresh:
+    if fresh:
         backup = move_aside(json_path)
         if backup is not None:
             print(f"--fresh: moved {json_path} to {backup}")
     else:
         old = read_results(json_path)
 
-    corpus = load_corpus(args.corpus)
-    model, tokenizer = load_model(args.model, device=args.device)
-    window = resolve_window(model, args.window)
-    calib_window = args.calib_window or window
+    model_spec, n_tokens = model, tokens
+    corpus = load_corpus(corpus)
+    model, tokenizer = load_model(model_spec, device=device)
+    window = resolve_window(model, window)
+    calib_window = calib_window or window
     resolve_window(model, calib_window)
-    tokens = evaluation_tokens(tokenizer, corpus, args.tokens or None)
-    model_name = resolve_model_name(args.model)
+    tokens = evaluation_tokens(tokenizer, corpus, n_tokens or None)
+    model_name = resolve_model_name(model_spec)
     setup = {"model": model_name, "corpus": corpus.describe(),
-             "protocol": {"kind": "non-overlapping" if args.stride in (None, window) else "sliding",
-                          "window": window, "stride": args.stride or window,
-                          "tokens_input": int(tokens.numel()), "batch_size": args.batch_size,
+             "protocol": {"kind": "non-overlapping" if stride in (None, window) else "sliding",
+                          "window": window, "stride": stride or window,
+                          "tokens_input": int(tokens.numel()), "batch_size": batch_size,
                           "dtype": "float32", "text": "evaluation part (second half of the "
                           "documents)"},
-             "calibration": {"windows": args.calib_windows, "window": calib_window,
-                             "tokens": args.calib_windows * calib_window,
+             "calibration": {"windows": calib_windows, "window": calib_window,
+                             "tokens": calib_windows * calib_window,
                              "text": "calibration part (first half of the documents), windows at "
                                      "offsets drawn with the point's seed",
                              "disjoint_from_evaluation": True}}
@@ -292,12 +283,12 @@ def run(args: argparse.Namespace) -> int:
 
     def save():
         payload = {"experiment": "quantization recipes: perplexity vs true bits/weight",
-                   "recipes_file": str(args.recipes), "setup": setup,
+                   "recipes_file": str(recipes_file), "setup": setup,
                    "seeds": "per point (k-means init and calibration-window draw)",
-                   "points": points, "summary": summarize(points), **provenance(args.device)}
+                   "points": points, "summary": summarize(points), **provenance(device)}
         write_json(json_path, payload)
 
-    sweep_calibration = {"windows": args.calib_windows, "window": calib_window}
+    sweep_calibration = {"windows": calib_windows, "window": calib_window}
     for r in recipes:
         if r.calibration is not None and r.calibration != sweep_calibration:
             raise ValueError(f"recipe {r.name!r}: calibration {r.calibration} differs from this "
@@ -305,8 +296,8 @@ def run(args: argparse.Namespace) -> int:
                              "same way: set it with --calib-windows / --calib-window")
     for r in recipes:
         varies = r.is_random()
-        seeds = (args.seeds or r.seeds) if varies else r.seeds[:1]
-        for seed in seeds:
+        point_seeds = (seeds or r.seeds) if varies else r.seeds[:1]
+        for seed in point_seeds:
             cfg = with_seed(r.config, seed)
             cfg_dict = None if cfg is None else cfg.to_dict()
             emb = with_seed(r.embedding, seed)
@@ -317,12 +308,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{r.name} seed {seed}: already in {json_path}, skipped")
                 continue
             t0 = time.perf_counter()
-            m, _ = load_model(args.model, device=args.device)
+            m, _ = load_model(model_spec, device=device)
             t_load = time.perf_counter() - t0
             # smooth -> prune -> quantize (+ head) -> dense dtype -> fine-tune -> lattice; the
             # fine-tuning teacher is the full-precision model as loaded
             applied = apply_recipe(m, replace(r, calibration=sweep_calibration), tokenizer,
-                                   corpus, seed, progress=True, batch_size=args.batch_size)
+                                   corpus, seed, progress=True, batch_size=batch_size)
             calib, report, pruned, tuned = (applied.calibration, applied.quantization,
                                             applied.prune, applied.finetune)
             if pruned is not None:
@@ -332,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{r.name} seed {seed}: finetune {tuned['note']} "
                       f"({tuned['seconds']:.0f} s)")
             rep = bits_report(m)
-            res = perplexity(m, tokens, window, args.stride, args.batch_size,
+            res = perplexity(m, tokens, window, stride, batch_size,
                              model_name=model_name, corpus_name=corpus.name)
             kinds = rep.by_kind()
             seeds_formula = None
@@ -391,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
     plot(json.loads(json_path.read_text()), png)
     print(f"wrote {png}")
     print(markdown_table(json.loads(json_path.read_text())))
-    return 0
+    return json_path
 
 
 def summarize(points: list[dict]) -> list[dict]:

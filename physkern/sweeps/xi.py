@@ -5,15 +5,17 @@ For each xi the model runs with lattice attention (bias -(i-j)/xi on the causal 
 block-skipping kernel visits (and the (query, key) scores the path that ran actually computed)
 with the truncation distance derived for `--eps`. Also writes a PNG and, on request, a markdown
 table with the seeds' GPT-2 numbers beside ours (labelled as theirs).
+
+Plain functions (`run` takes keyword arguments); the command line is physkern/commands/sweep.py.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
+from typing import Sequence
 
-from ..commands._common import add_eval_args, add_model_corpus_args, resolve_window
+from ..commands._common import DEFAULT_EVAL_TOKENS, resolve_window
 
 DEFAULT_XI = ["16", "32", "64", "128", "256", "512", "1024", "inf"]
 DEFAULT_JSON = "bench/results/xi_sweep.json"
@@ -24,82 +26,63 @@ SEEDS_GPT2_XI_PPL = {1024.0: 30.20, 512.0: 32.47, 256.0: 68.20, 128.0: 406.0, 64
                      16.0: 38678.0, math.inf: 29.95}
 
 
-def parse_xi(text: str) -> float:
-    """One --xi value: a positive number or 'inf'."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"xi must be a positive number or 'inf', got {text!r}")
-    if not value > 0 or math.isnan(value):
-        raise argparse.ArgumentTypeError(f"xi must be > 0 (or 'inf'), got {text!r}")
-    return value
-
-
-def register_sweep(kinds) -> None:
-    p = kinds.add_parser(
-        "xi", help="perplexity and attention work vs lattice correlation length xi",
-        description="Runs the model with lattice attention (bias -(i-j)/xi) for each xi and "
-                    "records perplexity and the fraction of key blocks visited under the derived "
-                    "truncation distance. Offline on the packaged model and text by default.")
-    add_model_corpus_args(p)
-    add_eval_args(p)
-    p.add_argument("--xi", nargs="+", type=parse_xi, default=[float(x) for x in DEFAULT_XI],
-                   help="correlation lengths (tokens), 'inf' = plain causal "
-                        f"(default: {' '.join(DEFAULT_XI)})")
-    p.add_argument("--eps", type=float, default=1e-3,
-                   help="skipped softmax mass bound per query row (default 1e-3)")
-    p.add_argument("--exact", action="store_true", help="no skipping (eps = None)")
-    p.add_argument("--score-range", type=float, default=None,
-                   help="assert a bound on each row's score range instead of the provable "
-                        "data-derived one (then the eps guarantee is the caller's assumption)")
-    p.add_argument("--no-oracle", action="store_true",
-                   help="skip counting the tiles exact attention weights would need (O(n^2))")
-    p.add_argument("--json", default=DEFAULT_JSON, help=f"result JSON (default {DEFAULT_JSON})")
-    p.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
-    p.add_argument("--markdown", default=None,
-                   help="also write a markdown table (ours beside the seeds' GPT-2 numbers)")
-    p.set_defaults(func=run)
-
-
 def _xi_json(xi: float):
     return "inf" if math.isinf(xi) else xi
 
 
-def run(args: argparse.Namespace) -> int:
+def run(*, xi: Sequence[float] = tuple(float(x) for x in DEFAULT_XI), eps: float | None = 1e-3,
+        score_range: float | None = None, oracle: bool = True, json_path: str = DEFAULT_JSON,
+        plot_path: str | None = None, markdown: str | None = None, model: str | None = None,
+        corpus: str | None = None, device: str = "cpu",
+        tokens: int | None = DEFAULT_EVAL_TOKENS, window: int | None = None,
+        stride: int | None = None, batch_size: int = 1) -> Path:
+    """Perplexity and attention work for every correlation length in `xi` (tokens; inf = plain
+    causal); returns the JSON path (a PNG beside it or at plot_path, and the markdown table at
+    `markdown` when given).
+
+    eps: skipped softmax mass bound per query row in (0, 1), or None for exact attention (no
+    skipping); score_range: an asserted bound on each row's score range instead of the provable
+    data-derived one; oracle: also count the tiles exact attention weights would need (O(n^2)).
+    model / corpus / device / tokens / window / stride / batch_size: as physkern.sweeps.quant.run.
+    Bad values raise ValueError naming the argument.
+    """
     from ..research.attention import disable_lattice, enable_lattice, record_work
     from ..data import evaluation_tokens, load_corpus
     from ..eval import perplexity
     from ..models import load_model, resolve_model_name
     from ..provenance import provenance, write_json
 
-    eps = None if args.exact else args.eps
     if eps is not None and not (0.0 < eps < 1.0):
         raise ValueError(f"eps must lie in (0, 1), got {eps} (use --exact for no skipping)")
-    if args.tokens is not None and args.tokens < 0:
-        raise ValueError(f"tokens must be >= 0 (0 = all), got {args.tokens}")
-    corpus = load_corpus(args.corpus)
-    model, tokenizer = load_model(args.model, device=args.device)
-    window = resolve_window(model, args.window)
-    tokens = evaluation_tokens(tokenizer, corpus, args.tokens or None)
-    model_name = resolve_model_name(args.model)
-    common = dict(model_name=model_name, corpus_name=corpus.name, batch_size=args.batch_size)
+    bad = [v for v in xi if not v > 0]  # NaN fails too
+    if bad or not xi:
+        raise ValueError(f"xi must be positive numbers or inf, got {list(xi)}")
+    if tokens is not None and tokens < 0:
+        raise ValueError(f"tokens must be >= 0 (0 = all), got {tokens}")
+    model_spec = model
+    corpus = load_corpus(corpus)
+    model, tokenizer = load_model(model_spec, device=device)
+    window = resolve_window(model, window)
+    tokens = evaluation_tokens(tokenizer, corpus, tokens or None)
+    model_name = resolve_model_name(model_spec)
+    common = dict(model_name=model_name, corpus_name=corpus.name, batch_size=batch_size)
 
     start = time.perf_counter()
-    base = perplexity(model, tokens, window, args.stride, **common)
+    base = perplexity(model, tokens, window, stride, **common)
     print(f"baseline ({model.config._attn_implementation}): perplexity {base.perplexity:.4f} "
           f"({base.seconds:.0f} s)")
     points = []
-    for xi in args.xi:
-        enable_lattice(model, xi, eps=eps, score_range=args.score_range)
-        with record_work(oracle=not args.no_oracle) as work:
-            res = perplexity(model, tokens, window, args.stride, **common)
+    for x in xi:
+        enable_lattice(model, x, eps=eps, score_range=score_range)
+        with record_work(oracle=oracle) as work:
+            res = perplexity(model, tokens, window, stride, **common)
         disable_lattice(model)
         w = work.to_dict()
-        points.append({"xi": _xi_json(xi), "perplexity": res.perplexity, "mean_nll": res.mean_nll,
+        points.append({"xi": _xi_json(x), "perplexity": res.perplexity, "mean_nll": res.mean_nll,
                        "vs_baseline": res.perplexity / base.perplexity - 1.0,
                        "seconds": res.seconds, "tokens_per_second": res.tokens_per_second,
                        "work": w})
-        print(f"xi {_xi_json(xi):>6}: perplexity {res.perplexity:10.4f}  key tiles visited "
+        print(f"xi {_xi_json(x):>6}: perplexity {res.perplexity:10.4f}  key tiles visited "
               f"{w['fraction_blocks_visited']:.3f} (exact-weights oracle "
               f"{w['fraction_oracle_blocks_visited']:.3f})  ({res.seconds:.0f} s)")
     payload = {
@@ -111,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                      "text": "evaluation part (second half of the articles)"},
         "lattice": {"bias": "-(i-j)/xi on causal scores, every head and layer",
                     "eps": eps,
-                    "score_range": args.score_range or "none asserted: data-derived bound",
+                    "score_range": score_range or "none asserted: data-derived bound",
                     "tiles": "Triton production config (block_m x block_n) for the head dim",
                     "truncation": ("per (batch, head, query tile): skip the longest prefix of "
                                    "far key tiles whose provable mass bound (score upper bound "
@@ -130,18 +113,18 @@ def run(args: argparse.Namespace) -> int:
                                               for k, v in SEEDS_GPT2_XI_PPL.items()}},
         "seeds": "none (deterministic evaluation)",
         "seconds_total": time.perf_counter() - start,
-        **provenance(args.device),
+        **provenance(device),
     }
-    json_path = write_json(args.json, payload)
+    json_path = write_json(json_path, payload)
     print(f"wrote {json_path}")
-    plot_path = Path(args.plot) if args.plot else json_path.with_suffix(".png")
+    plot_path = Path(plot_path) if plot_path else json_path.with_suffix(".png")
     plot(payload, plot_path)
     print(f"wrote {plot_path}")
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown_table(payload, json_path, plot_path))
-        print(f"wrote {args.markdown}")
-    return 0
+    if markdown:
+        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown).write_text(markdown_table(payload, json_path, plot_path))
+        print(f"wrote {markdown}")
+    return json_path
 
 
 def _xi_label(value) -> str:
