@@ -655,9 +655,10 @@ OP_NAME = "physkern::codebook_matmul"
 # codebook_matmul_native (tests, benchmarks) calls it; no path of the package does.
 _FUSED_OP = "physkern::_codebook_matmul_fused"
 _native: Optional[bool] = None
-# The op's CPU kernel, called below autograd (see codebook_matmul_small_m); set once the C++ op
-# is known to exist.
+# The op (OpOverload) and its CPU kernel called below autograd: redispatch(keyset, *args) (see
+# _op_cpu_kernel); set once the C++ op is known to exist.
 _cpu_kernel = None
+_cpu_redispatch = None
 _CPU_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 
 
@@ -667,12 +668,17 @@ def native_matmul_available() -> bool:
     then defines the op itself, with the pure-torch CPU path). Checked through the internal op,
     which only the extension defines, so the answer does not depend on whether physkern.ops has
     registered its fallback yet."""
-    global _native, _cpu_kernel
+    global _native, _cpu_kernel, _cpu_redispatch
     if _native is None:
         from ._native import native_op_available
         _native = native_op_available(_FUSED_OP) and native_op_available(OP_NAME)
         if _native:
             _cpu_kernel = torch.ops.physkern.codebook_matmul.default
+            # The handle's bound method is what OpOverload.redispatch calls; binding it once
+            # saves a Python frame per decode call (~0.3 us).
+            handle = getattr(_cpu_kernel, "_handle", None)
+            _cpu_redispatch = (handle.redispatch_boxed if handle is not None
+                               else _cpu_kernel.redispatch)
     return _native
 
 
@@ -856,11 +862,25 @@ def codebook_matmul_small_m(x: torch.Tensor, packed: torch.Tensor, codebooks: to
         if lay is not None:
             return torch.ops.physkern.codebook_gemv_lut(x, lay[0], codebooks, scales, offsets,
                                                         bias, in_features, codebook_rows, lay[1])
+    return _op_cpu_kernel(x, packed, codebooks, scales, offsets, bias, in_features,
+                          codebook_rows, scale_group)
+
+
+def _op_cpu_kernel(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows,
+                   scale_group):
+    """physkern::codebook_matmul's C++ CPU kernel on plain CPU tensors: redispatched to the CPU
+    key, below the op's (Python) autograd kernel. FakeTensors and other tensor subclasses, or an
+    active Python dispatch mode (FakeTensorMode, FlopCounterMode, ...), take the full dispatch
+    instead, so that they see the op (and its fake) rather than a kernel reading data they may
+    not have."""
     if _cpu_kernel is None and not native_matmul_available():
         raise RuntimeError("physkern._C with physkern::codebook_matmul is not available "
                            "(run `make install`)")
-    return _cpu_kernel.redispatch(_CPU_KEYSET, x, packed, codebooks, scales, offsets, bias,
-                                  in_features, codebook_rows, scale_group)
+    if type(x) is torch.Tensor and not torch._C._len_torch_dispatch_stack():
+        return _cpu_redispatch(_CPU_KEYSET, x, packed, codebooks, scales, offsets, bias,
+                               in_features, codebook_rows, scale_group)
+    return _cpu_kernel(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows,
+                       scale_group)
 
 
 class _PlanCache:
@@ -1016,8 +1036,8 @@ def codebook_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.
                                            in_features, codebook_rows, scale_group)
         # The op's C++ CPU kernel (dequantize + GEMM at this M), below autograd: this function
         # computes values only (physkern.ops.codebook_matmul is the differentiable entry).
-        return _cpu_kernel.redispatch(_CPU_KEYSET, x, packed, codebooks, scales, offsets, bias,
-                                      in_features, codebook_rows, scale_group)
+        return _op_cpu_kernel(x, packed, codebooks, scales, offsets, bias, in_features,
+                              codebook_rows, scale_group)
     stages, out = packed.shape[0], packed.shape[1]
     _, n_cb, k, d = codebooks.shape
     nb = in_features // d

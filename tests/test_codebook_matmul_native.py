@@ -439,6 +439,37 @@ def test_autograd_and_compile_still_use_the_custom_op():
 
 
 @needs_native
+def test_decode_path_under_fake_tensors_and_dispatch_modes():
+    """The selector's below-autograd call is for plain tensors only: FakeTensors (and any Python
+    dispatch mode) take the op's full dispatch, its fake giving the shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    qw = make_qw(40, 96, 8, 16, 2, 8, 32, True, True)
+    with torch.no_grad():
+        for m in (1, NATIVE_MAX_M + 1):
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                x = torch.randn(m, 96)
+                for y in (ops.codebook_linear(*args(qw, x, None)),
+                          codebook_matmul_cpu(*args(qw, x, None))):
+                    assert type(y).__name__ == "FakeTensor" and y.shape == (m, 40)
+            x = torch.randn(m, 96)
+            with Seen() as seen:
+                y = ops.codebook_linear(*args(qw, x, None))
+            assert "physkern.codebook_matmul.default" in seen.ops
+            check(y, x, qw, None)
+
+
+@needs_native
 def test_native_isa_reported():
     assert native_isa() in ("avx512", "avx2", "baseline")
 
