@@ -34,7 +34,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..models import LinearLayer, replace_layer
+from ..linear import LinearLayer, replace_layer
 
 RULES = ("seeds", "opposite", "uniform")
 # Last name parts of projections that write into the residual stream (output projections).

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ...models import LinearLayer, decoder_linear_layers
+from ...linear import LinearLayer, decoder_linear_layers
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 # Short names a user may type for a weight type (LLaMA and GPT-2 naming).
