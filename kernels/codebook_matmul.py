@@ -41,37 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-
-# ---- the storage format's index arithmetic --------------------------------------------------
-# Kernels take plain tensors and import nothing of physkern.quant (the format's home), so they
-# keep their own copy of its three formulas (physkern.quant.packing: index_bits, words_per_row,
-# unpack_indices); tests/test_codebook_matmul.py checks that the copies agree.
-
-def index_bits(k: int) -> int:
-    """Stored bits per index for a codebook of k entries: ceil(log2 k), at least 1."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    return max(1, (k - 1).bit_length())
-
-
-def words_per_row(n_indices: int, bits: int) -> int:
-    """int32 words one row of `n_indices` indices of `bits` bits occupies."""
-    return (n_indices * bits + 31) // 32
-
-
-def unpack_indices(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """int32 words [..., words_per_row(n, bits)] -> int64 indices [..., n]: index b is bits
-    [b * bits, (b + 1) * bits) of the row's little-endian bit stream (it may straddle two
-    words)."""
-    w = packed.to(torch.int64) & 0xFFFFFFFF
-    w = torch.cat([w, torch.zeros_like(w[..., :1])], dim=-1)
-    pos = torch.arange(n, device=w.device, dtype=torch.int64) * bits
-    word, shift = pos // 32, pos % 32
-    lead = w.shape[:-1]
-    w0 = w.gather(-1, word.expand(*lead, n))
-    w1 = w.gather(-1, (word + 1).expand(*lead, n))
-    return ((w0 >> shift) | (w1 << (32 - shift))) & ((1 << bits) - 1)
-
+from physkern.quant.packing import index_bits, unpack_indices, words_per_row
 
 # Production configurations, compiled for sm_80/sm_90 by tests/test_kernel_compile.py and chosen
 # from bench/results/matmul_variants_gpu.json (H200; every candidate timed through this wrapper):
@@ -536,40 +506,18 @@ def codebook_matmul_triton(x: torch.Tensor, packed: torch.Tensor, codebooks: tor
     return y.reshape(*lead, out)
 
 
-def dequantize_reference(packed: torch.Tensor, codebooks: torch.Tensor,
-                         scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
-                         in_features: int, codebook_rows: int, scale_group: int) -> torch.Tensor:
-    """W [out, in] in float32, straight from the format's formula (module docstring) in plain
-    torch: unpack every index, gather its centroid per stage, sum the stages, scale, offset. The
-    slow, obvious reading of the format the kernels are checked against (tests check that it
-    equals physkern.quant's QuantizedWeight.dequantize)."""
-    stages, out = packed.shape[0], packed.shape[1]
-    _, n_cb, k, d = codebooks.shape
-    nb = in_features // d
-    idx = unpack_indices(packed, index_bits(k), nb)                       # [S, out, nb]
-    cb_of_row = torch.arange(out, device=packed.device) // codebook_rows  # [out]
-    w = torch.zeros(out, nb, d, dtype=torch.float32, device=packed.device)
-    for s in range(stages):
-        w += codebooks[s].float()[cb_of_row[:, None], idx[s]]             # [out, nb, d]
-    w = w.reshape(out, in_features)
-    if scales is not None:
-        group = torch.arange(in_features, device=packed.device) // scale_group
-        w = w * scales.float()[:, group]
-        if offsets is not None:
-            w = w + offsets.float()[:, group]
-    return w
-
-
 def codebook_matmul_reference(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor,
                               scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
                               bias: Optional[torch.Tensor], in_features: int, codebook_rows: int,
                               scale_group: int) -> torch.Tensor:
-    """Reference: W from dequantize_reference (fp32), then x @ W^T + bias in fp32, cast to
-    x.dtype. x [..., in] -> y [..., out]."""
+    """Reference: QuantizedWeight.dequantize() in fp32, then x @ W^T + bias in fp32, cast to x.dtype."""
+    from physkern.quant.format import QuantizedWeight
+
     check_matmul_inputs(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows,
                         scale_group)
-    w = dequantize_reference(packed, codebooks, scales, offsets, in_features, codebook_rows,
-                             scale_group)
+    qw = QuantizedWeight(packed, codebooks, scales, offsets, in_features, packed.shape[1],
+                         codebook_rows, scale_group)
+    w = qw.dequantize(torch.float32)
     y = x.float() @ w.T
     if bias is not None:
         y = y + bias.float()

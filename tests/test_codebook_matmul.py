@@ -219,42 +219,6 @@ def test_reference_is_dequantize_matmul():
                                x @ qw.dequantize().T)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_kernels_own_format_arithmetic_agrees_with_quant(case):
-    """kernels keep their own copy of the format's formulas (they import nothing of
-    physkern.quant): index_bits, words_per_row, unpack_indices and dequantize_reference equal
-    physkern.quant's."""
-    from physkern.kernels import codebook_matmul as C
-    from physkern.quant import packing
-    qw = make_qw(*case, cb_dtype=torch.float16)
-    w = C.dequantize_reference(qw.packed, qw.codebooks, qw.scales, qw.offsets, qw.in_features,
-                               qw.codebook_rows, qw.scale_group)
-    assert w.dtype == torch.float32
-    torch.testing.assert_close(w, qw.dequantize(torch.float32), rtol=1e-6, atol=1e-6)
-    for k in (1, 2, 3, 4, 5, 16, 17, 255, 256, 257, 4096, 65536):
-        assert C.index_bits(k) == packing.index_bits(k)
-        for n in (1, 7, 32, 33):
-            assert C.words_per_row(n, C.index_bits(k)) == packing.words_per_row(n, C.index_bits(k))
-    for bits in (1, 3, 5, 7, 12, 16):
-        p = pack_indices(torch.randint(0, 1 << bits, (2, 3, 41)), bits)
-        assert torch.equal(C.unpack_indices(p, bits, 41), unpack_indices(p, bits, 41))
-    with pytest.raises(ValueError, match="k must be"):
-        C.index_bits(0)
-
-
-def test_kernels_import_nothing_of_quant():
-    """Kernels take plain tensors: no module of kernels/ imports physkern.quant."""
-    import ast
-    from pathlib import Path
-
-    import physkern.kernels
-    for path in Path(physkern.kernels.__file__).parent.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            assert not any(n.startswith("physkern.quant") for n in names), path.name
-
-
 @pytest.mark.parametrize("impl", [codebook_matmul_triton, codebook_matmul_cpu,
                                   codebook_matmul_reference])
 def test_bad_input(impl):
