@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 from physkern import ops
-from physkern.kernels.codebook_matmul import (NATIVE_MAX_M, codebook_matmul_native,
-                                              gemv_lut_serves, native_isa,
+from physkern.kernels.codebook_gemv_lut import gemv_lut_serves
+from physkern.kernels.codebook_matmul import (NATIVE_MAX_M, codebook_matmul_native, native_isa,
                                               native_matmul_available)
 from physkern.kernels.kmeans_assign import kmeans_assign_torch, native_kmeans_available
 from physkern.provenance import provenance, write_json
@@ -202,15 +202,18 @@ def bench_matmul(repeats: int, shapes, ms, streaming: bool) -> list:
                 ref = ops.codebook_matmul(x, qw, bias, backend="reference")
                 err = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
                 native = native_matmul_available() and m <= NATIVE_MAX_M
-                gemv_lut = native and gemv_lut_serves(m, qw.packed, qw.codebooks, qw.scales, in_f,
-                                                      qw.codebook_rows, qw.scale_group)
+                tables = native and gemv_lut_serves(m, qw.packed, qw.codebooks, qw.scales, in_f,
+                                                    qw.codebook_rows, qw.scale_group)
+                gemv_lut = bool(tables)
                 rec = {"out_features": out_f, "in_features": in_f, "recipe": name,
                        "cache": "streaming" if streaming else "warm", "copies": copies,
                        "threads": torch.get_num_threads(),
                        "block_dim": d, "k": k, "scope": scope, "stages": stages,
                        "scale_group": group, "m": m,
-                       "cpu_path": ("physkern::codebook_gemv_lut (C++ LUT GEMV)" if gemv_lut
-                                    else "physkern::codebook_matmul_cpu direct (C++)" if native
+                       "cpu_path": (f"C++ LUT GEMV ({tables} tables)" if gemv_lut
+                                    else "physkern::codebook_matmul C++ (fused kernel)" if native
+                                    else "physkern::codebook_matmul C++ (dequantize + GEMM)"
+                                    if native_matmul_available()
                                     else "torch (dequantize gather + matmul, or torch LUT)"),
                        "dense_fp32_seconds": t_dense,
                        "codebook_cpu_seconds": t_q, "ratio_vs_dense": t_q / t_dense,
@@ -305,7 +308,7 @@ def main(argv=None) -> None:
                         "load_average_before_after": [load_before, os.getloadavg()],
                         "note": note,
                         "codebook_matmul_native": {
-                            "op": "physkern::codebook_matmul_cpu (csrc/codebook_matmul.cpp)",
+                            "op": "physkern::codebook_matmul (csrc/codebook_matmul.cpp)",
                             "available": native_matmul_available(),
                             "instruction_set": native_isa(), "max_m": NATIVE_MAX_M},
                         "timing": "minimum over repeats of the mean of `inner` calls",

@@ -51,11 +51,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "codebook_gemv_lut.h"
 #include "codebook_matmul.h"
 
 #if PHYSKERN_CBMM_X86
@@ -189,11 +192,12 @@ void to_planes_scalar(const float* src, uint8_t* dst) {
   }
 }
 
-// One table row P[k] = sum_j xs[j] * ct[j * Kp + k], k < Kp (scalar).
+// One table row P[k] = sum_j xs[j] * ct[j * Kp + k], k < Kp (scalar). Fused multiply-adds in
+// the AVX-512 copy's order, so both give the same bits (the int16 tables round these values).
 void build_row_scalar(const float* xs, const float* ct, int64_t d, int64_t Kp, float* dst) {
   for (int64_t k = 0; k < Kp; ++k) dst[k] = xs[0] * ct[k];
   for (int64_t j = 1; j < d; ++j)
-    for (int64_t k = 0; k < Kp; ++k) dst[k] += xs[j] * ct[j * Kp + k];
+    for (int64_t k = 0; k < Kp; ++k) dst[k] = std::fma(xs[j], ct[j * Kp + k], dst[k]);
 }
 
 #if PHYSKERN_CBMM_X86
@@ -492,20 +496,8 @@ void run_tiles(const LArgs& a, int64_t t0, int64_t t1) {
   }
 }
 
-int index_bits(int64_t k) {
-  int bits = 1;
-  while ((int64_t{1} << bits) < k) ++bits;
-  return bits;
-}
-
-struct Geometry {
-  int64_t S, out, nb, spg, spgp, G, nq, nbp, tiles, rows_per_tile;
-  int bits;
-  bool wide;
-};
-
 Geometry geometry(const char* fn, int64_t S, int64_t out, int64_t in_features, int64_t d, int64_t k,
-                  int64_t group_slices) {
+                  int64_t group_slices, bool force_wide) {
   TORCH_CHECK_VALUE(k >= 1 && k <= 256, fn, "k (codebook entries) must be in 1..256, got ", k);
   TORCH_CHECK_VALUE(d >= 1 && in_features >= 1 && in_features % d == 0, fn, "in_features (",
                     in_features, ") must be a positive multiple of block_dim (", d, ")");
@@ -517,7 +509,7 @@ Geometry geometry(const char* fn, int64_t S, int64_t out, int64_t in_features, i
   g.out = out;
   g.nb = nb;
   g.spg = group_slices;
-  g.wide = k > 64;
+  g.wide = k > 64 || force_wide;
   g.spgp = g.wide ? group_slices : (group_slices + 3) / 4 * 4;
   g.G = nb / group_slices;
   g.nbp = g.G * g.spgp;
@@ -529,13 +521,13 @@ Geometry geometry(const char* fn, int64_t S, int64_t out, int64_t in_features, i
 }
 
 at::Tensor codebook_gemv_lut_pack(const at::Tensor& packed, int64_t in_features, int64_t block_dim,
-                                  int64_t k, int64_t group_slices) {
+                                  int64_t k, int64_t group_slices, bool wide) {
   const char* fn = "codebook_gemv_lut_pack: ";
   TORCH_CHECK_VALUE(packed.dim() == 3 && packed.scalar_type() == at::kInt && packed.device().is_cpu(),
                     fn, "packed must be a CPU int32 [S, out, words] tensor, got ",
                     packed.scalar_type(), " ", packed.sizes(), " on ", packed.device());
   const Geometry g = geometry(fn, packed.size(0), packed.size(1), in_features, block_dim, k,
-                              group_slices);
+                              group_slices, wide);
   const int64_t words = packed.size(2);
   TORCH_CHECK_VALUE(words == (g.nb * g.bits + 31) / 32, fn, "packed has ", words,
                     " words per row, expected ", (g.nb * g.bits + 31) / 32);
@@ -569,12 +561,11 @@ at::Tensor codebook_gemv_lut_pack(const at::Tensor& packed, int64_t in_features,
 // Work units (~ cycles) per thread at least before a second thread is woken.
 constexpr double kGrainUnits = 1 << 16;
 
-at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
-                             const at::Tensor& codebooks, const std::optional<at::Tensor>& scales,
-                             const std::optional<at::Tensor>& offsets,
-                             const std::optional<at::Tensor>& bias, int64_t in_features,
-                             int64_t codebook_rows, int64_t group_slices) {
-  const char* fn = "codebook_gemv_lut: ";
+LutCall prepare_lut_call(const char* fn, const at::Tensor& x, const at::Tensor& lut_idx,
+                         const at::Tensor& codebooks, const std::optional<at::Tensor>& scales,
+                         const std::optional<at::Tensor>& offsets,
+                         const std::optional<at::Tensor>& bias, int64_t in_features,
+                         int64_t codebook_rows, int64_t group_slices, bool force_wide) {
   TORCH_CHECK_VALUE(codebooks.dim() == 4 && codebooks.is_floating_point(), fn,
                     "codebooks must be float [S, n_codebooks, K, d], got ",
                     codebooks.scalar_type(), " ", codebooks.sizes());
@@ -585,41 +576,46 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
                         lut_idx.size(3) == 64 && lut_idx.is_contiguous(),
                     fn, "lut_idx must be contiguous uint8 [S, tiles, quads, 64] from "
                     "codebook_gemv_lut_pack, got ", lut_idx.scalar_type(), " ", lut_idx.sizes());
-  const int64_t S = codebooks.size(0), n_cb = codebooks.size(1), K = codebooks.size(2),
-                d = codebooks.size(3);
+  LutCall c;
+  c.S = codebooks.size(0);
+  c.n_cb = codebooks.size(1);
+  c.K = codebooks.size(2);
+  c.d = codebooks.size(3);
   TORCH_CHECK_VALUE(codebook_rows >= 1, fn, "codebook_rows must be >= 1, got ", codebook_rows);
-  const int64_t out = n_cb * codebook_rows;
-  const Geometry g = geometry(fn, S, out, in_features, d, K, group_slices);
-  TORCH_CHECK_VALUE(lut_idx.size(0) == S && lut_idx.size(1) == g.tiles && lut_idx.size(2) == g.nq,
-                    fn, "lut_idx has shape ", lut_idx.sizes(), ", expected [", S, ", ", g.tiles,
-                    ", ", g.nq, ", 64] for these codebooks and group_slices");
-  TORCH_CHECK_VALUE(n_cb == 1 || codebook_rows % g.rows_per_tile == 0, fn, "codebook_rows (",
+  c.out = c.n_cb * codebook_rows;
+  const Geometry g = geometry(fn, c.S, c.out, in_features, c.d, c.K, group_slices, force_wide);
+  c.g = g;
+  TORCH_CHECK_VALUE(lut_idx.size(0) == c.S && lut_idx.size(1) == g.tiles &&
+                        lut_idx.size(2) == g.nq,
+                    fn, "lut_idx has shape ", lut_idx.sizes(), ", expected [", c.S, ", ", g.tiles,
+                    ", ", g.nq, ", 64] for these codebooks and group_slices",
+                    g.wide ? " (the wide layout: codebook_gemv_lut_pack(..., wide=True))" : "");
+  TORCH_CHECK_VALUE(c.n_cb == 1 || codebook_rows % g.rows_per_tile == 0, fn, "codebook_rows (",
                     codebook_rows, ") must be a multiple of ", g.rows_per_tile,
-                    " when there are several codebooks (", n_cb, ")");
+                    " when there are several codebooks (", c.n_cb, ")");
   TORCH_CHECK_VALUE(x.size(-1) == in_features, fn, "x has ", x.size(-1),
                     " features, expected in_features=", in_features);
   if (scales.has_value()) {
-    TORCH_CHECK_VALUE(scales->is_floating_point() && scales->dim() == 2 && scales->size(0) == out &&
-                          scales->size(1) == g.G,
-                      fn, "scales must be float [", out, ", ", g.G, "], got ",
+    TORCH_CHECK_VALUE(scales->is_floating_point() && scales->dim() == 2 &&
+                          scales->size(0) == c.out && scales->size(1) == g.G,
+                      fn, "scales must be float [", c.out, ", ", g.G, "], got ",
                       scales->scalar_type(), " ", scales->sizes());
   } else {
     TORCH_CHECK_VALUE(g.G == 1, fn, "group_slices (", group_slices,
                       ") must be in_features / block_dim without scales");
   }
-  check_affine_bias_cpu(fn, out, scales, offsets, bias, {&x, &lut_idx, &codebooks});
+  check_affine_bias_cpu(fn, c.out, scales, offsets, bias, {&x, &lut_idx, &codebooks});
+  c.tiles_per_cb = c.n_cb == 1 ? g.tiles : codebook_rows / g.rows_per_tile;
 
   // Decode calls pass contiguous fp32 x: used as it is (no reshape / conversion per call).
-  const bool x_f32 = x.scalar_type() == at::kFloat;
-  const at::Tensor xf = x_f32 && x.is_contiguous()
-                            ? x
-                            : x.reshape({-1, in_features}).to(at::kFloat).contiguous();
-  const int64_t M = x.numel() / in_features;
+  c.x_dtype = x.scalar_type();
+  c.x_f32 = c.x_dtype == at::kFloat;
+  c.xf = c.x_f32 && x.is_contiguous() ? x
+                                      : x.reshape({-1, in_features}).to(at::kFloat).contiguous();
+  c.M = x.numel() / in_features;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = out;
-  at::Tensor y = at::empty(out_shape, x.options().dtype(at::kFloat));
-  auto result = [&]() { return x_f32 ? y : y.to(x.scalar_type()); };
-  if (M == 0 || out == 0) return result();
+  out_shape.back() = c.out;
+  c.y = at::empty(out_shape, x.options().dtype(at::kFloat));
 
   auto keep = [](at::ScalarType t) {
     return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
@@ -628,11 +624,69 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
     if (!t.has_value()) return at::Tensor();
     return keep(t->scalar_type()) ? t->contiguous() : t->to(at::kFloat).contiguous();
   };
-  const at::Tensor sc = prep(scales), of = prep(offsets);
-  const at::Tensor bs = !bias.has_value() ? at::Tensor()
-                        : (bias->scalar_type() == at::kFloat && bias->is_contiguous()
-                               ? *bias : bias->to(at::kFloat).contiguous());
-  const at::Tensor cb = prep(codebooks);
+  c.sc = prep(scales);
+  c.of = prep(offsets);
+  c.bs = !bias.has_value() ? at::Tensor()
+         : (bias->scalar_type() == at::kFloat && bias->is_contiguous()
+                ? *bias : bias->to(at::kFloat).contiguous());
+  c.cb = prep(codebooks);
+  return c;
+}
+
+void transpose_codebooks(const at::Tensor& cb, int64_t S_ncb, int64_t K, int64_t d, int64_t Kp,
+                         std::vector<float>& cbf_buf, float* ct) {
+  const float* cbp = as_f32(cb, cbf_buf);
+  for (int64_t sc_i = 0; sc_i < S_ncb; ++sc_i)
+    for (int64_t j = 0; j < d; ++j) {
+      float* row = ct + (sc_i * d + j) * Kp;
+      for (int64_t kk = 0; kk < K; ++kk) row[kk] = cbp[(sc_i * K + kk) * d + j];
+      for (int64_t kk = K; kk < Kp; ++kk) row[kk] = 0.0f;
+    }
+}
+
+void build_table_row(const float* xs, const float* ct, int64_t d, int64_t Kp, float* dst) {
+#if PHYSKERN_CBMM_X86
+  if (use_avx512() && Kp % 16 == 0) {
+    build_row_avx512(xs, ct, d, Kp, dst);
+    return;
+  }
+#endif
+  build_row_scalar(xs, ct, d, Kp, dst);
+}
+
+const float* group_sums(const float* x, int64_t M, int64_t in_features, int64_t G,
+                        std::vector<float>& buf) {
+  if (buf.size() < static_cast<size_t>(M * G)) buf.resize(static_cast<size_t>(M * G));
+  const int64_t gsz = in_features / G;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const float* p = x + m * in_features + gi * gsz;
+      float s = 0.0f;
+      for (int64_t j = 0; j < gsz; ++j) s += p[j];
+      buf[m * G + gi] = s;
+    }
+  return buf.data();
+}
+
+double lut_grain_units() {
+  static const double units = [] {
+    const char* e = std::getenv("PHYSKERN_LUT_GRAIN");
+    return e && *e ? std::atof(e) : kGrainUnits;
+  }();
+  return units;
+}
+
+at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
+                             const at::Tensor& codebooks, const std::optional<at::Tensor>& scales,
+                             const std::optional<at::Tensor>& offsets,
+                             const std::optional<at::Tensor>& bias, int64_t in_features,
+                             int64_t codebook_rows, int64_t group_slices) {
+  const LutCall c = prepare_lut_call("codebook_gemv_lut: ", x, lut_idx, codebooks, scales,
+                                     offsets, bias, in_features, codebook_rows, group_slices,
+                                     /*force_wide=*/false);
+  const Geometry& g = c.g;
+  const int64_t M = c.M, S = c.S, n_cb = c.n_cb, K = c.K, d = c.d, out = c.out;
+  if (M == 0 || out == 0) return c.result();
 
   LArgs a{};
   a.M = M;
@@ -651,17 +705,17 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
   a.nq = g.nq;
   a.nbp = g.nbp;
   a.tiles = g.tiles;
-  a.tiles_per_cb = n_cb == 1 ? g.tiles : codebook_rows / g.rows_per_tile;
+  a.tiles_per_cb = c.tiles_per_cb;
   a.idx = lut_idx.const_data_ptr<uint8_t>();
   // Thread-local scratch that only grows: fp32 copies of half-precision parameters, transposed
   // codebooks, tables, x sums.
   thread_local std::vector<float> sc_buf, of_buf, cbf_buf, ct_buf, table_buf, xsum_buf;
-  a.scales = as_f32(sc, sc_buf);
+  a.scales = as_f32(c.sc, sc_buf);
   a.scales_type = at::kFloat;
-  a.offsets = as_f32(of, of_buf);
+  a.offsets = as_f32(c.of, of_buf);
   a.offsets_type = at::kFloat;
-  a.bias = bs.defined() ? bs.const_data_ptr<float>() : nullptr;
-  a.y = y.data_ptr<float>();
+  a.bias = c.bs.defined() ? c.bs.const_data_ptr<float>() : nullptr;
+  a.y = c.y.data_ptr<float>();
 
   const int64_t Kp = a.Kp;
   const size_t ct_n = static_cast<size_t>(S * n_cb * d * Kp);
@@ -669,15 +723,8 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
   if (ct_buf.size() < ct_n) ct_buf.resize(ct_n);
   if (table_buf.size() < table_n) table_buf.resize(table_n);
   float* ct = ct_buf.data();
-  {
-    const float* cbp = as_f32(cb, cbf_buf);
-    for (int64_t sc_i = 0; sc_i < S * n_cb; ++sc_i)
-      for (int64_t j = 0; j < d; ++j) {
-        float* row = ct + (sc_i * d + j) * Kp;
-        for (int64_t kk = 0; kk < K; ++kk) row[kk] = cbp[(sc_i * K + kk) * d + j];
-        for (int64_t kk = K; kk < Kp; ++kk) row[kk] = 0.0f;
-      }
-  }
+  transpose_codebooks(c.cb, S * n_cb, K, d, Kp, cbf_buf, ct);
+  const at::Tensor& xf = c.xf;
   float* table = table_buf.data();
   const float* xp = xf.const_data_ptr<float>();
   const bool avx = use_avx512();
@@ -710,35 +757,25 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
   };
   (void)avx;
   const double build_units = static_cast<double>(rows_total) * Kp * d / 16.0;
-  if (build_units > 4 * kGrainUnits) {
+  if (build_units > 4 * lut_grain_units()) {
     at::parallel_for(0, rows_total, std::max<int64_t>(1, rows_total / 64), build);
   } else {
     build(0, rows_total);
   }
   a.table = table;
-  if (a.offsets) {
-    if (xsum_buf.size() < static_cast<size_t>(M * g.G)) xsum_buf.resize(static_cast<size_t>(M * g.G));
-    const int64_t gsz = in_features / g.G;
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t gi = 0; gi < g.G; ++gi) {
-        const float* p = xp + m * in_features + gi * gsz;
-        float s = 0.0f;
-        for (int64_t j = 0; j < gsz; ++j) s += p[j];
-        xsum_buf[m * g.G + gi] = s;
-      }
-    a.xsum = xsum_buf.data();
-  }
+  if (a.offsets) a.xsum = group_sums(xp, M, in_features, g.G, xsum_buf);
 
   // Work per tile: a lookup step (permutes, ~1-2 cycles; gather ~4) per padded slice and stage.
   const double per_lookup = g.wide ? 8.0 : (Kp <= 32 ? 1.0 : 2.0);
   const double per_tile = static_cast<double>(M * S * g.nbp) * per_lookup + 16.0 * g.G;
-  const int64_t grain = std::max<int64_t>(8, static_cast<int64_t>(kGrainUnits / per_tile) / 8 * 8);
+  const int64_t grain =
+      std::max<int64_t>(8, static_cast<int64_t>(lut_grain_units() / per_tile) / 8 * 8);
   if (g.tiles <= grain) {
     run_tiles(a, 0, g.tiles);
   } else {
     at::parallel_for(0, g.tiles, grain, [&](int64_t b, int64_t e) { run_tiles(a, b, e); });
   }
-  return result();
+  return c.result();
 }
 
 }  // namespace lutgemv
@@ -747,7 +784,7 @@ at::Tensor codebook_gemv_lut(const at::Tensor& x, const at::Tensor& lut_idx,
 TORCH_LIBRARY_FRAGMENT(physkern, m) {
   m.def(
       "codebook_gemv_lut_pack(Tensor packed, int in_features, int block_dim, int k, "
-      "int group_slices) -> Tensor");
+      "int group_slices, bool wide=False) -> Tensor");
   m.def("codebook_gemv_lut_isa() -> str", &physkern::lutgemv::codebook_gemv_lut_isa);
   m.def(
       "codebook_gemv_lut(Tensor x, Tensor lut_idx, Tensor codebooks, Tensor? scales, "

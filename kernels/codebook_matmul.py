@@ -21,10 +21,10 @@ Implementations, one contract (`x [..., in] -> y [..., out]`, y in x's dtype):
   schema is defined there): for x with at most NATIVE_MAX_M rows (decode) the fused kernel, where
   the packed indices are decoded row by row and the centroids FMA'd straight into the output (the
   dense W never exists); above, W dequantized once and one GEMM. `codebook_matmul_small_m` is the
-  decode selector: for up to GEMV_LUT_MAX_M rows and formats where it pays, the lookup-table GEMV
-  `physkern::codebook_gemv_lut` (csrc/codebook_gemv_lut.cpp: per row of x a table of
-  x-slice . centroid products, then one register-permute lookup per d weights, 16 output rows per
-  vector, from a cached byte layout of the indices), else the op's CPU kernel.
+  decode selector: for up to GEMV_LUT_MAX_M rows and formats where it pays, a lookup-table GEMV
+  (kernels/codebook_gemv_lut.py: per row of x a table of x-slice . centroid products, then one
+  register-permute lookup per d weights from a cached byte layout of the indices; int16 tables
+  by default, fp32 on request), else the op's CPU kernel.
   `codebook_matmul_cpu` is the CPU path as a function (and, without physkern._C, the op's CPU
   kernel): the C++ above, or vectorised torch (no physkern._C, other devices): a LUT GEMV for
   shared codebooks and small M, else one gather + one matmul, with the unpacked indices cached
@@ -32,8 +32,6 @@ Implementations, one contract (`x [..., in] -> y [..., out]`, y in x's dtype):
 """
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Optional
 
 import torch
@@ -42,6 +40,9 @@ import triton
 import triton.language as tl
 
 from physkern.quant.packing import index_bits, unpack_indices, words_per_row
+
+from . import codebook_gemv_lut as lut
+from .index_cache import IndexCache
 
 # Production configurations, compiled for sm_80/sm_90 by tests/test_kernel_compile.py and chosen
 # from bench/results/matmul_variants_gpu.json (H200; every candidate timed through this wrapper):
@@ -340,45 +341,7 @@ def _split_reduce_kernel(part_ptr, bias_ptr, y_ptr, total, N, n_split,
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def check_matmul_inputs(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor,
-                        scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
-                        bias: Optional[torch.Tensor], in_features: int, codebook_rows: int,
-                        scale_group: int) -> None:
-    """Raise ValueError naming the argument when shapes or dtypes break the storage format."""
-    if packed.dim() != 3 or packed.dtype != torch.int32:
-        raise ValueError(f"packed must be int32 [S, out, words], got {packed.dtype} {tuple(packed.shape)}")
-    if codebooks.dim() != 4 or not codebooks.is_floating_point():
-        raise ValueError(f"codebooks must be float [S, n_codebooks, K, d], got {codebooks.dtype} "
-                         f"{tuple(codebooks.shape)}")
-    stages, out = packed.shape[0], packed.shape[1]
-    s2, n_cb, k, d = codebooks.shape
-    if s2 != stages:
-        raise ValueError(f"codebooks have {s2} stages, packed has {stages}")
-    if in_features < 1 or in_features % d:
-        raise ValueError(f"in_features ({in_features}) must be a positive multiple of block_dim ({d})")
-    if codebook_rows < 1 or out % codebook_rows or n_cb != out // codebook_rows:
-        raise ValueError(f"codebook_rows ({codebook_rows}) must divide out_features ({out}) into "
-                         f"{n_cb} codebooks")
-    want_words = words_per_row(in_features // d, index_bits(k))
-    if packed.shape[2] != want_words:
-        raise ValueError(f"packed has {packed.shape[2]} words per row, expected {want_words}")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features, expected in_features={in_features}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be floating point, got {x.dtype}")
-    if scale_group < 1 or in_features % scale_group:
-        raise ValueError(f"scale_group ({scale_group}) must divide in_features ({in_features})")
-    if scales is not None and tuple(scales.shape) != (out, in_features // scale_group):
-        raise ValueError(f"scales must be {(out, in_features // scale_group)}, got {tuple(scales.shape)}")
-    if offsets is not None:
-        if scales is None:
-            raise ValueError("offsets need scales")
-        if offsets.shape != scales.shape:
-            raise ValueError(f"offsets must have the shape of scales {tuple(scales.shape)}, "
-                             f"got {tuple(offsets.shape)}")
-    if bias is not None and tuple(bias.shape) != (out,):
-        raise ValueError(f"bias must be [{out}], got {tuple(bias.shape)}")
-
+from ._checks import check_matmul_inputs  # noqa: E402  (re-exported: callers import it from here)
 
 def wordwise_decode(bits: int, blocks_per_step: int) -> bool:
     """Whether a step's indices fill whole int32 words (then each word is loaded once)."""
@@ -528,65 +491,6 @@ def codebook_matmul_reference(x: torch.Tensor, packed: torch.Tensor, codebooks: 
 # CPU path
 # ---------------------------------------------------------------------------------------------
 
-class IndexCache:
-    """Unpacked index layouts per packed tensor, reused across calls (CPU path).
-
-    Unpacking a bit stream costs far more than the LUT GEMV it feeds, so the CPU path keeps the
-    int64 layouts it needs, keyed by the packed tensor's identity. An entry is valid only while
-    that very tensor is alive (weak reference) and its version counter is unchanged (an in-place
-    write invalidates it). Memory: 8 bytes per stored index (1 byte/weight at d = 8), released
-    with the packed tensor. `clear()` drops everything; `enabled = False` turns caching off.
-    """
-
-    def __init__(self, max_entries: int = 4096):
-        self.enabled = True
-        self.max_entries = max_entries
-        self.hits = 0
-        self.misses = 0
-        self._entries: dict = {}
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _version(t: torch.Tensor):
-        try:
-            return t._version
-        except RuntimeError:  # inference tensors carry no version counter
-            return None
-
-    def get(self, packed: torch.Tensor, key: tuple, build):
-        """Return build() for (packed, key), cached while packed is alive and unmodified."""
-        if not self.enabled or packed.device.type != "cpu":
-            return build()
-        full_key = (id(packed), key)
-        version = self._version(packed)
-        with self._lock:
-            entry = self._entries.get(full_key)
-            if entry is not None and entry[0]() is packed and entry[1] == version:
-                self.hits += 1
-                return entry[2]
-        value = build()
-        self.misses += 1
-        pid = id(packed)
-
-        def _drop(_ref, pid=pid, cache_ref=weakref.ref(self)):
-            cache = cache_ref()
-            if cache is not None:
-                with cache._lock:
-                    for k in [k for k in cache._entries if k[0] == pid]:
-                        if cache._entries[k][0] is _ref:
-                            del cache._entries[k]
-
-        with self._lock:
-            if len(self._entries) >= self.max_entries:
-                self._entries.pop(next(iter(self._entries)))
-            self._entries[full_key] = (weakref.ref(packed, _drop), version, value)
-        return value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
 INDEX_CACHE = IndexCache()
 
 # LUT GEMV is used for x with at most this many rows (see codebook_matmul_cpu).
@@ -658,158 +562,26 @@ def codebook_matmul_native(x: torch.Tensor, packed: torch.Tensor, codebooks: tor
                                                      method)
 
 
-# ---- lookup-table GEMV (csrc/codebook_gemv_lut.cpp) -------------------------------------------
-
-# x with at most this many rows may take the LUT GEMV (each row of x builds its own table and
-# re-reads the indices; wider x shares each decoded weight over up to 8 rows in the direct path).
-GEMV_LUT_MAX_M = 4
-# Largest K the LUT GEMV takes (one byte per cached index).
-GEMV_LUT_MAX_K = 256
-_GEMV_LUT_OP = "physkern::codebook_gemv_lut"
-_gemv_lut: Optional[bool] = None
-
-# The LUT GEMV's re-laid-out indices (uint8, 16 rows side by side), per packed tensor: built once
-# (codebook_gemv_lut_pack), valid while that tensor lives unmodified. Apart from INDEX_CACHE (the
-# torch path's layouts) so each path's cache counts only its own work.
-GEMV_LUT_CACHE = IndexCache()
-
-
-def gemv_lut_available() -> bool:
-    """Whether physkern._C registers physkern::codebook_gemv_lut (False without the extension or
-    with a build from before it existed)."""
-    global _gemv_lut
-    if _gemv_lut is None:
-        from ._native import native_op_available
-        _gemv_lut = native_op_available(_GEMV_LUT_OP)
-        if _gemv_lut:
-            _register_gemv_lut_fakes()
-    return _gemv_lut
-
-
-def _register_gemv_lut_fakes() -> None:
-    """Shape functions of the two C++ ops (FakeTensor, torch.compile, opcheck)."""
-    try:
-        @torch.library.register_fake("physkern::codebook_gemv_lut_pack")
-        def _(packed, in_features, block_dim, k, group_slices):
-            nb = in_features // block_dim
-            rows = gemv_lut_rows_per_tile(k)
-            vecs = nb if rows == 64 else (nb // group_slices) * ((group_slices + 3) // 4)
-            return packed.new_empty(packed.shape[0], (packed.shape[1] + rows - 1) // rows, vecs,
-                                    64, dtype=torch.uint8)
-
-        @torch.library.register_fake(_GEMV_LUT_OP)
-        def _(x, lut_idx, codebooks, scales, offsets, bias, in_features, codebook_rows,
-              group_slices):
-            return x.new_empty(*x.shape[:-1], codebooks.shape[1] * codebook_rows)
-    except RuntimeError:  # already registered (module reloaded)
-        pass
-
-
-def gemv_lut_rows_per_tile(k: int) -> int:
-    """Output rows per tile of the LUT GEMV's layout: 16 for K <= 64 (fp32 register permutes),
-    64 above (byte-plane permutes)."""
-    return 16 if k <= 64 else 64
-
-
-def gemv_lut_isa() -> Optional[str]:
-    """What the LUT GEMV runs with: "avx512_vbmi" (every K vectorised), "avx512" (K <= 64),
-    "scalar", or None without the op."""
-    return torch.ops.physkern.codebook_gemv_lut_isa() if gemv_lut_available() else None
-
-
-def gemv_lut_group_slices(in_features: int, d: int, scale_group: int, has_scales: bool) -> int:
-    """Slices of d inputs per scale group as the LUT GEMV counts them (all of a row without
-    scales)."""
-    return scale_group // d if has_scales else in_features // d
-
-
-def gemv_lut_supported(out: int, in_features: int, stages: int, n_codebooks: int, k: int, d: int,
-                       codebook_rows: int, scale_group: int, has_scales: bool) -> bool:
-    """Whether the format fits the LUT GEMV at all: K <= 256, scale groups whole blocks, and
-    row tiles within one codebook (one codebook, or codebook_rows a multiple of the tile's
-    gemv_lut_rows_per_tile(k) rows)."""
-    return (1 <= k <= GEMV_LUT_MAX_K and (not has_scales or scale_group % d == 0)
-            and (n_codebooks == 1 or codebook_rows % gemv_lut_rows_per_tile(k) == 0))
-
-
-def gemv_lut_pays(out: int, in_features: int, stages: int, n_codebooks: int, k: int, d: int,
-                  scale_group: int, has_scales: bool) -> bool:
-    """Whether the LUT GEMV beats the direct C++ path (measured on Zen 4, AVX-512: 2.5-5x for the
-    deploy model's K = 64 d = 2 layers). Per row of x and stage it builds tables with
-    n_cb * in * K multiply-adds (K / 16 vector FMAs per slice of d inputs and codebook), then does
-    one vector lookup (~4 instructions) per slice and 16 rows: the tables stay a minor cost while
-    n_cb * K * d <= 4 * out. Scale groups are padded to 4 slices, so groups of few slices waste
-    lookups (K <= 64 layout). K > 64 (64-row tiles, byte-plane tables) needs AVX-512 VBMI.
-    d = 1 (scalar grids such as RTN 4-bit) stays on the direct path: one lookup per weight is no
-    faster than its nibble permutes (measured 0.85-1.26x), and the byte layout doubles the
-    index bytes read per token. Only the AVX-512 kernels look up with register permutes: the
-    others run a scalar loop, slower than the direct path."""
-    isa = gemv_lut_isa()
-    if isa not in ("avx512", "avx512_vbmi") or (k > 64 and isa != "avx512_vbmi"):
-        return False
-    spg = gemv_lut_group_slices(in_features, d, scale_group, has_scales)
-    padded = spg if k > 64 else (spg + 3) // 4 * 4
-    return n_codebooks * k * d <= 4 * out and padded * 4 <= spg * 5 and d >= 2
-
-
-def gemv_lut_layout(packed: torch.Tensor, in_features: int, d: int, k: int,
-                    group_slices: int) -> torch.Tensor:
-    """The LUT GEMV's index layout for `packed` (uint8 [S, ceil(out / 16), quads, 64]), cached in
-    GEMV_LUT_CACHE."""
-    return GEMV_LUT_CACHE.get(
-        packed, ("gemv_lut", in_features, d, k, group_slices),
-        lambda: torch.ops.physkern.codebook_gemv_lut_pack(packed, in_features, d, k, group_slices))
-
-
-def codebook_matmul_gemv_lut(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor,
-                             scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
-                             bias: Optional[torch.Tensor], in_features: int, codebook_rows: int,
-                             scale_group: int) -> torch.Tensor:
-    """The lookup-table GEMV physkern::codebook_gemv_lut (CPU tensors; needs physkern._C).
-
-    Same contract as codebook_matmul_triton: x [..., in] -> y [..., out] in x.dtype, fp32
-    arithmetic. Needs gemv_lut_supported (K <= 256, scale_group % d == 0, one codebook or
-    codebook_rows a multiple of gemv_lut_rows_per_tile(k)); any number of rows of x (each builds
-    its own table).
-    """
-    if not gemv_lut_available():
-        raise RuntimeError("physkern._C with physkern::codebook_gemv_lut is not available "
-                           "(run `make install`)")
-    check_matmul_inputs(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows,
-                        scale_group)
-    stages, out = packed.shape[0], packed.shape[1]
-    _, n_cb, k, d = codebooks.shape
-    if not gemv_lut_supported(out, in_features, stages, n_cb, k, d, codebook_rows, scale_group,
-                              scales is not None):
-        raise ValueError(f"the LUT GEMV needs K <= {GEMV_LUT_MAX_K} (got {k}), scale_group "
-                         f"({scale_group}) a multiple of block_dim ({d}) and one codebook or "
-                         f"codebook_rows ({codebook_rows}) a multiple of "
-                         f"{gemv_lut_rows_per_tile(k)}")
-    gs = gemv_lut_group_slices(in_features, d, scale_group, scales is not None)
-    lay = gemv_lut_layout(packed, in_features, d, k, gs)
-    return torch.ops.physkern.codebook_gemv_lut(x, lay, codebooks, scales, offsets, bias,
-                                                in_features, codebook_rows, gs)
-
-
 def codebook_matmul_small_m(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor,
                             scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
                             bias: Optional[torch.Tensor], in_features: int, codebook_rows: int,
                             scale_group: int) -> torch.Tensor:
     """The C++ path for x [..., in] with at most NATIVE_MAX_M rows (CPU tensors, physkern._C
-    present) -> y [..., out] in x.dtype: the LUT GEMV physkern::codebook_gemv_lut where it is
-    supported and pays (gemv_lut_pays, at most GEMV_LUT_MAX_M rows), else physkern::
-    codebook_matmul's CPU kernel (its fused decode-and-dot kernel at these M). The one place
-    that chooses between them; the decision per weight is cached with its index layout.
+    present) -> y [..., out] in x.dtype: the LUT GEMV codebook_gemv_lut.gemv_plan names for this
+    weight (int16 or fp32 tables, where it is supported and pays; at most GEMV_LUT_MAX_M rows),
+    else physkern::codebook_matmul's CPU kernel (its fused decode-and-dot kernel at these M).
+    The one place that chooses between them; the decision per weight is cached with its index
+    layout.
 
     The op's CPU kernel is called below autograd (redispatch to the CPU key): that skips the
     Python autograd kernel physkern.ops registers (~5 us a call, a tenth of a small layer's
     GEMV), so callers must have nothing to differentiate or trace (physkern.ops.codebook_linear
     checks). Layouts are the caller's to have validated."""
-    if x.numel() <= GEMV_LUT_MAX_M * in_features:
-        lay = _gemv_lut_plan(packed, codebooks, scales, in_features, codebook_rows, scale_group)
-        if lay is not None:
-            return torch.ops.physkern.codebook_gemv_lut(x, lay[0], codebooks, scales, offsets,
-                                                        bias, in_features, codebook_rows, lay[1])
+    if x.numel() <= lut.GEMV_LUT_MAX_M * in_features:
+        plan = lut.gemv_plan(packed, codebooks, scales, in_features, codebook_rows, scale_group)
+        if plan is not None:
+            op, lay, gs = plan
+            return op(x, lay, codebooks, scales, offsets, bias, in_features, codebook_rows, gs)
     return _op_cpu_kernel(x, packed, codebooks, scales, offsets, bias, in_features,
                           codebook_rows, scale_group)
 
@@ -829,80 +601,6 @@ def _op_cpu_kernel(x, packed, codebooks, scales, offsets, bias, in_features, cod
                                in_features, codebook_rows, scale_group)
     return _cpu_kernel(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows,
                        scale_group)
-
-
-class _PlanCache:
-    """Per packed tensor, the small-M path's decision (and LUT layout): one dict lookup per call.
-
-    IndexCache's general get() costs several microseconds a call (lock, key tuple, callbacks),
-    which the decode loop pays 211 times a token; this keeps only what the hot path needs. An
-    entry is valid while that very tensor lives (weak reference, removed with it), its version
-    counter is unchanged and the format key matches."""
-
-    def __init__(self):
-        self._entries: dict = {}
-
-    def get(self, packed: torch.Tensor, key: tuple, build):
-        pid = id(packed)
-        e = self._entries.get(pid)
-        try:
-            version = packed._version
-        except RuntimeError:  # inference tensors carry no version counter
-            version = None
-        if e is not None and e[0]() is packed and e[1] == version and e[2] == key:
-            return e[3]
-        value = build()
-
-        def _drop(ref, pid=pid, entries=self._entries):
-            cur = entries.get(pid)
-            if cur is not None and cur[0] is ref:
-                del entries[pid]
-
-        self._entries[pid] = (weakref.ref(packed, _drop), version, key, value)
-        return value
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-
-_GEMV_LUT_PLANS = _PlanCache()
-
-
-def clear_gemv_lut_caches() -> None:
-    """Drop the LUT GEMV's cached layouts and the small-M path's cached decisions."""
-    GEMV_LUT_CACHE.clear()
-    _GEMV_LUT_PLANS.clear()
-
-
-def _gemv_lut_plan(packed, codebooks, scales, in_features, codebook_rows, scale_group):
-    """(layout, group_slices) when the LUT GEMV serves this weight, else None; cached per packed
-    tensor (keyed by the format, so a weight of another shape or K never reuses it)."""
-    has_scales = scales is not None
-    key = (in_features, codebook_rows, scale_group, has_scales, codebooks.shape)
-
-    def build():
-        stages, out = packed.shape[0], packed.shape[1]
-        _, n_cb, k, d = codebooks.shape
-        if not (gemv_lut_available()
-                and gemv_lut_supported(out, in_features, stages, n_cb, k, d, codebook_rows,
-                                       scale_group, has_scales)
-                and gemv_lut_pays(out, in_features, stages, n_cb, k, d, scale_group,
-                                  has_scales)):
-            return None
-        gs = gemv_lut_group_slices(in_features, d, scale_group, has_scales)
-        return gemv_lut_layout(packed, in_features, d, k, gs), gs
-
-    return _GEMV_LUT_PLANS.get(packed, key, build)
-
-
-def gemv_lut_serves(m: int, packed: torch.Tensor, codebooks: torch.Tensor,
-                    scales: Optional[torch.Tensor], in_features: int, codebook_rows: int,
-                    scale_group: int) -> bool:
-    """Whether codebook_matmul_small_m runs the LUT GEMV for x with m rows and this weight (for
-    benchmarks and tests: which C++ path "auto" takes)."""
-    return (m <= GEMV_LUT_MAX_M and native_matmul_available()
-            and _gemv_lut_plan(packed, codebooks, scales, in_features, codebook_rows,
-                               scale_group) is not None)
 
 
 def unpack_fast(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -976,7 +674,7 @@ def codebook_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.
                                       codebook_rows, scale_group,
                                       "lut" if method == "native_lut" else "direct")
     if method == "gemv_lut":
-        return codebook_matmul_gemv_lut(x, packed, codebooks, scales, offsets, bias, in_features,
+        return lut.codebook_matmul_gemv_lut(x, packed, codebooks, scales, offsets, bias, in_features,
                                         codebook_rows, scale_group)
     if method == "auto" and x.device.type == "cpu" and native_matmul_available():
         if x.numel() <= NATIVE_MAX_M * in_features:

@@ -37,7 +37,8 @@ from typing import Optional, TYPE_CHECKING
 
 import torch
 
-from physkern.kernels.codebook_matmul import (INDEX_CACHE, NATIVE_MAX_M, clear_gemv_lut_caches,
+from physkern.kernels.codebook_gemv_lut import clear_gemv_lut_caches
+from physkern.kernels.codebook_matmul import (INDEX_CACHE, NATIVE_MAX_M,
                                               codebook_matmul_cpu, codebook_matmul_reference,
                                               codebook_matmul_small_m, codebook_matmul_triton,
                                               native_matmul_available)

@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from physkern import ops
+from physkern.kernels import codebook_gemv_lut as L
 from physkern.kernels import codebook_matmul as C
 from physkern.layers import QuantizedLinear
 
 from test_codebook_matmul_native import check, make_qw
 
-needs_lut = pytest.mark.skipif(not C.gemv_lut_available(),
+needs_lut = pytest.mark.skipif(not L.gemv_lut_available(),
                                reason="physkern._C without physkern::codebook_gemv_lut")
 
 # (out, in, d, K, stages, codebook_rows (0 = out: one codebook), scale_group, scales, offsets)
@@ -64,7 +65,7 @@ def args(qw, x, bias):
 
 
 def gemv(qw, x, bias):
-    return C.codebook_matmul_gemv_lut(*args(qw, x, bias))
+    return L.codebook_matmul_gemv_lut(*args(qw, x, bias))
 
 
 @needs_lut
@@ -127,57 +128,67 @@ def test_gemv_lut_threads_give_identical_bits(out, k):
 def test_gemv_lut_layout_cached_and_invalidated():
     qw = _qw(CASES[2], seed=5)
     x = torch.randn(1, qw.in_features)
-    C.GEMV_LUT_CACHE.clear()
+    L.GEMV_LUT_CACHE.clear()
     y0 = gemv(qw, x, None)
     check(y0, x, qw, None)
-    misses = C.GEMV_LUT_CACHE.misses
+    misses = L.GEMV_LUT_CACHE.misses
     check(gemv(qw, x, None), x, qw, None)
-    assert C.GEMV_LUT_CACHE.misses == misses
+    assert L.GEMV_LUT_CACHE.misses == misses
     # An in-place write to the indices must not reuse the stale layout.
     qw.packed.copy_(_qw(CASES[2], seed=6).packed)
     y1 = gemv(qw, x, None)
     check(y1, x, qw, None)
     assert not torch.equal(y0, y1)
-    assert C.GEMV_LUT_CACHE.misses == misses + 1
+    assert L.GEMV_LUT_CACHE.misses == misses + 1
+
+
+@pytest.fixture
+def fp32_tables():
+    """Decode on the exact fp32-table kernel (int16 tables are the default where VBMI exists;
+    tests/test_codebook_gemv_lut16.py covers those)."""
+    old = L.decode_tables()
+    L.set_decode_tables("fp32")
+    yield
+    L.set_decode_tables(old)
 
 
 @needs_lut
-def test_selector_picks_lut_where_it_pays():
-    """codebook_matmul_small_m (ops.codebook_linear's decode path, QuantizedLinear's forward) runs
-    the LUT GEMV for the deploy format on AVX-512 at M <= GEMV_LUT_MAX_M, the direct op otherwise;
-    both equal the reference."""
+def test_selector_picks_lut_where_it_pays(fp32_tables):
+    """With fp32 decode tables, codebook_matmul_small_m (ops.codebook_linear's decode path,
+    QuantizedLinear's forward) runs the fp32 LUT GEMV for the deploy format on AVX-512 at
+    M <= GEMV_LUT_MAX_M, the direct op otherwise; both equal the reference."""
     qw = make_qw(256, 128, 2, 64, 1, 256, 128, True, False, cb_dtype=torch.float16)
     layer = QuantizedLinear(qw, None)
-    pays = C.gemv_lut_pays(256, 128, 1, 1, 64, 2, 128, True)
+    pays = L.gemv_lut_pays(256, 128, 1, 1, 64, 2, 128, True)
     assert pays == (C.native_isa() == "avx512")
-    for m in (1, C.GEMV_LUT_MAX_M, C.GEMV_LUT_MAX_M + 1, C.NATIVE_MAX_M):
-        C.clear_gemv_lut_caches()
+    for m in (1, L.GEMV_LUT_MAX_M, L.GEMV_LUT_MAX_M + 1, C.NATIVE_MAX_M):
+        L.clear_gemv_lut_caches()
         x = torch.randn(m, 128)
         with torch.no_grad():
             check(layer(x), x, qw, None)
         check(ops.codebook_matmul(x, qw, None), x, qw, None)
         check(C.codebook_matmul_cpu(*args(qw, x, None)), x, qw, None)
-        used = len(C.GEMV_LUT_CACHE._entries) == 1  # the layout was built
-        assert used == (pays and m <= C.GEMV_LUT_MAX_M), (m, pays)
+        used = len(L.GEMV_LUT_CACHE._entries) == 1  # the layout was built
+        assert used == (pays and m <= L.GEMV_LUT_MAX_M), (m, pays)
     # Formats the LUT GEMV does not take always run the direct op.
-    assert not C.gemv_lut_supported(64, 64, 1, 64, 4096, 2, 1, 64, True)   # K > 256
-    assert not C.gemv_lut_supported(64, 64, 1, 8, 16, 2, 8, 64, True)      # rows of 8
-    assert not C.gemv_lut_supported(64, 64, 1, 4, 100, 2, 16, 64, True)    # K > 64: rows of 64
-    assert C.gemv_lut_supported(128, 64, 1, 2, 100, 2, 64, 64, True)
-    assert not C.gemv_lut_supported(64, 64, 1, 1, 16, 4, 64, 2, True)      # groups < d
+    assert not L.gemv_lut_supported(64, 64, 1, 64, 4096, 2, 1, 64, True)   # K > 256
+    assert not L.gemv_lut_supported(64, 64, 1, 8, 16, 2, 8, 64, True)      # rows of 8
+    assert not L.gemv_lut_supported(64, 64, 1, 4, 100, 2, 16, 64, True)    # K > 64: rows of 64
+    assert L.gemv_lut_supported(128, 64, 1, 2, 100, 2, 64, 64, True)
+    assert not L.gemv_lut_supported(64, 64, 1, 1, 16, 4, 64, 2, True)      # groups < d
     qw = make_qw(64, 64, 2, 64, 1, 1, 64, True, False)                     # row scope
-    C.clear_gemv_lut_caches()
+    L.clear_gemv_lut_caches()
     x = torch.randn(1, 64)
     check(C.codebook_matmul_small_m(*args(qw, x, None)), x, qw, None)
-    assert C._gemv_lut_plan(qw.packed, qw.codebooks, qw.scales, 64, 1, 64) is None
+    assert L.gemv_plan(qw.packed, qw.codebooks, qw.scales, 64, 1, 64) is None
 
 
 @needs_lut
 def test_gemv_lut_checks_its_arguments():
     qw = _qw(CASES[9], seed=2)
     x = torch.randn(1, qw.in_features)
-    gs = C.gemv_lut_group_slices(qw.in_features, qw.block_dim, qw.scale_group, True)
-    lay = C.gemv_lut_layout(qw.packed, qw.in_features, qw.block_dim, qw.k, gs)
+    gs = L.gemv_lut_group_slices(qw.in_features, qw.block_dim, qw.scale_group, True)
+    lay = L.gemv_lut_layout(qw.packed, qw.in_features, qw.block_dim, qw.k, gs)
     op = torch.ops.physkern.codebook_gemv_lut
     good = (x, lay, qw.codebooks, qw.scales, qw.offsets, None, qw.in_features, qw.codebook_rows,
             gs)
@@ -215,8 +226,8 @@ def test_gemv_lut_checks_its_arguments():
 @needs_lut
 def test_opcheck_gemv_lut_ops():
     qw = _qw(CASES[9], seed=4)
-    gs = C.gemv_lut_group_slices(qw.in_features, qw.block_dim, qw.scale_group, True)
-    lay = C.gemv_lut_layout(qw.packed, qw.in_features, qw.block_dim, qw.k, gs)
+    gs = L.gemv_lut_group_slices(qw.in_features, qw.block_dim, qw.scale_group, True)
+    lay = L.gemv_lut_layout(qw.packed, qw.in_features, qw.block_dim, qw.k, gs)
     torch.library.opcheck(torch.ops.physkern.codebook_gemv_lut_pack.default,
                           (qw.packed, qw.in_features, qw.block_dim, qw.k, gs))
     for x, bias in [(torch.randn(1, qw.in_features), torch.randn(qw.out_features)),
