@@ -22,8 +22,10 @@ reruns skip quantization):
                32 windows of 1024 calibration tokens (seed 0); ~200 s quiet, far longer loaded
   deploy       the whole model `make run` saves ($PHYSKERN_CACHE/run/deploy: decoder K=64 d=2 EF,
                tied head/embedding K=256 d=2, norms bf16)
-  deploy_direct the same model with the LUT GEMV off (kernels/codebook_matmul.GEMV_LUT_MAX_M = 0):
+  deploy_direct the same model with the LUT GEMV off (kernels/codebook_gemv_lut.GEMV_LUT_MAX_M = 0):
                every decode matmul on the direct C++ op, i.e. before/after in one run
+  deploy_fp32tables the same model with the LUT GEMV on exact fp32 tables
+               (set_decode_tables("fp32")) instead of the default int16 tables
 The two codebook recipes store the same format (K=64, d=2, one codebook per layer, per-row
 scales) and run the same kernel with the same work per token: decode speed does not depend on
 how the centroids were fitted, only quality does: cb_k64_d2 is the quick stand-in when there is
@@ -31,6 +33,11 @@ no time to quantize cb_k64_d2_ef (the default). On a loaded machine quantize wit
 OMP_NUM_THREADS=1: with 2 OpenMP threads competing for busy cores k-means ran ~10x slower.
 The packaged weights sit on a 4-bit group-32 grid (Q4_1 GGUF), so rtn4_g64's quality here
 flatters it; this bench is about speed.
+
+Decode-path quality (--decode-ppl-tokens, default 1024): per recipe, the perplexity of the
+evaluation tokens after the prompt scored in one forward (the evaluation path) and token by token
+with a KV cache (the decode path, i.e. the LUT GEMV and its int16 or fp32 tables), so the table
+arithmetic's cost in quality is measured beside its speed.
 
 Profile (--profile-recipe): torch.profiler over --profile-steps decode steps after a
 --profile-prompt-token prompt, at each --profile-threads count; the top ops by self CPU time, per
@@ -63,8 +70,12 @@ RECIPES = {
     # the same saved model with the LUT GEMV turned off (GEMV_LUT_MAX_M = 0): every decode matmul
     # on the direct C++ op, as before the LUT GEMV existed: the before/after in one run
     "deploy_direct": "preset",
+    # the same saved model decoding with the exact fp32-table LUT GEMV (int16 tables are default)
+    "deploy_fp32tables": "preset",
 }
 DIRECT_SUFFIX = "_direct"
+FP32_TABLES_SUFFIX = "_fp32tables"
+VARIANT_SUFFIXES = (DIRECT_SUFFIX, FP32_TABLES_SUFFIX)
 DEFAULT_RECIPES = ["fp32", "bf16", "rtn4_g64", "cb_k64_d2_ef"]
 CALIB_WINDOWS, CALIB_WINDOW, CALIB_SEED = 32, 1024, 0
 
@@ -84,7 +95,10 @@ def prepare(name: str):
 
     info: dict = {"recipe": name, "config": RECIPES[name]}
     if RECIPES[name] == "preset":
-        out = cache_dir() / "run" / name.removesuffix(DIRECT_SUFFIX)
+        base = name
+        for suffix in VARIANT_SUFFIXES:
+            base = base.removesuffix(suffix)
+        out = cache_dir() / "run" / base
         if not is_quantized_dir(out):
             raise SystemExit(f"--recipe {name}: no saved model at {out}; run `make run` first "
                              "(it saves the deploy model there)")
@@ -138,16 +152,50 @@ def prepare(name: str):
     return model.eval(), tok, info
 
 
+def decode_path(name: str) -> dict:
+    """How a recipe's decode runs: the LUT GEMV on or off and which tables it uses."""
+    from physkern.kernels import codebook_gemv_lut as lut
+    return {"lut_gemv": not name.endswith(DIRECT_SUFFIX),
+            "decode_tables": "fp32" if name.endswith(FP32_TABLES_SUFFIX) else lut.decode_tables()}
+
+
 @contextlib.contextmanager
-def lut_gemv(enabled: bool):
-    """Run the body with the small-M LUT GEMV allowed (as shipped) or off (direct C++ op only)."""
-    from physkern.kernels import codebook_matmul as C
-    old = C.GEMV_LUT_MAX_M
-    C.GEMV_LUT_MAX_M = old if enabled else 0
+def decode_setting(name: str):
+    """Run the body with the recipe's decode path (decode_path): the small-M LUT GEMV allowed
+    (as shipped) or off (direct C++ op only), int16 or fp32 tables."""
+    from physkern.kernels import codebook_gemv_lut as lut
+    path = decode_path(name)
+    old_m, old_tables = lut.GEMV_LUT_MAX_M, lut.decode_tables()
+    lut.GEMV_LUT_MAX_M = old_m if path["lut_gemv"] else 0
+    lut.set_decode_tables(path["decode_tables"])
     try:
         yield
     finally:
-        C.GEMV_LUT_MAX_M = old
+        lut.GEMV_LUT_MAX_M = old_m
+        lut.set_decode_tables(old_tables)
+
+
+def decode_path_perplexity(model, ids: torch.Tensor, threads: int) -> dict:
+    """Perplexity of ids [1, n] scored two ways: one forward over all n tokens (the prefill /
+    evaluation path: long x, dequantize + GEMM) and token by token with a KV cache (the decode
+    path: one-row x, the LUT GEMVs with their tables). Same text and model, so the difference is
+    what the decode kernels' arithmetic costs."""
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+
+    from physkern.generate import num_threads
+    with torch.inference_mode(), num_threads(threads):
+        full = model(input_ids=ids).logits[0, :-1].float()
+        nll_full = F.cross_entropy(full, ids[0, 1:]).item()
+        cache = DynamicCache(config=model.config)
+        steps = []
+        for i in range(ids.shape[1] - 1):
+            out = model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True)
+            steps.append(out.logits[0, -1].float())
+        nll_dec = F.cross_entropy(torch.stack(steps), ids[0, 1:]).item()
+    import math
+    return {"tokens_scored": int(ids.shape[1] - 1), "perplexity_one_forward": math.exp(nll_full),
+            "perplexity_token_by_token": math.exp(nll_dec)}
 
 
 def profile_decode(model, prompt_ids: torch.Tensor, steps: int, threads: int,
@@ -193,8 +241,13 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-threads", nargs="+", type=int, default=[2, 1])
     ap.add_argument("--profile-steps", type=int, default=10)
     ap.add_argument("--profile-prompt-tokens", type=int, default=32)
+    ap.add_argument("--decode-ppl-tokens", type=int, default=1024,
+                    help="evaluation tokens scored token by token (decode path) and in one "
+                         "forward, per recipe; 0 to skip")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate_cpu.json"))
     args = ap.parse_args(argv)
+    if args.decode_ppl_tokens < 0:
+        raise SystemExit("--decode-ppl-tokens must be >= 0")
     for name in ("prompt_tokens", "new_tokens", "repeats", "profile_steps",
                  "profile_prompt_tokens"):
         if getattr(args, name) <= 0:
@@ -207,7 +260,7 @@ def main(argv=None) -> int:
 
     load_before = os.getloadavg()
     corpus = load_corpus()
-    results, profiles, fp32_tokens = [], [], None
+    results, profiles, fp32_tokens, quality = [], [], None, []
     models = {name: prepare(name) for name in args.recipe}  # quantize/save once, keep loaded
     prompt = evaluation_tokens(models[args.recipe[0]][1], corpus, args.prompt_tokens)
     prompt = prompt.reshape(1, -1)
@@ -218,20 +271,33 @@ def main(argv=None) -> int:
                                args.profile_steps, threads)
             profiles.append({"recipe": args.profile_recipe, **p})
             print(f"profile {args.profile_recipe}, {threads} threads:\n{p['table']}", flush=True)
-            _write(args, corpus, load_before, results, profiles, fp32_tokens)
+            _write(args, corpus, load_before, results, profiles, fp32_tokens, quality)
+    if args.decode_ppl_tokens:
+        # Text after the prompt (same evaluation part), so the two measurements do not overlap.
+        text = evaluation_tokens(models[args.recipe[0]][1], corpus,
+                                 args.prompt_tokens + args.decode_ppl_tokens)
+        ids = text[args.prompt_tokens:].reshape(1, -1)
+        for name in args.recipe:
+            with decode_setting(name):
+                q = decode_path_perplexity(models[name][0], ids, max(args.threads))
+            quality.append({"recipe": name, **decode_path(name), **q})
+            print(f"{name:14s} perplexity on {q['tokens_scored']} tokens: one forward "
+                  f"{q['perplexity_one_forward']:.3f}, token by token "
+                  f"{q['perplexity_token_by_token']:.3f}", flush=True)
+            _write(args, corpus, load_before, results, profiles, fp32_tokens, quality)
     # Thread counts outer, recipes inner: a run cut short still has every recipe at 1 thread.
     for threads in args.threads:
         for name in args.recipe:
             model, tok, info = models[name]
             runs = []
             for _ in range(args.repeats):
-                with lut_gemv(not name.endswith(DIRECT_SUFFIX)):
+                with decode_setting(name):
                     r = generate_timed(model, tok, prompt, args.new_tokens, stop_at_eos=False,
                                        threads=threads, warmup=True)
                 runs.append({**r.to_dict(), "loadavg_1min": os.getloadavg()[0]})
             best = min(runs, key=lambda d: d["decode_seconds"])
-            row = {**info, "threads": threads,
-                   "lut_gemv": not name.endswith(DIRECT_SUFFIX), "prompt_tokens": best["prompt_tokens"],
+            row = {**info, "threads": threads, **decode_path(name),
+                   "prompt_tokens": best["prompt_tokens"],
                    "new_tokens": best["new_tokens"],
                    "prefill_tokens_per_second": max(d["prefill_tokens_per_second"] for d in runs),
                    "decode_tokens_per_second": best["decode_tokens_per_second"],
@@ -246,11 +312,11 @@ def main(argv=None) -> int:
                   f"tok/s, decode {row['decode_tokens_per_second']:6.2f} tok/s "
                   f"({row['decode_ms_per_token']:.1f} ms/token), {info['file_mb']:.1f} MB, "
                   f"load {os.getloadavg()[0]:.2f}", flush=True)
-            _write(args, corpus, load_before, results, profiles, fp32_tokens)  # partial too
+            _write(args, corpus, load_before, results, profiles, fp32_tokens, quality)  # partial too
     return 0
 
 
-def _write(args, corpus, load_before, results, profiles, fp32_tokens) -> None:
+def _write(args, corpus, load_before, results, profiles, fp32_tokens, quality) -> None:
     from physkern.models import resolve_model_name
     from physkern.provenance import provenance, write_json
     for row in results:  # greedy agreement with FP32: how many leading new tokens are equal
@@ -270,7 +336,10 @@ def _write(args, corpus, load_before, results, profiles, fp32_tokens) -> None:
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "cpu_count": os.cpu_count(),
         "note": "measured on a shared 2-core machine under load from other jobs; see loadavg",
-        "results": results, "profiles": profiles, **provenance("cpu"),
+        "results": results, "profiles": profiles,
+        "decode_path_quality": {"text": f"the {args.decode_ppl_tokens} evaluation tokens after "
+                                        "the prompt", "rows": quality},
+        **provenance("cpu"),
     }
     write_json(args.out, payload)
     print(f"wrote {args.out}", flush=True)
