@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from physkern.quant.packing import index_bits, words_per_row
+from .packing import index_bits, words_per_row
 
 
 def check_matmul_inputs(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor,

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from physkern.quant.packing import index_bits, unpack_indices, words_per_row
 
 from . import codebook_gemv_lut as lut
 from .index_cache import IndexCache
+from .packing import index_bits, unpack_indices, words_per_row
 
 # Production configurations, compiled for sm_80/sm_90 by tests/test_kernel_compile.py and chosen
 # from bench/results/matmul_variants_gpu.json (H200; every candidate timed through this wrapper):
@@ -469,18 +469,40 @@ def codebook_matmul_triton(x: torch.Tensor, packed: torch.Tensor, codebooks: tor
     return y.reshape(*lead, out)
 
 
+def dequantize_reference(packed: torch.Tensor, codebooks: torch.Tensor,
+                         scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
+                         in_features: int, codebook_rows: int, scale_group: int) -> torch.Tensor:
+    """W [out, in] in float32 straight from the format's formula, in plain torch: unpack every
+    index, gather its centroid per stage, sum the stages, scale, offset. The slow, obvious
+    reading of the format the kernels are checked against (kernels import nothing of
+    physkern.quant; tests check it equals QuantizedWeight.dequantize)."""
+    stages, out = packed.shape[0], packed.shape[1]
+    _, n_cb, k, d = codebooks.shape
+    nb = in_features // d
+    idx = unpack_indices(packed, index_bits(k), nb)                       # [S, out, nb]
+    cb_of_row = torch.arange(out, device=packed.device) // codebook_rows  # [out]
+    w = torch.zeros(out, nb, d, dtype=torch.float32, device=packed.device)
+    for s in range(stages):
+        w += codebooks[s].float()[cb_of_row[:, None], idx[s]]             # [out, nb, d]
+    w = w.reshape(out, in_features)
+    if scales is not None:
+        group = torch.arange(in_features, device=packed.device) // scale_group
+        w = w * scales.float()[:, group]
+        if offsets is not None:
+            w = w + offsets.float()[:, group]
+    return w
+
+
 def codebook_matmul_reference(x: torch.Tensor, packed: torch.Tensor, codebooks: torch.Tensor,
                               scales: Optional[torch.Tensor], offsets: Optional[torch.Tensor],
                               bias: Optional[torch.Tensor], in_features: int, codebook_rows: int,
                               scale_group: int) -> torch.Tensor:
-    """Reference: QuantizedWeight.dequantize() in fp32, then x @ W^T + bias in fp32, cast to x.dtype."""
-    from physkern.quant.format import QuantizedWeight
-
+    """Reference: W from dequantize_reference (fp32), then x @ W^T + bias in fp32, cast to
+    x.dtype. x [..., in] -> y [..., out]."""
     check_matmul_inputs(x, packed, codebooks, scales, offsets, bias, in_features, codebook_rows,
                         scale_group)
-    qw = QuantizedWeight(packed, codebooks, scales, offsets, in_features, packed.shape[1],
-                         codebook_rows, scale_group)
-    w = qw.dequantize(torch.float32)
+    w = dequantize_reference(packed, codebooks, scales, offsets, in_features, codebook_rows,
+                             scale_group)
     y = x.float() @ w.T
     if bias is not None:
         y = y + bias.float()

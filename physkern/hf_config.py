@@ -6,6 +6,9 @@ save_quantized writes the model's own config with two changes:
     "quantization_config": {"quant_method": "physkern", "format_version": 1,
                             "quantized_layers": {...}, "quantized_embeddings": {...}}
 
+(format_version is 2, and a "factorized_layers" entry describes MPO / low-rank layers, when the
+model has any: physkern.serialization writes and checks that part, and older readers refuse it.)
+
 The model type is what makes transformers refuse the directory without physkern (an unknown
 model type is an error, an unknown quant_method only a warning that loads random weights); with
 physkern imported, physkern.hf_quantizer registers both. This module holds only the dict

@@ -258,3 +258,28 @@ def test_pick_config_by_rows_and_format(m, bits, d, expect):
     want = GEMV_VEC_CONFIGS.get(expect) or MATMUL_CONFIGS[expect]
     assert {k: v for k, v in cfg.items() if k != "kernel"} == want
     assert (cfg.get("kernel") == "gemv_vec") == (m == 1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_dequantize_reference_equals_the_format(case):
+    """The kernels' own plain-torch reading of the format (they import nothing of physkern.quant)
+    equals QuantizedWeight.dequantize."""
+    from physkern.kernels.codebook_matmul import dequantize_reference
+    qw = make_qw(*case, cb_dtype=torch.float16)
+    w = dequantize_reference(qw.packed, qw.codebooks, qw.scales, qw.offsets, qw.in_features,
+                             qw.codebook_rows, qw.scale_group)
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, qw.dequantize(torch.float32), rtol=1e-6, atol=1e-6)
+
+
+def test_kernels_import_nothing_of_quant():
+    """Kernels take plain tensors: no module of kernels/ imports physkern.quant."""
+    import ast
+    from pathlib import Path
+
+    import physkern.kernels
+    for path in Path(physkern.kernels.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("physkern.quant") for n in names), path.name
