@@ -26,6 +26,7 @@ reruns skip quantization):
                every decode matmul on the direct C++ op, i.e. before/after in one run
   deploy_fp32tables the same model with the LUT GEMV on exact fp32 tables
                (set_decode_tables("fp32")) instead of the default int16 tables
+  deploy_bf16prefill the same model with bf16 prompt GEMMs (set_prefill_dtype(torch.bfloat16))
 The two codebook recipes store the same format (K=64, d=2, one codebook per layer, per-row
 scales) and run the same kernel with the same work per token: decode speed does not depend on
 how the centroids were fitted, only quality does: cb_k64_d2 is the quick stand-in when there is
@@ -72,10 +73,13 @@ RECIPES = {
     "deploy_direct": "preset",
     # the same saved model decoding with the exact fp32-table LUT GEMV (int16 tables are default)
     "deploy_fp32tables": "preset",
+    # the same saved model with bf16 prompt GEMMs (physkern.set_prefill_dtype(torch.bfloat16))
+    "deploy_bf16prefill": "preset",
 }
 DIRECT_SUFFIX = "_direct"
 FP32_TABLES_SUFFIX = "_fp32tables"
-VARIANT_SUFFIXES = (DIRECT_SUFFIX, FP32_TABLES_SUFFIX)
+BF16_PREFILL_SUFFIX = "_bf16prefill"
+VARIANT_SUFFIXES = (DIRECT_SUFFIX, FP32_TABLES_SUFFIX, BF16_PREFILL_SUFFIX)
 DEFAULT_RECIPES = ["fp32", "bf16", "rtn4_g64", "cb_k64_d2_ef"]
 CALIB_WINDOWS, CALIB_WINDOW, CALIB_SEED = 32, 1024, 0
 
@@ -156,23 +160,27 @@ def decode_path(name: str) -> dict:
     """How a recipe's decode runs: the LUT GEMV on or off and which tables it uses."""
     from physkern.kernels import codebook_gemv_lut as lut
     return {"lut_gemv": not name.endswith(DIRECT_SUFFIX),
-            "decode_tables": "fp32" if name.endswith(FP32_TABLES_SUFFIX) else lut.decode_tables()}
+            "decode_tables": "fp32" if name.endswith(FP32_TABLES_SUFFIX) else lut.decode_tables(),
+            "prefill_dtype": "bfloat16" if name.endswith(BF16_PREFILL_SUFFIX) else "float32"}
 
 
 @contextlib.contextmanager
 def decode_setting(name: str):
     """Run the body with the recipe's decode path (decode_path): the small-M LUT GEMV allowed
     (as shipped) or off (direct C++ op only), int16 or fp32 tables."""
+    from physkern import ops
     from physkern.kernels import codebook_gemv_lut as lut
     path = decode_path(name)
-    old_m, old_tables = lut.GEMV_LUT_MAX_M, lut.decode_tables()
+    old_m, old_tables, old_prefill = lut.GEMV_LUT_MAX_M, lut.decode_tables(), ops.prefill_dtype()
     lut.GEMV_LUT_MAX_M = old_m if path["lut_gemv"] else 0
     lut.set_decode_tables(path["decode_tables"])
+    ops.set_prefill_dtype(torch.bfloat16 if path["prefill_dtype"] == "bfloat16" else None)
     try:
         yield
     finally:
         lut.GEMV_LUT_MAX_M = old_m
         lut.set_decode_tables(old_tables)
+        ops.set_prefill_dtype(old_prefill)
 
 
 def decode_path_perplexity(model, ids: torch.Tensor, threads: int) -> dict:

@@ -10,6 +10,8 @@ Public API (imported lazily so that `import physkern` stays fast):
   finetune_quantized                              physkern.finetune
   QuantizedEmbedding                              physkern.embedding
   set_dense_storage_dtype                         physkern.dense
+  set_prefill_dtype                               physkern.ops (bf16 GEMMs for many-row x)
+  set_decode_tables                               physkern.kernels.codebook_gemv_lut (int16 / fp32)
   Recipe, load_recipe, load_preset, apply_recipe  physkern.recipe
 
 Importing physkern also registers it with transformers (physkern.hf_quantizer): afterwards
@@ -48,6 +50,8 @@ _EXPORTS = {
     "load_preset": "physkern.recipe",
     "apply_recipe": "physkern.recipe",
     "set_dense_storage_dtype": "physkern.dense",
+    "set_prefill_dtype": "physkern.ops",
+    "set_decode_tables": "physkern.kernels.codebook_gemv_lut",
 }
 
 

@@ -134,6 +134,23 @@ def test_cli_generate(saved_dirs, kind, capsys):
     assert lines[2].startswith("decode 11 tokens") and "tok/s" in lines[2]
 
 
+def test_cli_generate_compute_settings(saved_dirs, capsys):
+    """--prefill-dtype bfloat16 / --decode-tables fp32 run and are restored afterwards."""
+    import torch
+
+    from physkern import ops
+    from physkern.kernels import codebook_gemv_lut as lut
+    d, _ = saved_dirs
+    before = ops.prefill_dtype(), lut.decode_tables()
+    rc = main(["generate", "--model", str(d / "q"), "--prompt", "w1 w2 w3", "--max-new-tokens",
+               "4", "--threads", "1", "--no-stop", "--prefill-dtype", "bfloat16",
+               "--decode-tables", "fp32"])
+    assert rc == 0
+    assert "decode 3 tokens" in capsys.readouterr().out
+    assert (ops.prefill_dtype(), lut.decode_tables()) == before
+    assert before[0] is None
+
+
 @pytest.mark.parametrize("argv", [
     [], ["--prompt", "   "], ["--prompt", "w1", "--max-new-tokens", "0"],
     ["--prompt", "w1", "--max-new-tokens", "-2"], ["--prompt", "w1", "--threads", "0"]])

@@ -105,3 +105,32 @@ def test_torch_compile_cpu():
         for m in (1, 7):  # a second shape: recompiles or dynamic, either must be right
             x = torch.randn(m, 32)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_dtype_bfloat16():
+    """set_prefill_dtype(torch.bfloat16): many-row fp32 x runs one bf16 GEMM (x and W rounded to
+    bf16, fp32 accumulation) and comes back fp32, close to the fp32 product within bf16
+    rounding; few rows (decode) and the default are untouched; bad values are refused."""
+    from physkern.layers import QuantizedLinear
+    qw = make_qw(out=48, inf=64, d=4, k=16, stages=1, codebook_rows=48, scale_group=64)
+    layer = QuantizedLinear(qw, torch.randn(48))
+    big = torch.randn(2, ops.NATIVE_MAX_M + 7, 64)
+    small = torch.randn(1, 64)
+    w = qw.dequantize(torch.float64)
+    try:
+        with torch.no_grad():
+            y32, s32 = layer(big), layer(small)
+            ops.set_prefill_dtype(torch.bfloat16)
+            assert ops.prefill_dtype() is torch.bfloat16
+            y16, s16 = layer(big), layer(small)
+    finally:
+        ops.set_prefill_dtype(None)
+    assert y16.dtype == torch.float32 and y16.shape == y32.shape
+    assert torch.equal(s16, s32)                           # decode path unchanged
+    exact = big.double() @ w.T + layer.bias.double()
+    # bf16 rounding of x and W (2^-8 relative each) over 64 products, fp32 accumulation
+    mag = big.double().abs() @ w.abs().T
+    assert ((y16.double() - exact).abs() <= 2 * 2 ** -8 * mag + 1e-4).all()
+    assert not torch.equal(y16, y32)                       # it did run in bf16
+    with pytest.raises(ValueError, match="prefill dtype"):
+        ops.set_prefill_dtype(torch.float16)

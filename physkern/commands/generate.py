@@ -20,20 +20,44 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--no-stop", action="store_true",
                    help="do not stop at the end-of-sequence token (always max-new-tokens)")
+    p.add_argument("--prefill-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of the quantized layers' prompt (many-row) products on CPU: "
+                        "float32 (default, exact) or bfloat16 (one bf16 GEMM per layer, about "
+                        "twice as fast; physkern.set_prefill_dtype)")
+    p.add_argument("--decode-tables", choices=["int16", "fp32"], default=None,
+                   help="tables of the decode lookup-table GEMV: int16 (default where the CPU "
+                        "has AVX-512 VBMI) or fp32 (exact; physkern.set_decode_tables)")
     p.add_argument("--no-warmup", action="store_true",
                    help="time the very first run too (one-off setup costs included)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generate import generate_timed
-    from ..models import load_model
     if args.prompt is None or not args.prompt.strip():
         raise ValueError("prompt: give some text with --prompt")
     if args.max_new_tokens <= 0:
         raise ValueError(f"max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     if args.threads is not None and args.threads <= 0:
         raise ValueError(f"threads must be a positive integer, got {args.threads}")
+    import torch
+
+    from ..kernels import codebook_gemv_lut as lut
+    from .. import ops
+    # Process-wide settings: restored afterwards, so an in-process caller (tests) keeps its own.
+    old = ops.prefill_dtype(), lut.decode_tables()
+    ops.set_prefill_dtype(torch.bfloat16 if args.prefill_dtype == "bfloat16" else None)
+    if args.decode_tables is not None:
+        lut.set_decode_tables(args.decode_tables)
+    try:
+        return _generate(args)
+    finally:
+        ops.set_prefill_dtype(old[0])
+        lut.set_decode_tables(old[1])
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ..generate import generate_timed
+    from ..models import load_model
     model, tokenizer = load_model(args.model, device=args.device)
     if tokenizer is None:
         raise ValueError(f"model: {args.model!r} has no tokenizer files; generate needs one")
