@@ -24,6 +24,11 @@ PPL_SOURCES = {
     #  namesakes in whole_model_16k.json are other models, so no perplexity is joined to them.)
     "deploy": ("run_cpu.json", None),
     "deploy_direct": ("run_cpu.json", None),  # the same saved model, LUT GEMV off
+    # the same saved model, exact fp32 decode tables / bf16 prompt GEMMs: the 16k-token
+    # perplexity is the evaluation path's (fp32 products); generate_cpu.json's
+    # decode_path_quality rows measure what each setting changes
+    "deploy_fp32tables": ("run_cpu.json", None),
+    "deploy_bf16prefill": ("run_cpu.json", None),
 }
 
 

@@ -29,7 +29,6 @@ GEMV_LUT_MAX_M = 4
 # Largest K the LUT GEMV takes (one byte per cached index).
 GEMV_LUT_MAX_K = 256
 _GEMV_LUT_OP = "physkern::codebook_gemv_lut"
-_gemv_lut: Optional[bool] = None
 
 # The LUT GEMV's re-laid-out indices (uint8, 16 rows side by side), per packed tensor: built once
 # (codebook_gemv_lut_pack), valid while that tensor lives unmodified. Apart from INDEX_CACHE (the
@@ -37,15 +36,22 @@ _gemv_lut: Optional[bool] = None
 GEMV_LUT_CACHE = IndexCache()
 
 
+_available: dict = {}
+
+
+def _op_available(op: str, register_fakes) -> bool:
+    """Whether physkern._C registers `op` (False without the extension or with a build from
+    before it existed); its fakes are registered the first time the answer is yes."""
+    if op not in _available:
+        _available[op] = native_op_available(op)
+        if _available[op]:
+            register_fakes()
+    return _available[op]
+
+
 def gemv_lut_available() -> bool:
-    """Whether physkern._C registers physkern::codebook_gemv_lut (False without the extension or
-    with a build from before it existed)."""
-    global _gemv_lut
-    if _gemv_lut is None:
-        _gemv_lut = native_op_available(_GEMV_LUT_OP)
-        if _gemv_lut:
-            _register_gemv_lut_fakes()
-    return _gemv_lut
+    """Whether physkern._C registers physkern::codebook_gemv_lut."""
+    return _op_available(_GEMV_LUT_OP, _register_gemv_lut_fakes)
 
 
 def _register_gemv_lut_fakes() -> None:
@@ -158,7 +164,6 @@ LUT16_CHUNK = 8          # slices per int16 chunk (8 * 4095 < 2^15)
 LUT16_QMAX = 4095.0
 DECODE_TABLES = ("int16", "fp32")
 
-_lut16: Optional[bool] = None
 _decode_tables = os.environ.get("PHYSKERN_DECODE_TABLES", "int16")
 
 
@@ -181,12 +186,7 @@ def decode_tables() -> str:
 
 def lut16_available() -> bool:
     """Whether physkern._C registers physkern::codebook_gemv_lut16."""
-    global _lut16
-    if _lut16 is None:
-        _lut16 = native_op_available(LUT16_OP)
-        if _lut16:
-            _register_fake()
-    return _lut16
+    return _op_available(LUT16_OP, _register_fake)
 
 
 def _register_fake() -> None:

@@ -102,11 +102,9 @@ def test_gemv_lut_leading_dims_and_empty():
     assert y.shape == (0, qw.out_features)
 
 
-@needs_lut
-@pytest.mark.parametrize("out, k", [(4100, 64), (2050, 256)])
-def test_gemv_lut_threads_give_identical_bits(out, k):
-    # Tiles are split over threads (these layers are large enough for the parallel grain, for
-    # both layouts; partial last tile); each tile is computed the same way whatever the split.
+def outputs_per_thread_count(fn, out, k):
+    """fn(qw, x, bias) at 1 and 2 threads for an [out, 576] layer large enough to be split
+    (K = 64 / 256 layouts, partial last tile): (qw, x, bias, [y_1thread, y_2threads])."""
     qw = make_qw(out, 576, 2, k, 1, out, 576, True, False, cb_dtype=torch.float16,
                  sc_dtype=torch.float16)
     x = torch.randn(1, 576)
@@ -116,9 +114,18 @@ def test_gemv_lut_threads_give_identical_bits(out, k):
         ys = []
         for t in (1, 2):
             torch.set_num_threads(t)
-            ys.append(gemv(qw, x, bias))
+            ys.append(fn(qw, x, bias))
     finally:
         torch.set_num_threads(old)
+    return qw, x, bias, ys
+
+
+@needs_lut
+@pytest.mark.parametrize("out, k", [(4100, 64), (2050, 256)])
+def test_gemv_lut_threads_give_identical_bits(out, k):
+    # Tiles are split over threads (these layers are large enough for the parallel grain, for
+    # both layouts; partial last tile); each tile is computed the same way whatever the split.
+    qw, x, bias, ys = outputs_per_thread_count(gemv, out, k)
     assert torch.equal(ys[0], ys[1])
     check(ys[0], x, qw, bias)
     check(ys[1], x, qw, bias)

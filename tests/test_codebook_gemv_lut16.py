@@ -20,7 +20,7 @@ from physkern.kernels import codebook_matmul as C
 from physkern.layers import QuantizedLinear
 from physkern.quant.packing import index_bits, unpack_indices
 
-from test_codebook_gemv_lut import CASES as ALL_CASES, _ids, _qw
+from test_codebook_gemv_lut import CASES as ALL_CASES, _ids, _qw, outputs_per_thread_count
 from test_codebook_matmul_native import make_qw, reference
 
 # The fp32 kernel's formats minus several codebooks of fewer than 64 rows (the int16 kernel's tiles
@@ -110,19 +110,9 @@ def test_lut16_zero_and_nonfinite_x():
 @needs_lut16
 @pytest.mark.parametrize("out, k", [(4100, 64), (2050, 256)])
 def test_lut16_threads_give_identical_bits(out, k):
-    qw = make_qw(out, 576, 2, k, 1, out, 576, True, False, cb_dtype=torch.float16,
-                 sc_dtype=torch.float16)
-    x = torch.randn(1, 576)
-    bias = torch.randn(out)
-    old = torch.get_num_threads()
-    try:
-        ys = []
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            ys.append(gemv16(qw, x, bias))
-    finally:
-        torch.set_num_threads(old)
+    qw, x, bias, ys = outputs_per_thread_count(gemv16, out, k)
     assert torch.equal(ys[0], ys[1])
+    check16(ys[0], x, qw, bias)
 
 
 _SCALAR_SCRIPT = """
