@@ -31,7 +31,7 @@ JSON form (bench/recipes/*.json hold lists of these; a preset file holds one):
                    "weighted": false, "dtype": "float16", "layers": [...]}
                  | {"method": "svd", "rank": int | "bits": b, "weighted": false, ...} | null
                                         layers REPLACED by an MPO / truncated SVD
-                                        (physkern.methods.factorized; not saveable yet); with
+                                        (physkern.methods.factorized; saved as format 2); with
                                         "finetune" the factors are healed too
      "calibration": {"windows": 32, "window": 1024} | null   calibration windows drawn from the
                                         calibration half of the corpus; null = the caller's

@@ -51,12 +51,16 @@ order on a freshly loaded model:
                   tensor moves by about lr x its mean |value| per Adam step),
                   "train_norms": bool (default true), "batch_size": int >= 1 (default 1),
                   "holdout": int >= 1 (default 2), "schedule": "constant" | "cosine" (default
-                  "constant"), "windows": int >= 2 or null (default null)}  (needs "config")
+                  "constant"), "windows": int >= 2 or null (default null),
+                  "code_update_every": int >= 0 (default 0 = off), "code_update_fraction":
+                  number in (0, 1] (default 0.1)}  (needs "config")
      physkern.finetune.finetune_quantized: the codebooks, scales and offsets of every quantized
      layer (and the float32 norm weights/biases with train_norms) are trained with Adam on the
      token-averaged KL(teacher || student), the teacher being the full-precision model as loaded
      (a copy taken before steps 0-2). Packed indices and storage dtypes never change, so the
-     bits are those of step 2. Windows: with "windows": null the point's calibration windows
+     bits are those of step 2; with "code_update_every": k the indices too are re-assigned
+     before steps k, 2k, ... (physkern.quant.code_update: a seeded fraction of each layer's
+     block columns, never increasing the layer's output error; same bits). Windows: with "windows": null the point's calibration windows
      (calibration half, random offsets drawn with the point's seed, which may overlap); with
      "windows": n, n NON-overlapping --calib-window tiles of the calibration half picked with the
      seed (physkern.data.calibration_tiles), so held-out and training windows share no text
