@@ -75,6 +75,13 @@ def test_quantize_recipe_with_finetuning(saved_tiny, capsys):
     assert pairs and all(torch.equal(a.packed, b.packed) for a, b in pairs)
     changed = any(not torch.equal(a.codebooks, b.codebooks) for a, b in pairs)
     assert changed == ft["kept"]
+    # code updates from the command line reach the fine-tuner and its record
+    assert _quantize(saved_tiny, saved_tiny / "pv", "--recipe", f"{recipes}:mixed_ft",
+                     "--finetune-code-update-every", "1",
+                     "--finetune-code-update-fraction", "0.5") == 0
+    pv = json.loads((saved_tiny / "pv" / "physkern.json").read_text())["finetune"]
+    assert pv["code_update_every"] == 1 and pv["code_update_fraction"] == 0.5
+    assert len(pv["code_updates"]) == 2   # before steps 1 and 2 (of 3)
 
 
 @pytest.mark.parametrize("recipe,msg", [
@@ -88,6 +95,12 @@ def test_quantize_recipe_with_finetuning(saved_tiny, capsys):
     ("RECIPES:plain --finetune-steps 2 --finetune-windows 2",
      r"--finetune\.windows must be null .* > holdout = 2"),
     ("RECIPES:plain --finetune-steps 2 --finetune-windows 100000", "holds only"),
+    ("RECIPES:plain --finetune-code-update-every 1",
+     "--finetune-code-update-every needs --finetune-steps N"),
+    ("RECIPES:plain --finetune-steps 2 --finetune-code-update-every 5",
+     r"code_update_every must be < steps"),
+    ("RECIPES:plain --finetune-steps 3 --finetune-code-update-every 1 "
+     "--finetune-code-update-fraction 1.5", r"code_update_fraction must be a number in \(0, 1\]"),
 ])
 def test_quantize_bad_recipe(saved_tiny, capsys, recipe, msg):
     import re

@@ -91,6 +91,12 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-windows", type=int, default=None,
                    help="fine-tune on this many non-overlapping calibration windows (default: "
                         "the quantizer's calibration windows)")
+    g.add_argument("--finetune-code-update-every", type=int, default=None,
+                   help="also re-assign codes (indices) before every Nth step, PV-tuning style "
+                        "(physkern.quant.code_update; same bits; default 0 = off, or the recipe's)")
+    g.add_argument("--finetune-code-update-fraction", type=float, default=None,
+                   help="share of each layer's block columns a code update visits, in (0, 1] "
+                        "(default 0.1, or the recipe's)")
 
 
 def _given_config_flags(args: argparse.Namespace) -> list[str]:
@@ -174,12 +180,16 @@ def recipe_from_args(args: argparse.Namespace):
         "window": args.calib_window if args.calib_window is not None else cal["window"]}
     given = {k: v for k, v in (("steps", args.finetune_steps), ("lr", args.finetune_lr),
                                ("schedule", args.finetune_schedule),
-                               ("windows", args.finetune_windows)) if v is not None}
+                               ("windows", args.finetune_windows),
+                               ("code_update_every", args.finetune_code_update_every),
+                               ("code_update_fraction", args.finetune_code_update_fraction))
+             if v is not None}
     if given.get("steps") == 0:
         changes["finetune"] = None
     elif given:
         if recipe.finetune is None and "steps" not in given:
-            raise ValueError(f"--finetune-{sorted(given)[0]} needs --finetune-steps N (no "
+            raise ValueError(f"--finetune-{sorted(given)[0].replace('_', '-')} needs "
+                             "--finetune-steps N (no "
                              "recipe fine-tuning to adjust)")
         # flags override the recipe's own spec key by key; the rest are the defaults
         changes["finetune"] = parse_finetune({**(recipe.finetune or {}), **given}, "--finetune")
