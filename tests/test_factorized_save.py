@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from _alloc_guard import guard_allocations
+
 import physkern
 from physkern.methods.factorized import apply_factorization, check_savable
 from physkern.methods.lowrank import SVDConfig
@@ -294,19 +296,7 @@ def test_truncated_file(crafted, cut):
 def test_inflated_bonds_fail_before_allocating(crafted, monkeypatch):
     """A bond of 2**40 in the layout (cores of terabytes) is refused against the header."""
     _edit_meta(crafted, lambda f: f[MPO_LAYER].update(bonds=[1, 2**40, 1]))
-    real = {n: getattr(torch, n) for n in ("zeros", "empty", "ones", "full")}
-
-    def guarded(n):
-        def f(*size, **kw):
-            shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list)) else size
-            numel = 1
-            for s in shape:
-                numel *= int(s)
-            assert numel < 10**7, f"torch.{n}{tuple(shape)} allocated while loading"
-            return real[n](*size, **kw)
-        return f
-    for n in real:
-        monkeypatch.setattr(torch, n, guarded(n))
+    guard_allocations(monkeypatch)
     _load_fails(crafted, ST, f"layer {MPO_LAYER}", "cores.0 has shape", str(2**40))
 
 

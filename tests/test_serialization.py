@@ -20,6 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from _alloc_guard import guard_allocations
+
 from physkern.api import quantize
 from physkern.config import CodebookConfig
 from physkern.layers import QuantizedLinear
@@ -152,19 +154,7 @@ def test_inflated_sizes_fail_fast_without_allocating(crafted, monkeypatch, field
             if field == "out_features":
                 meta["quantized_layers"][name]["codebook_rows"] = value
     _edit_meta(crafted, inflate)
-    real = {n: getattr(torch, n) for n in ("zeros", "empty", "ones", "full")}
-
-    def guarded(n):
-        def f(*size, **kw):
-            shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list)) else size
-            numel = 1
-            for s in shape:
-                numel *= int(s)
-            assert numel < 10**7, f"torch.{n}{tuple(shape)} allocated while loading"
-            return real[n](*size, **kw)
-        return f
-    for n in real:
-        monkeypatch.setattr(torch, n, guarded(n))
+    guard_allocations(monkeypatch)
     t0 = time.perf_counter()
     msg = _load_fails(crafted, MARKER if field != "stages" else ST, f"layer {LAYER}", field
                       if field != "stages" else "packed")
