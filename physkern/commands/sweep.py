@@ -39,14 +39,21 @@ def _eval_kwargs(args: argparse.Namespace) -> dict:
 
 # ---- sweep quant ------------------------------------------------------------------------------
 
-def _register_quant(kinds) -> None:
-    p = kinds.add_parser(
-        "quant", help="perplexity vs true bits/weight for a list of quantization recipes",
-        description="Quantizes the model with every recipe (and seed) of a JSON recipes file and "
-                    "records perplexity on the evaluation text and true bits (accounting). "
-                    "Resumable: points already in the output JSON are skipped.")
+def _evaluating_kind(kinds, name: str, help: str, description: str, **eval_kw):
+    """A sweep kind's parser with the model / corpus / evaluation arguments every such kind
+    takes (_common's)."""
+    p = kinds.add_parser(name, help=help, description=description)
     add_model_corpus_args(p)
-    add_eval_args(p, tokens_default=quant_sweep.DEFAULT_TOKENS)
+    add_eval_args(p, **eval_kw)
+    return p
+
+
+def _register_quant(kinds) -> None:
+    p = _evaluating_kind(
+        kinds, "quant", "perplexity vs true bits/weight for a list of quantization recipes",
+        "Quantizes the model with every recipe (and seed) of a JSON recipes file and records "
+        "perplexity on the evaluation text and true bits (accounting). Resumable: points "
+        "already in the output JSON are skipped.", tokens_default=quant_sweep.DEFAULT_TOKENS)
     p.add_argument("--recipes", required=True,
                    help="JSON list of {name, config, smooth, prune, finetune, lattice, seeds, "
                         "label, note}")
@@ -112,13 +119,11 @@ def parse_xi(text: str) -> float:
 
 
 def _register_xi(kinds) -> None:
-    p = kinds.add_parser(
-        "xi", help="perplexity and attention work vs lattice correlation length xi",
-        description="Runs the model with lattice attention (bias -(i-j)/xi) for each xi and "
-                    "records perplexity and the fraction of key blocks visited under the derived "
-                    "truncation distance. Offline on the packaged model and text by default.")
-    add_model_corpus_args(p)
-    add_eval_args(p)
+    p = _evaluating_kind(
+        kinds, "xi", "perplexity and attention work vs lattice correlation length xi",
+        "Runs the model with lattice attention (bias -(i-j)/xi) for each xi and records "
+        "perplexity and the fraction of key blocks visited under the derived truncation "
+        "distance. Offline on the packaged model and text by default.")
     p.add_argument("--xi", nargs="+", type=parse_xi,
                    default=[float(x) for x in xi_sweep.DEFAULT_XI],
                    help="correlation lengths (tokens), 'inf' = plain causal "
