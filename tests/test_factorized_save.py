@@ -11,13 +11,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _alloc_guard import guard_allocations
+from _crafted import edit_meta, fresh_copy, guard_allocations
 
 import physkern
 from physkern.methods.factorized import apply_factorization, check_savable
@@ -74,15 +73,11 @@ def saved(fact_llama, tmp_path_factory):
 
 @pytest.fixture
 def crafted(saved, tmp_path):
-    d = tmp_path / "crafted"
-    shutil.copytree(saved, d)
-    return d
+    return fresh_copy(saved, tmp_path)
 
 
 def _edit_meta(d, fn):
-    meta = json.loads((d / MARKER).read_text())
-    fn(meta["factorized_layers"])
-    (d / MARKER).write_text(json.dumps(meta))
+    edit_meta(d, fn, "factorized_layers")
 
 
 def _edit_tensors(d, fn):

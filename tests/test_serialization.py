@@ -10,7 +10,6 @@ model without overwrite=True, and a save killed midway leaves the previous model
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _alloc_guard import guard_allocations
+from _crafted import edit_meta, fresh_copy, guard_allocations
 
 from physkern.api import quantize
 from physkern.config import CodebookConfig
@@ -71,15 +70,11 @@ def saved(q_gpt2, tmp_path_factory):
 @pytest.fixture
 def crafted(saved, tmp_path):
     """A fresh copy of the saved model to tamper with."""
-    d = tmp_path / "crafted"
-    shutil.copytree(saved, d)
-    return d
+    return fresh_copy(saved, tmp_path)
 
 
 def _edit_meta(d, fn):
-    meta = json.loads((d / MARKER).read_text())
-    fn(meta)
-    (d / MARKER).write_text(json.dumps(meta))
+    edit_meta(d, fn)
 
 
 def _edit_tensors(d, fn):

@@ -1,6 +1,27 @@
-"""A guard for loader tests: fail if loading allocates a large tensor (a crafted file must be
+"""Helpers for loader tests that tamper with a saved model: a fresh copy to edit, an edit of its
+physkern.json, and a guard that fails if loading allocates a large tensor (a crafted file must be
 refused against its header before anything it describes is allocated)."""
+import json
+import shutil
+from pathlib import Path
+
 import torch
+
+from physkern.serialization import MARKER
+
+
+def fresh_copy(saved: Path, tmp_path: Path) -> Path:
+    """A copy of the saved model directory `saved` under tmp_path, to tamper with."""
+    d = tmp_path / "crafted"
+    shutil.copytree(saved, d)
+    return d
+
+
+def edit_meta(d: Path, fn, key=None) -> None:
+    """Apply fn to physkern.json of directory d (to its `key` entry if given) and write it back."""
+    meta = json.loads((d / MARKER).read_text())
+    fn(meta if key is None else meta[key])
+    (d / MARKER).write_text(json.dumps(meta))
 
 _FACTORIES = ("zeros", "empty", "ones", "full")
 
