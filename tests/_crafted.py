@@ -5,9 +5,10 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
-from physkern.serialization import MARKER
+from physkern.serialization import MARKER, load_quantized
 
 
 def fresh_copy(saved: Path, tmp_path: Path) -> Path:
@@ -24,6 +25,18 @@ def edit_meta(d: Path, fn, key=None) -> None:
     (d / MARKER).write_text(json.dumps(meta))
 
 _FACTORIES = ("zeros", "empty", "ones", "full")
+
+
+def load_fails(d: Path, *patterns: str) -> str:
+    """load_quantized(d) raises one ValueError whose one-line message holds every pattern;
+    returns the message."""
+    with pytest.raises(ValueError) as exc:
+        load_quantized(d)
+    msg = str(exc.value)
+    for p in patterns:
+        assert p in msg, f"{p!r} not in {msg!r}"
+    assert "\n" not in msg
+    return msg
 
 
 def guard_allocations(monkeypatch, max_numel: int = 10**7) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _crafted import edit_meta, fresh_copy, guard_allocations
+from _crafted import edit_meta, fresh_copy, guard_allocations, load_fails
 
 import physkern
 from physkern.methods.factorized import apply_factorization, check_savable
@@ -86,14 +86,6 @@ def _edit_tensors(d, fn):
     save_file(sd, str(d / ST), metadata={"format": "pt"})
 
 
-def _load_fails(d, *patterns):
-    with pytest.raises(ValueError) as exc:
-        load_quantized(d)
-    msg = str(exc.value)
-    for p in patterns:
-        assert p in msg, f"{p!r} not in {msg!r}"
-    assert "\n" not in msg
-    return msg
 
 
 # ---- round trips ---------------------------------------------------------------------------
@@ -228,25 +220,25 @@ def test_saving_checks_layouts_and_stays_atomic(fact_llama, tmp_path, monkeypatc
 ])
 def test_bad_factorized_metadata(crafted, layer, field, value, says):
     _edit_meta(crafted, lambda f: f[layer].update({field: value}))
-    _load_fails(crafted, MARKER, f"layer {layer}", says)
+    load_fails(crafted, MARKER, f"layer {layer}", says)
 
 
 def test_layouts_must_match_the_model(crafted):
     def swap(f):  # a layout valid on its own, on a layer of another shape
         f["model.layers.0.mlp.down_proj"] = f.pop(MPO_LAYER)
     _edit_meta(crafted, swap)
-    _load_fails(crafted, MARKER, "layer model.layers.0.mlp.down_proj",
+    load_fails(crafted, MARKER, "layer model.layers.0.mlp.down_proj",
                 "in_features 32, out_features 64 do not match the model's 64, 32")
     _edit_meta(crafted, lambda f: f.update({MPO_LAYER: f.pop("model.layers.0.mlp.down_proj"),
                                             "model.layers.9.nothing": f[SVD_LAYER]}))
-    _load_fails(crafted, MARKER, "layer model.layers.9.nothing", "no linear layer")
+    load_fails(crafted, MARKER, "layer model.layers.9.nothing", "no linear layer")
 
 
 def test_factorized_needs_version_2(crafted):
     meta = json.loads((crafted / MARKER).read_text())
     meta["format_version"] = 1
     (crafted / MARKER).write_text(json.dumps(meta))
-    _load_fails(crafted, MARKER, "factorized_layers need format_version 2")
+    load_fails(crafted, MARKER, "factorized_layers need format_version 2")
 
 
 def test_wrong_bond_dims_in_file_and_meta(crafted, fact_llama):
@@ -254,45 +246,45 @@ def test_wrong_bond_dims_in_file_and_meta(crafted, fact_llama):
     chain breaks at core 1 (its left bond no longer matches), caught on the header."""
     r = fact_llama.get_submodule(MPO_LAYER).cores[0].shape[3]
     _edit_meta(crafted, lambda f: f[MPO_LAYER].update(bonds=[1, r + 1, 1]))
-    _load_fails(crafted, ST, f"layer {MPO_LAYER}", "cores.0 has shape",
+    load_fails(crafted, ST, f"layer {MPO_LAYER}", "cores.0 has shape",
                 f"implies [1, 8, 8, {r + 1}]")
     _edit_tensors(crafted, lambda sd: sd.update({f"{MPO_LAYER}.cores.0": torch.zeros(
         1, 8, 8, r + 1, dtype=torch.float16)}))
-    _load_fails(crafted, ST, f"layer {MPO_LAYER}", "cores.1 has shape",
+    load_fails(crafted, ST, f"layer {MPO_LAYER}", "cores.1 has shape",
                 f"implies [{r + 1}, 8, 4, 1]")
 
 
 def test_wrong_dtype_in_file(crafted):
     _edit_tensors(crafted, lambda sd: sd.update({f"{SVD_LAYER}.up": sd[f"{SVD_LAYER}.up"].float()}))
-    _load_fails(crafted, ST, f"layer {SVD_LAYER}", "up has dtype F32", "implies float16")
+    load_fails(crafted, ST, f"layer {SVD_LAYER}", "up has dtype F32", "implies float16")
 
 
 def test_wrong_dtype_in_meta(crafted):
     _edit_meta(crafted, lambda f: f[MPO_LAYER].update(dtype="bfloat16"))
-    _load_fails(crafted, ST, f"layer {MPO_LAYER}", "cores.0 has dtype F16", "implies bfloat16")
+    load_fails(crafted, ST, f"layer {MPO_LAYER}", "cores.0 has dtype F16", "implies bfloat16")
 
 
 def test_missing_and_unexpected_factor(crafted):
     _edit_tensors(crafted, lambda sd: sd.pop(f"{MPO_LAYER}.cores.1"))
-    _load_fails(crafted, ST, f"layer {MPO_LAYER}", "tensor cores.1 is missing")
+    load_fails(crafted, ST, f"layer {MPO_LAYER}", "tensor cores.1 is missing")
     _edit_tensors(crafted, lambda sd: sd.update({
         f"{MPO_LAYER}.cores.1": torch.zeros(3, 8, 4, 1, dtype=torch.float16),
         f"{MPO_LAYER}.cores.2": torch.zeros(1)}))
-    _load_fails(crafted, ST, "unexpected tensors", f"{MPO_LAYER}.cores.2")
+    load_fails(crafted, ST, "unexpected tensors", f"{MPO_LAYER}.cores.2")
 
 
 @pytest.mark.parametrize("cut", [8, 2000, 100])
 def test_truncated_file(crafted, cut):
     data = (crafted / ST).read_bytes()
     (crafted / ST).write_bytes(data[:cut] if cut < 1000 else data[:-cut])
-    _load_fails(crafted, ST)
+    load_fails(crafted, ST)
 
 
 def test_inflated_bonds_fail_before_allocating(crafted, monkeypatch):
     """A bond of 2**40 in the layout (cores of terabytes) is refused against the header."""
     _edit_meta(crafted, lambda f: f[MPO_LAYER].update(bonds=[1, 2**40, 1]))
     guard_allocations(monkeypatch)
-    _load_fails(crafted, ST, f"layer {MPO_LAYER}", "cores.0 has shape", str(2**40))
+    load_fails(crafted, ST, f"layer {MPO_LAYER}", "cores.0 has shape", str(2**40))
 
 
 # ---- the CLI -------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _crafted import edit_meta, fresh_copy, guard_allocations
+from _crafted import edit_meta, fresh_copy, guard_allocations, load_fails
 
 from physkern.api import quantize
 from physkern.config import CodebookConfig
@@ -86,14 +86,6 @@ def _edit_tensors(d, fn):
     save_file(sd, str(d / ST), metadata=md)
 
 
-def _load_fails(d, *patterns):
-    with pytest.raises(ValueError) as exc:
-        load_quantized(d)
-    msg = str(exc.value)
-    for p in patterns:
-        assert p in msg, f"{p!r} not in {msg!r}"
-    assert "\n" not in msg
-    return msg
 
 
 # ---- round trips ---------------------------------------------------------------------------
@@ -122,7 +114,7 @@ def test_index_out_of_range_rejected(crafted, q_gpt2):
         idx[0, 7, 3] = 7
         sd[f"{LAYER}.packed"] = pack_indices(idx, bits)
     _edit_tensors(crafted, poison)
-    msg = _load_fails(crafted, ST, f"layer {LAYER}", "index 7", "row 7", "block 3", "k = 5")
+    msg = load_fails(crafted, ST, f"layer {LAYER}", "index 7", "row 7", "block 3", "k = 5")
     assert "stage 0" in msg
 
 
@@ -135,7 +127,7 @@ def test_index_equal_to_k_rejected_even_for_k1(tiny_gpt2, tmp_path):
         p = sd[f"{LAYER}.packed"]
         p[0, 0, 0] = 1
     _edit_tensors(d, poison)
-    _load_fails(d, ST, f"layer {LAYER}", "index 1", "k = 1")
+    load_fails(d, ST, f"layer {LAYER}", "index 1", "k = 1")
 
 
 @pytest.mark.parametrize("field,value", [("k", 2**27), ("stages", 2**20),
@@ -151,14 +143,14 @@ def test_inflated_sizes_fail_fast_without_allocating(crafted, monkeypatch, field
     _edit_meta(crafted, inflate)
     guard_allocations(monkeypatch)
     t0 = time.perf_counter()
-    msg = _load_fails(crafted, MARKER if field != "stages" else ST, f"layer {LAYER}", field
+    msg = load_fails(crafted, MARKER if field != "stages" else ST, f"layer {LAYER}", field
                       if field != "stages" else "packed")
     assert time.perf_counter() - t0 < 30, msg
 
 
 def test_inflated_stages_message(crafted):
     _edit_meta(crafted, lambda m: m["quantized_layers"][LAYER].update(stages=2**20))
-    msg = _load_fails(crafted, ST, f"layer {LAYER}", "packed has shape [1, 96, 2]",
+    msg = load_fails(crafted, ST, f"layer {LAYER}", "packed has shape [1, 96, 2]",
                       f"{MARKER} implies [1048576, 96, 2]")
     assert msg.index("packed") < msg.index("implies")
 
@@ -180,100 +172,100 @@ def test_inflated_stages_message(crafted):
 ])
 def test_bad_layer_metadata(crafted, field, value, says):
     _edit_meta(crafted, lambda m: m["quantized_layers"][LAYER].update({field: value}))
-    _load_fails(crafted, MARKER, f"layer {LAYER}", says)
+    load_fails(crafted, MARKER, f"layer {LAYER}", says)
 
 
 def test_layer_meta_must_match_the_model(crafted):
     _edit_meta(crafted, lambda m: m["quantized_layers"][LAYER].update(kind="linear"))
-    _load_fails(crafted, MARKER, f"layer {LAYER}", "do not match the model's conv1d")
+    load_fails(crafted, MARKER, f"layer {LAYER}", "do not match the model's conv1d")
     _edit_meta(crafted, lambda m: m["quantized_layers"].update(
         {"transformer.h.9.nothing": m["quantized_layers"][LAYER]},
         **{LAYER: {**m["quantized_layers"][LAYER], "kind": "conv1d"}}))
-    _load_fails(crafted, MARKER, "layer transformer.h.9.nothing", "no linear layer")
+    load_fails(crafted, MARKER, "layer transformer.h.9.nothing", "no linear layer")
 
 
 def test_dtype_mismatch(crafted):
     _edit_tensors(crafted, lambda sd: sd.update(
         {f"{LAYER}.codebooks": sd[f"{LAYER}.codebooks"].float()}))
-    _load_fails(crafted, ST, f"layer {LAYER}", "codebooks has dtype F32",
+    load_fails(crafted, ST, f"layer {LAYER}", "codebooks has dtype F32",
                 f"{MARKER} implies float16")
 
 
 def test_packed_dtype_mismatch(crafted):
     _edit_tensors(crafted, lambda sd: sd.update(
         {f"{LAYER}.packed": sd[f"{LAYER}.packed"].to(torch.int64)}))
-    _load_fails(crafted, ST, f"layer {LAYER}", "packed has dtype I64", "implies int32")
+    load_fails(crafted, ST, f"layer {LAYER}", "packed has dtype I64", "implies int32")
 
 
 def test_shape_mismatch(crafted):
     _edit_tensors(crafted, lambda sd: sd.update(
         {f"{LAYER}.packed": sd[f"{LAYER}.packed"][:, :, :1].contiguous()}))
-    _load_fails(crafted, ST, f"layer {LAYER}", "packed has shape [1, 96, 1]",
+    load_fails(crafted, ST, f"layer {LAYER}", "packed has shape [1, 96, 1]",
                 "implies [1, 96, 2]")
 
 
 def test_unquantized_shape_mismatch(crafted):
     _edit_tensors(crafted, lambda sd: sd.update(
         {"transformer.wpe.weight": sd["transformer.wpe.weight"][:10].contiguous()}))
-    _load_fails(crafted, ST, "transformer.wpe.weight", "has shape [10, 32]",
+    load_fails(crafted, ST, "transformer.wpe.weight", "has shape [10, 32]",
                 "config.json implies [64, 32]")
 
 
 def test_missing_tensor(crafted):
     _edit_tensors(crafted, lambda sd: sd.pop(f"{LAYER}.scales"))
-    _load_fails(crafted, ST, f"layer {LAYER}", "scales is missing")
+    load_fails(crafted, ST, f"layer {LAYER}", "scales is missing")
 
 
 def test_missing_unquantized_tensor(crafted):
     _edit_tensors(crafted, lambda sd: sd.pop("transformer.ln_f.weight"))
-    _load_fails(crafted, ST, "missing tensors", "transformer.ln_f.weight")
+    load_fails(crafted, ST, "missing tensors", "transformer.ln_f.weight")
 
 
 def test_unexpected_tensor(crafted):
     _edit_tensors(crafted, lambda sd: sd.update({f"{LAYER}.offsets": torch.zeros(96, 1)}))
-    _load_fails(crafted, ST, "unexpected tensors", f"{LAYER}.offsets")
+    load_fails(crafted, ST, "unexpected tensors", f"{LAYER}.offsets")
 
 
 @pytest.mark.parametrize("keep", [0, 5, 8, 100, -64])
 def test_truncated_safetensors(crafted, keep):
     data = (crafted / ST).read_bytes()
     (crafted / ST).write_bytes(data[:keep] if keep >= 0 else data[:len(data) + keep])
-    _load_fails(crafted, ST)
+    load_fails(crafted, ST)
 
 
 def test_corrupt_safetensors_header(crafted):
     data = bytearray((crafted / ST).read_bytes())
     data[8:12] = b"\xff\xfe{["
     (crafted / ST).write_bytes(bytes(data))
-    _load_fails(crafted, ST, "header")
+    load_fails(crafted, ST, "header")
 
 
 def test_missing_safetensors(crafted):
     (crafted / ST).unlink()
-    _load_fails(crafted, ST, "missing")
+    load_fails(crafted, ST, "missing")
 
 
 @pytest.mark.parametrize("text", ["{not json", "", "[1, 2]", "\xff\xfe", '{"format_version": 1}'])
 def test_garbage_json(crafted, text):
     (crafted / MARKER).write_bytes(text.encode("latin-1"))
-    _load_fails(crafted, MARKER)
+    load_fails(crafted, MARKER)
 
 
 @pytest.mark.parametrize("version", [3, 0, "1", None, 1.0, True])  # 2: factorized layers
 def test_unknown_format_version(crafted, version):
     _edit_meta(crafted, lambda m: m.update(format_version=version))
-    _load_fails(crafted, MARKER, "format_version")
+    load_fails(crafted, MARKER, "format_version")
 
 
 def test_garbage_tokenizer(q_gpt2, tmp_path):
     d = save_quantized(q_gpt2, tmp_path / "t", tokenizer=_tokenizer())
     (d / "tokenizer.json").write_text('{"model": 1}')
-    _load_fails(d, "tokenizer.json")
+    load_fails(d, "tokenizer.json")
 
 
 def test_garbage_config(crafted):
     (crafted / "config.json").write_text("{nope")
-    _load_fails(crafted, "config.json")
+    load_fails(crafted, "config.json")
 
 
 # ---- saving --------------------------------------------------------------------------------
