@@ -65,12 +65,15 @@ def _register_gemv_lut_fakes() -> None:
             return packed.new_empty(packed.shape[0], (packed.shape[1] + rows - 1) // rows, vecs,
                                     64, dtype=torch.uint8)
 
-        @torch.library.register_fake(_GEMV_LUT_OP)
-        def _(x, lut_idx, codebooks, scales, offsets, bias, in_features, codebook_rows,
-              group_slices):
-            return x.new_empty(*x.shape[:-1], codebooks.shape[1] * codebook_rows)
+        torch.library.register_fake(_GEMV_LUT_OP)(_gemv_fake)
     except RuntimeError:  # already registered (module reloaded)
         pass
+
+
+def _gemv_fake(x, lut_idx, codebooks, scales, offsets, bias, in_features, codebook_rows,
+               group_slices):
+    """Shape function of both LUT GEMV ops: x [..., in] -> [..., n_codebooks * codebook_rows]."""
+    return x.new_empty(*x.shape[:-1], codebooks.shape[1] * codebook_rows)
 
 
 def gemv_lut_rows_per_tile(k: int) -> int:
@@ -191,10 +194,7 @@ def lut16_available() -> bool:
 
 def _register_fake() -> None:
     try:
-        @torch.library.register_fake(LUT16_OP)
-        def _(x, lut_idx, codebooks, scales, offsets, bias, in_features, codebook_rows,
-              group_slices):
-            return x.new_empty(*x.shape[:-1], codebooks.shape[1] * codebook_rows)
+        torch.library.register_fake(LUT16_OP)(_gemv_fake)
     except RuntimeError:  # already registered (module reloaded)
         pass
 
