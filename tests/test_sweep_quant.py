@@ -213,3 +213,45 @@ def test_sweep_quant_is_a_plain_function(tiny_setup, capsys):
     import physkern.sweeps.xi
     for mod in (quant, physkern.sweeps.plot, physkern.sweeps.xi):
         assert not hasattr(mod, "register_sweep") and not hasattr(mod, "argparse")
+
+
+def test_also_eval_scores_other_corpus_with_the_same_protocol(tiny_setup, tmp_path, capsys):
+    """--also-eval: new points and the existing FP point get the other corpus's perplexity,
+    equal to an independent evaluation of that corpus's evaluation part; the resume key and
+    the wiki figures are untouched."""
+    from physkern.cli import main
+    from physkern.data import evaluation_tokens, load_corpus
+    from physkern.eval import perplexity
+    from physkern.models import load_model
+    root = tiny_setup
+    rng = random.Random(1)
+    other = "\n\n".join(" ".join(rng.choice(["alpha", "omega", "beta"]) for _ in range(60)) + "."
+                        for _ in range(12)) + "\n"
+    (tmp_path / "other.txt").write_text(other)
+    out = ["--out-dir", str(tmp_path / "o"), "--only", "fp", "rtn4"]
+    assert main(_args(root, *out)) == 0                    # without: no other_corpora
+    first = json.loads((tmp_path / "o" / "recipes.json").read_text())["points"]
+    assert all("other_corpora" not in p for p in first)
+    assert main(_args(root, *out, "--also-eval", str(root / "corpus.txt"))) == 2  # itself
+    assert "also-eval" in capsys.readouterr().err
+    assert main(_args(root, *out, "--also-eval", str(tmp_path / "other.txt"))) == 0
+    pts = json.loads((tmp_path / "o" / "recipes.json").read_text())["points"]
+    fp = next(p for p in pts if p["recipe"] == "fp")
+    got = fp["other_corpora"][str(tmp_path / "other.txt")]
+    model, tok = load_model(str(root / "model"))
+    toks = evaluation_tokens(tok, load_corpus(str(tmp_path / "other.txt")), 192)
+    ref = perplexity(model, toks, 32, None, 1)
+    assert got["perplexity"] == pytest.approx(ref.perplexity, rel=1e-6)
+    assert got["tokens_scored"] == ref.tokens_scored
+    assert got["perplexity"] != pytest.approx(fp["perplexity"], rel=1e-3)  # really another text
+    # the quantized point was already done: skipped, not rescored (it would need requantizing)
+    rtn = next(p for p in pts if p["recipe"] == "rtn4")
+    assert "other_corpora" not in rtn
+    assert [p["perplexity"] for p in pts] == [p["perplexity"] for p in first]
+    # a new point gets it
+    assert main(_args(root, "--out-dir", str(tmp_path / "o2"), "--only", "rtn4",
+                      "--also-eval", str(tmp_path / "other.txt"))) == 0
+    res = json.loads((tmp_path / "o2" / "recipes.json").read_text())
+    assert "other_corpora" in res["points"][0]
+    assert "other_corpora" in res["summary"][0]
+    assert "Out of the calibration domain" in capsys.readouterr().out

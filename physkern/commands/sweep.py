@@ -73,13 +73,18 @@ def _register_quant(kinds) -> None:
                    help="start over: move an existing output JSON aside to "
                         "<name>.json.bak-<UTC timestamp> (kept, not deleted) instead of resuming "
                         "from it")
+    p.add_argument("--also-eval", nargs="+", default=None, metavar="CORPUS",
+                   help="also score every new point on the evaluation part of these corpora "
+                        "(e.g. c4: text outside the calibration domain), same tokens and "
+                        "windows; recorded per point under other_corpora")
     p.set_defaults(func=_run_quant)
 
 
 def _run_quant(args: argparse.Namespace) -> int:
     quant_sweep.run(args.recipes, name=args.name, out_dir=args.out_dir, only=args.only,
                     calib_windows=args.calib_windows, calib_window=args.calib_window,
-                    seeds=args.seeds, fresh=args.fresh, **_eval_kwargs(args))
+                    seeds=args.seeds, fresh=args.fresh, also_eval=args.also_eval,
+                    **_eval_kwargs(args))
     return 0
 
 

@@ -213,7 +213,7 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
         stride: int | None = None, batch_size: int = 1, name: str | None = None,
         out_dir: str = DEFAULT_OUT_DIR, only: list[str] | None = None, calib_windows: int = 32,
         calib_window: int | None = None, seeds: list[int] | None = None,
-        fresh: bool = False) -> Path:
+        fresh: bool = False, also_eval: list[str] | None = None) -> Path:
     """Run every recipe (and seed) of the recipes file `recipes`; returns the results JSON path
     (<out_dir>/<name>.json, name defaulting to the file's stem; a PNG and a markdown table are
     written / printed beside it).
@@ -223,10 +223,14 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
     tokens (None = min(context, 1024)) with `stride` (None = window), `batch_size` windows per
     forward. Calibration: `calib_windows` windows of `calib_window` tokens (None = window).
     only: run only these recipe names; seeds: override the seeds of every random recipe;
-    fresh: move an existing results file aside instead of resuming from it. Bad values raise
-    ValueError naming the argument.
+    fresh: move an existing results file aside instead of resuming from it. also_eval: other
+    corpora (load_corpus specs, e.g. ["c4"]) whose evaluation part every new point is also
+    scored on, with the same token count and windows (out of the calibration domain: the
+    recipes calibrate and fine-tune on `corpus` only); recorded per point under
+    "other_corpora", never part of the resume key; a plain full-precision point already in the
+    file gets the missing ones filled in. Bad values raise ValueError naming the argument.
     """
-    from ..data import evaluation_tokens, load_corpus
+    from ..data import DEFAULT_CORPUS, evaluation_tokens, load_corpus
     from ..eval import perplexity
     from ..models import decoder_linear_layers, load_model, resolve_model_name
     from ..provenance import provenance, versions, write_json
@@ -246,6 +250,10 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
         raise ValueError(f"seeds must be non-negative integers, got {seeds}")
     if calib_windows <= 0:
         raise ValueError(f"calib-windows must be positive, got {calib_windows}")
+    also_eval = list(dict.fromkeys(also_eval or []))
+    if (corpus or DEFAULT_CORPUS) in also_eval:
+        raise ValueError(f"also-eval: {also_eval} includes the calibration/evaluation corpus "
+                         f"{corpus or DEFAULT_CORPUS!r}; name other corpora only")
     name = name or Path(recipes_file).stem
     json_path = Path(out_dir) / f"{name}.json"
     old = None
@@ -263,6 +271,9 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
     calib_window = calib_window or window
     resolve_window(model, calib_window)
     tokens = evaluation_tokens(tokenizer, corpus, n_tokens or None)
+    others = {spec: load_corpus(spec) for spec in also_eval}
+    other_tokens = {spec: evaluation_tokens(tokenizer, c, n_tokens or None)
+                    for spec, c in others.items()}
     model_name = resolve_model_name(model_spec)
     setup = {"model": model_name, "corpus": corpus.describe(),
              "protocol": {"kind": "non-overlapping" if stride in (None, window) else "sliding",
@@ -285,6 +296,20 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
         points = old["points"]
     done = {_key_of(p) for p in points}
 
+    def score_others(m, have: dict | None = None) -> dict:
+        """Perplexity of m on every also-eval corpus not in `have` (same protocol as wiki)."""
+        out = dict(have or {})
+        for spec, toks in other_tokens.items():
+            if spec in out:
+                continue
+            o = perplexity(m, toks, window, stride, batch_size, model_name=model_name,
+                           corpus_name=others[spec].name)
+            out[spec] = {"perplexity": o.perplexity, "mean_nll": o.mean_nll,
+                         "tokens_scored": o.tokens_scored, "windows": o.windows,
+                         "corpus": others[spec].describe(), "seconds": o.seconds}
+            print(f"  {spec}: perplexity {o.perplexity:.3f} ({o.tokens_scored} tokens)")
+        return out
+
     def save():
         payload = {"experiment": "quantization recipes: perplexity vs true bits/weight",
                    "recipes_file": str(recipes_file), "setup": setup,
@@ -298,6 +323,16 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
             raise ValueError(f"recipe {r.name!r}: calibration {r.calibration} differs from this "
                              f"sweep's {sweep_calibration}; a sweep calibrates every point the "
                              "same way: set it with --calib-windows / --calib-window")
+    if other_tokens:  # plain full-precision points: scoring them again is cheap and exact
+        plain = {r.name for r in recipes if r.config is None and r.embedding is None
+                 and not (r.smooth or r.prune or r.finetune or r.lattice or r.factorize)}
+        for p in points:
+            if p["recipe"] in plain and set(other_tokens) - set(p.get("other_corpora", {})):
+                print(f"{p['recipe']}: scoring {sorted(other_tokens)}")
+                m, _ = load_model(model_spec, device=device)
+                p["other_corpora"] = score_others(m, p.get("other_corpora"))
+                del m
+                save()
     for r in recipes:
         varies = r.is_random()
         point_seeds = (seeds or r.seeds) if varies else r.seeds[:1]
@@ -362,6 +397,8 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
                          "tokens": int(calib.numel()), "seed": seed},
                      "seconds_quantize": t_q, "seconds_eval": res.seconds,
                      "note": r.note}
+            if other_tokens:
+                point["other_corpora"] = score_others(m)
             if report is not None:
                 point["layers"] = [{"name": l.name, "bits_per_weight": l.bits_per_weight,
                                     "relative_weight_error": l.relative_weight_error,
@@ -409,6 +446,7 @@ def summarize(points: list[dict]) -> list[dict]:
                     "model_bits_per_weight": mean("model_bits_per_weight"),
                     "seeds_formula_bits_per_weight": mean("seeds_formula_bits_per_weight"),
                     "tokens_scored": ps[0]["tokens_scored"],
+                    **_other_means(ps),
                     **({"prune": {k: ps[0]["prune"][k] for k in
                                   ("spec", "ranks", "parameters_removed", "removed_fraction")}}
                        if ps[0].get("prune") else {}),
@@ -418,6 +456,21 @@ def summarize(points: list[dict]) -> list[dict]:
                                      "kept": [p["finetune"]["kept"] for p in ps]}}
                        if ps[0].get("finetune") else {})})
     return out
+
+
+def _other_means(ps: list[dict]) -> dict:
+    """{"other_corpora": {spec: {perplexity_mean, seeds}}} over the points scored on each other
+    corpus ({} when none was)."""
+    specs = sorted({s for p in ps for s in p.get("other_corpora", {})})
+    if not specs:
+        return {}
+    out = {}
+    for spec in specs:
+        got = [p for p in ps if spec in p.get("other_corpora", {})]
+        out[spec] = {"perplexity_mean": statistics.fmean(p["other_corpora"][spec]["perplexity"]
+                                                         for p in got),
+                     "seeds": [p["seed"] for p in got]}
+    return {"other_corpora": out}
 
 
 def markdown_table(payload: dict) -> str:
@@ -449,6 +502,14 @@ def markdown_table(payload: dict) -> str:
                              f"{s['prune']['parameters_removed']:,} decoder linear parameters "
                              f"removed ({s['prune']['removed_fraction']:.2%}), ranks "
                              f"{s['prune']['ranks']}")
+    other = [s for s in payload["summary"] if "other_corpora" in s]
+    if other:
+        lines += ["", "Out of the calibration domain (same token count and windows, evaluation "
+                  "part of another packaged corpus): " + "; ".join(
+                      f"{s['recipe']} " + ", ".join(
+                          f"{spec} {o['perplexity_mean']:.2f} (seeds "
+                          f"{','.join(map(str, o['seeds']))})"
+                          for spec, o in s["other_corpora"].items()) for s in other)]
     tuned = [s for s in payload["summary"] if "finetune" in s]
     if tuned:
         lines += ["", "Fine-tuned codebooks/scales (indices fixed, KL to the FP model on "
