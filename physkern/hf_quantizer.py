@@ -116,9 +116,11 @@ class PhyskernHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from .serialization import check_indices
+        from .serialization import check_factor_indices, check_indices
         for name in self.quantization_config.quantized_layers:
             check_indices("model.safetensors", name, model.get_submodule(name))
+        for name in getattr(self.quantization_config, "factorized_layers", None) or {}:
+            check_factor_indices("model.safetensors", name, model.get_submodule(name))
         return model
 
     def is_serializable(self) -> bool:

@@ -28,11 +28,15 @@ JSON form (bench/recipes/*.json hold lists of these; a preset file holds one):
                                         "smooth" or "factorize")
      "lattice": {"xi": number > 0 | "inf", "eps": number in (0, 1) | null} | null
      "factorize": {"method": "mpo", "chi": int | "bits": b, "cores": 3, "sweeps": 2,
-                   "weighted": false, "dtype": "float16", "layers": [...]}
+                   "weighted": false, "dtype": "float16", "layers": [...],
+                   "quantize": {<a "config" without calibration>} | absent}
                  | {"method": "svd", "rank": int | "bits": b, "weighted": false, ...} | null
                                         layers REPLACED by an MPO / truncated SVD
                                         (physkern.methods.factorized; saved as format 2); with
-                                        "finetune" the factors are healed too
+                                        "quantize" the cores / factors are stored as codebooks
+                                        or RTN grids (physkern.methods.factor_quant); with
+                                        "finetune" the factors (or their codebooks and scales)
+                                        are healed too
      "calibration": {"windows": 32, "window": 1024} | null   calibration windows drawn from the
                                         calibration half of the corpus; null = the caller's
                                         (CLI flags / sweep setup; 32 x 1024 by default)

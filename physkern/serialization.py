@@ -548,6 +548,16 @@ def factorized_layer_meta(module: nn.Module,
     sd = stored_dtype or (lambda _name, t: t.dtype)
     name = lambda n, t: str(sd(n, t)).replace("torch.", "")
     base = {"in_features": int(module.in_features), "out_features": int(module.out_features)}
+    quantized = _quantized_factor_layouts(module)
+    if quantized is not None:  # quantized factors: no float dtype, one layout per factor
+        if isinstance(module, MPOLinear):
+            bonds = [int(module.cores[0].shape[0])] + [int(q.shape[3]) for q in module.cores]
+            return {"type": "mpo", **base, "out_factors": list(module.out_factors),
+                    "in_factors": list(module.in_factors), "bonds": bonds, "dtype": None,
+                    "bias_dtype": _dtype_name(module.bias), "quantized": quantized}
+        return {"type": "lowrank", **base, "rank": int(module.rank), "up_dtype": None,
+                "down_dtype": None, "bias_dtype": _dtype_name(module.bias),
+                "quantized": quantized}
     if isinstance(module, MPOLinear):
         dts = {name(f"cores.{k}", g) for k, g in enumerate(module.cores)}
         if len(dts) != 1:  # MPOLinear casts every core to one dtype: a mix is a bug upstream
@@ -563,6 +573,23 @@ def factorized_layer_meta(module: nn.Module,
                 "bias_dtype": _dtype_name(module.bias)}
     raise ValueError(f"factorized_layer_meta: expected an MPOLinear or LowRankLinear, got "
                      f"{type(module).__name__}")
+
+
+def _quantized_factor_layouts(module: nn.Module) -> Optional[dict]:
+    """{factor name ("cores.<k>" / "up" / "down"): QuantizedFactor.layout()} when the module's
+    factors are quantized (physkern.methods.factor_quant), None when they are float; a mix is
+    refused (the quantizing code never makes one)."""
+    from .methods.factor_quant import QuantizedFactor
+    MPOLinear, _ = factorized_classes()
+    facs = {f"cores.{k}": g for k, g in enumerate(module.cores)} if isinstance(module, MPOLinear) \
+        else {"up": module.up, "down": module.down}
+    kinds = {isinstance(f, QuantizedFactor) for f in facs.values()}
+    if kinds == {False}:
+        return None
+    if len(kinds) != 1:
+        raise ValueError(f"{type(module).__name__}: factors must be all quantized or all float "
+                         "to be saved")
+    return {n: q.layout() for n, q in facs.items()}
 
 
 def _pos_int(where: str, field: str, v) -> int:
@@ -602,10 +629,18 @@ def check_factorized_meta(where: str, fm) -> dict:
                          f"{fm.get('type')!r}")
     out, inf = (_pos_int(where, f, fm.get(f)) for f in ("out_features", "in_features"))
     _float_dtype(where, "bias_dtype", fm.get("bias_dtype"), nullable=True)
+    quantized = "quantized" in fm  # factors stored as QuantizedFactors: no float dtype
+    if quantized and not isinstance(fm["quantized"], dict):
+        raise ValueError(f"{where}: quantized must be an object of factor name -> layout, got "
+                         f"{type(fm['quantized']).__name__}")
     if fm["type"] == "lowrank":
         _pos_int(where, "rank", fm.get("rank"))
         for f in ("up_dtype", "down_dtype"):
-            _float_dtype(where, f, fm.get(f))
+            _null_or_float_dtype(where, f, fm.get(f), quantized)
+        if quantized:
+            r = fm["rank"]
+            _check_quantized_factors(where, fm["quantized"],
+                                     {"up": (out, r), "down": (r, inf)})
         return fm
     of = _int_list(where, "out_factors", fm.get("out_factors"))
     n = len(of)
@@ -620,24 +655,101 @@ def check_factorized_meta(where: str, fm) -> dict:
     if bonds[0] != 1 or bonds[-1] != 1:
         raise ValueError(f"{where}: bonds must start and end with 1 (the MPO's open ends), "
                          f"got {bonds}")
-    _float_dtype(where, "dtype", fm.get("dtype"))
+    _null_or_float_dtype(where, "dtype", fm.get("dtype"), quantized)
+    if quantized:
+        _check_quantized_factors(where, fm["quantized"], {
+            f"cores.{k}": (bonds[k] * o, i * bonds[k + 1])
+            for k, (o, i) in enumerate(zip(of, inf_))})
     return fm
+
+
+def _null_or_float_dtype(where: str, field: str, v, quantized: bool) -> None:
+    """A float factor's dtype, or null when the factors are quantized (their layouts say)."""
+    if quantized:
+        if v is not None:
+            raise ValueError(f"{where}: {field} must be null when the factors are quantized, "
+                             f"got {v!r}")
+        return
+    _float_dtype(where, field, v)
+
+
+def _check_quantized_factors(where: str, q, views: dict) -> None:
+    """"quantized": one layout per factor (exactly the names of `views`: factor name -> its
+    2-D view [rows, cols], physkern.methods.factor_quant.matrix_shape), each with the fields
+    of QuantizedFactor.layout() only, in range for that view."""
+    from .methods.factor_quant import LAYOUT_DTYPES, LAYOUT_INTS
+    if not isinstance(q, dict) or set(q) != set(views):
+        got = sorted(q) if isinstance(q, dict) else type(q).__name__
+        raise ValueError(f"{where}: quantized must be an object with one layout per factor "
+                         f"{sorted(views)}, got {str(got)[:200]}")
+    for fname, (rows, cols) in views.items():
+        lay, at = q[fname], f"{where}: quantized {fname}"
+        if not isinstance(lay, dict):
+            raise ValueError(f"{at}: layout must be an object, got {type(lay).__name__}")
+        unknown = set(lay) - set(LAYOUT_INTS) - set(LAYOUT_DTYPES)
+        if unknown:
+            raise ValueError(f"{at}: unknown fields {sorted(unknown)[:5]}")
+        for f in LAYOUT_INTS:
+            _pos_int(at, f, lay.get(f))
+        if lay["k"] > MAX_K:
+            raise ValueError(f"{at}: k must be in [1, {MAX_K}], got {lay['k']}")
+        for f, n, side in (("block_dim", cols, "columns"), ("scale_group", cols, "columns"),
+                           ("codebook_rows", rows, "rows")):
+            if n % lay[f]:
+                raise ValueError(f"{at}: {f} ({lay[f]}) must divide the factor's {n} {side} "
+                                 f"(2-D view [{rows}, {cols}])")
+        _float_dtype(at, "codebook_dtype", lay.get("codebook_dtype"))
+        for f in ("scales_dtype", "offsets_dtype"):
+            _float_dtype(at, f, lay.get(f), nullable=True)
+        if lay.get("offsets_dtype") is not None and lay.get("scales_dtype") is None:
+            raise ValueError(f"{at}: offsets_dtype is set but scales_dtype is null (offsets "
+                             "need scales)")
 
 
 def factorized_tensors(fm: dict) -> dict[str, tuple[torch.dtype, tuple]]:
     """{buffer name under the layer: (dtype, shape)} a checked layout stores: core k
-    [bonds[k], o_k, i_k, bonds[k+1]] / up [out, rank], down [rank, in]; bias [out] if any."""
+    [bonds[k], o_k, i_k, bonds[k+1]] / up [out, rank], down [rank, in] (quantized factors:
+    their QuantizedWeight buffers, "cores.<k>.packed", ...); bias [out] if any."""
     dt = lambda n: getattr(torch, n)
-    if fm["type"] == "mpo":
-        r = fm["bonds"]
-        want = {f"cores.{k}": (dt(fm["dtype"]), (r[k], o, i, r[k + 1]))
-                for k, (o, i) in enumerate(zip(fm["out_factors"], fm["in_factors"]))}
+    shapes = factorized_shapes(fm)
+    if "quantized" in fm:  # each factor's QuantizedWeight buffers under "<factor>."
+        want = {f"{fname}.{buf}": v for fname, shape in shapes.items()
+                for buf, v in _layer_tensors(quantized_factor_meta(fm["quantized"][fname],
+                                                                   shape)).items()}
+    elif fm["type"] == "mpo":
+        want = {n: (dt(fm["dtype"]), shape) for n, shape in shapes.items()}
     else:
-        want = {"up": (dt(fm["up_dtype"]), (fm["out_features"], fm["rank"])),
-                "down": (dt(fm["down_dtype"]), (fm["rank"], fm["in_features"]))}
+        want = {n: (dt(fm[f"{n}_dtype"]), shape) for n, shape in shapes.items()}
     if fm.get("bias_dtype"):
         want["bias"] = (dt(fm["bias_dtype"]), (fm["out_features"],))
     return want
+
+
+def quantized_factor_meta(layout: dict, shape) -> dict:
+    """A checked QuantizedFactor layout of a factor of `shape` as a QuantizedLinear layout
+    (its 2-D view as [out_features, in_features]), for _layer_tensors / check_indices."""
+    from .methods.factor_quant import matrix_shape
+    rows, cols = matrix_shape(shape)
+    return {"kind": "linear", "in_features": cols, "out_features": rows, **layout,
+            "bias_dtype": None}
+
+
+def factorized_shapes(fm: dict) -> dict[str, tuple]:
+    """{factor name: shape} of a checked layout ("cores.<k>" or "up" / "down")."""
+    if fm["type"] == "mpo":
+        r = fm["bonds"]
+        return {f"cores.{k}": (r[k], o, i, r[k + 1])
+                for k, (o, i) in enumerate(zip(fm["out_factors"], fm["in_factors"]))}
+    return {"up": (fm["out_features"], fm["rank"]), "down": (fm["rank"], fm["in_features"])}
+
+
+def check_factor_indices(file, name: str, module: nn.Module) -> None:
+    """check_indices on every quantized factor of a loaded factorized layer (nothing for float
+    factors)."""
+    from .methods.factor_quant import QuantizedFactor
+    for sub_name, sub in module.named_modules():
+        if isinstance(sub, QuantizedFactor):
+            check_indices(file, f"{name}.{sub_name}", sub)
 
 
 def empty_factorized(fm: dict) -> nn.Module:
@@ -645,6 +757,16 @@ def empty_factorized(fm: dict) -> nn.Module:
     loading: build it under `torch.device("meta")`, after the sizes were checked against the
     file, and fill it from the file)."""
     MPOLinear, LowRankLinear = factorized_classes()
+    if "quantized" in fm:
+        from .methods.factor_quant import (QuantizedFactor, QuantizedLowRankLinear,
+                                           QuantizedMPOLinear)
+        qs = {n: QuantizedFactor.empty(fm["quantized"][n], shape)
+              for n, shape in factorized_shapes(fm).items()}
+        bias = torch.zeros(fm["out_features"], dtype=getattr(torch, fm["bias_dtype"])) \
+            if fm.get("bias_dtype") else None
+        if fm["type"] == "mpo":
+            return QuantizedMPOLinear([qs[f"cores.{k}"] for k in range(len(qs))], bias)
+        return QuantizedLowRankLinear(qs["up"], qs["down"], bias)
     t = {k: torch.zeros(shape, dtype=dt) for k, (dt, shape) in factorized_tensors(fm).items()}
     if fm["type"] == "mpo":
         cores = [t[f"cores.{k}"] for k in range(len(fm["out_factors"]))]
@@ -933,6 +1055,8 @@ def load_quantized(path, device: str | torch.device = "cpu"):
         fill_from_checkpoint(model, ckpt, expected)
     for name in layers:
         check_indices(st_file, name, model.get_submodule(name))
+    for name in factorized:
+        check_factor_indices(st_file, name, model.get_submodule(name))
     model.tie_weights()
     left = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     if left:

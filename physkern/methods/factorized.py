@@ -166,12 +166,20 @@ def apply_factorization(model: nn.Module, cfg, calibration: Optional[torch.Tenso
         w = l.weight().detach().float()
         g = grams.get(l.name)
         mod = fn(w, None if l.bias is None else l.bias.detach(), cfg, g)
+        extra = {}
+        if getattr(cfg, "quantize", None) is not None:  # the factors quantized in turn
+            from .factor_quant import quantize_factors
+            e0 = (mod.weight().detach().float() - w).double()
+            extra = {"relative_weight_error_float": float(e0.norm() / w.double().norm()),
+                     "bits_per_weight_float": sum(mod.storage_bits().values()) / w.numel()}
+            mod = quantize_factors(mod, cfg.quantize)
         parts = mod.storage_bits()
         bits = sum(parts.values())
         e = (mod.weight().detach().float() - w).double()
         row = {"name": l.name, "bits_per_weight": bits / (w.numel()),
                "relative_weight_error": float(e.norm() / w.double().norm()),
-               **getattr(mod, "factorization_info", {}), "seconds": time.perf_counter() - t1}
+               **getattr(mod, "factorization_info", {}), **extra,
+               "seconds": time.perf_counter() - t1}
         if g is not None:
             gd = g.double()
             row["relative_output_error"] = float(
@@ -193,11 +201,30 @@ def apply_factorization(model: nn.Module, cfg, calibration: Optional[torch.Tenso
 
 
 def _factor_tensors(mod: nn.Module) -> list[tuple[object, str]]:
-    """(container, key) of each trainable factor of a factorized module."""
+    """(container, key) of each trainable factor of a factorized module: the float cores /
+    factors, or, for quantized ones (physkern.methods.factor_quant), each QuantizedFactor's
+    codebooks, scales and offsets (indices fixed, as physkern.finetune does)."""
     from ..research.mpo import MPOLinear
+    from .factor_quant import QuantizedFactor
     if isinstance(mod, MPOLinear):
-        return [(mod.cores, str(k)) for k in range(len(mod.cores))]
-    return [(mod, "up"), (mod, "down")]
+        slots = [(mod.cores, str(k)) for k in range(len(mod.cores))]
+    else:
+        slots = [(mod, "up"), (mod, "down")]
+    out = []
+    for c, k in slots:
+        q = c[int(k)] if isinstance(c, (nn.ModuleList, nn.ParameterList)) else getattr(c, k)
+        if isinstance(q, QuantizedFactor):
+            out += [(q, b) for b in ("codebooks", "scales", "offsets") if q._buffers[b] is not None]
+        else:
+            out.append((c, k))
+    return out
+
+
+def _slot(c, k) -> torch.Tensor:
+    """The tensor in slot (container, key) of _factor_tensors."""
+    if isinstance(c, nn.ParameterList):
+        return c[int(k)]
+    return c._buffers[k] if k in c._buffers else c._parameters[k]
 
 
 def heal_factorized(model: nn.Module, teacher: nn.Module, calibration: torch.Tensor,
@@ -209,7 +236,8 @@ def heal_factorized(model: nn.Module, teacher: nn.Module, calibration: torch.Ten
     Same arguments, objective (token-averaged KL(teacher || student)), relative learning rate,
     seeded train/holdout split and keep-if-better rule as physkern.finetune.finetune_quantized;
     trains every MPOLinear core and LowRankLinear factor (float32 copies, written back in their
-    stored dtype, so the true bits do not change), every QuantizedLinear's codebooks / scales /
+    stored dtype, so the true bits do not change; for quantized factors their codebooks, scales
+    and offsets, indices fixed), every QuantizedLinear's codebooks / scales /
     offsets (through physkern.finetune.differentiable_quantized) and, with train_norms, the
     float32 norm weights. Returns finetune_quantized's report keys plus "factorized_layers".
     """
@@ -242,8 +270,7 @@ def heal_factorized(model: nn.Module, teacher: nn.Module, calibration: torch.Ten
     gen, perm, train, held = holdout_split(calibration, holdout, seed)
     # originals (stored tensors) of everything trained: restored when the holdout KL rises
     slots = [(c, k) for _, m in facs for c, k in _factor_tensors(m)]
-    stored = [c._parameters[k] if isinstance(c, nn.Module) and not isinstance(c, nn.ParameterList)
-              else c[int(k)] for c, k in slots]
+    stored = [_slot(c, k) for c, k in slots]
     own_norms = []  # norms trained here (without quantized layers, finetune's context is unused)
     if train_norms and not has_q:
         for mod in model.modules():
@@ -263,6 +290,8 @@ def heal_factorized(model: nn.Module, teacher: nn.Module, calibration: torch.Ten
     def put(c, k, p):
         if isinstance(c, nn.ParameterList):
             c[int(k)] = p
+        elif k in c._buffers:  # a quantized factor's codebooks / scales / offsets
+            c._buffers[k] = p
         else:
             c._parameters[k] = p
 

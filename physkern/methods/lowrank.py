@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._base import _check_bool, _check_float, _check_int, _check_selection, _Selectable
+from .factor_quant import check_factor_config, nominal_value_bits, with_quantize
 from .factorized import DTYPES, register_factorization
 
 
@@ -28,6 +29,9 @@ class SVDConfig(_Selectable):
     weighted: activation-weighted (whitened) SVD from calibration X^T X
     percdamp: damping of H for the Cholesky factor (fraction of its mean diagonal)
     dtype:    storage dtype of the factors: float16, bfloat16 or float32
+    quantize: None, or a quantizer config (object or recipe dict) the factors up / down are then
+              quantized with (physkern.methods.factor_quant; no calibration); a bits target
+              then counts its index bits per value (factor_quant.nominal_value_bits)
     layers:   glob patterns of the decoder linear layers to factorize (None = all)
     """
     rank: Optional[int] = None
@@ -37,6 +41,7 @@ class SVDConfig(_Selectable):
     dtype: str = "float16"
     layers: Optional[Sequence[str]] = None
     overrides: dict = field(default_factory=dict)
+    quantize: Optional[object] = None
 
     method = "svd"
 
@@ -55,16 +60,22 @@ class SVDConfig(_Selectable):
         _check_float("percdamp", self.percdamp, 0, 1, lo_open=False)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantize is not None:
+            self.quantize = check_factor_config(self.quantize)
 
     @property
     def needs_calibration(self) -> bool:
         return self.weighted
 
+    def to_dict(self) -> dict:
+        return with_quantize(super().to_dict(), self.quantize)
+
     def rank_for(self, out_features: int, in_features: int) -> int:
         full = min(out_features, in_features)
         if self.rank is not None:
             return min(self.rank, full)
-        width = DTYPES[self.dtype].itemsize * 8
+        width = DTYPES[self.dtype].itemsize * 8 if self.quantize is None else \
+            nominal_value_bits(self.quantize)
         r = int(self.bits * out_features * in_features // (width * (out_features + in_features)))
         if r < 1:
             raise ValueError(f"svd: bits={self.bits} is below rank 1 for a [{out_features}, "

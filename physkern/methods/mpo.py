@@ -3,7 +3,8 @@
 The decomposition (TT-SVD, DMRG-style ALS sweeps, MPOLinear) lives in physkern.research.mpo;
 this file is the config a recipe's "factorize" key names ({"method": "mpo", ...}) and the glue
 physkern.methods.factorized calls. The layer is replaced by an MPOLinear (cores stored at
-`dtype`, counted by the accounting), never quantized.
+`dtype`, counted by the accounting), never quantized as a layer; with `quantize` its cores are
+(physkern.methods.factor_quant: a QuantizedMPOLinear).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Optional, Sequence
 from torch import nn
 
 from ._base import _check_bool, _check_float, _check_int, _check_selection, _Selectable
+from .factor_quant import check_factor_config, nominal_value_bits, with_quantize
 from .factorized import DTYPES, register_factorization
 
 # The activation-weighted local solve is a dense system of r_{k-1} * i_k * r_k unknowns: above
@@ -32,6 +34,10 @@ class MPOConfig(_Selectable):
     weighted: sweeps minimise tr((W - W_mpo) H (W - W_mpo)^T), H the layer input's X^T X from
              calibration text (refused where a local system exceeds MAX_WEIGHTED_SYSTEM unknowns)
     dtype:   storage dtype of the cores: float16, bfloat16 or float32
+    quantize: None, or a quantizer config (object or recipe dict {"method": "codebook", ...})
+             the cores are then quantized with (physkern.methods.factor_quant; no calibration);
+             a bits target then counts the quantizer's index bits per core value
+             (factor_quant.nominal_value_bits) instead of `dtype`'s width
     layers:  glob patterns of the decoder linear layers to factorize (None = all)
     """
     chi: Optional[int] = None
@@ -42,6 +48,7 @@ class MPOConfig(_Selectable):
     dtype: str = "float16"
     layers: Optional[Sequence[str]] = None
     overrides: dict = field(default_factory=dict)
+    quantize: Optional[object] = None
 
     method = "mpo"
 
@@ -61,10 +68,15 @@ class MPOConfig(_Selectable):
         _check_bool("weighted", self.weighted)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantize is not None:
+            self.quantize = check_factor_config(self.quantize)
 
     @property
     def needs_calibration(self) -> bool:
         return self.weighted
+
+    def to_dict(self) -> dict:
+        return with_quantize(super().to_dict(), self.quantize)
 
     def chi_for(self, out_features: int, in_features: int) -> tuple[int, tuple, tuple]:
         """(chi, out_factors, in_factors) for an [out, in] weight."""
@@ -72,7 +84,8 @@ class MPOConfig(_Selectable):
         of, inf = factorize(out_features, self.cores), factorize(in_features, self.cores)
         if self.chi is not None:
             return self.chi, of, inf
-        width = DTYPES[self.dtype].itemsize * 8
+        width = DTYPES[self.dtype].itemsize * 8 if self.quantize is None else \
+            nominal_value_bits(self.quantize)
         return chi_for_bits(of, inf, self.bits, width), of, inf
 
 

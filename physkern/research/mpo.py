@@ -123,14 +123,14 @@ def core_numel(out_factors: Sequence[int], in_factors: Sequence[int], chi: int) 
 
 
 def bits_per_weight(out_factors: Sequence[int], in_factors: Sequence[int], chi: int,
-                    dtype_bits: int = 16) -> float:
+                    dtype_bits: float = 16) -> float:
     """Stored bits of the cores per weight of W at bond dimension chi."""
     n = math.prod(out_factors) * math.prod(in_factors)
     return core_numel(out_factors, in_factors, chi) * dtype_bits / n
 
 
 def chi_for_bits(out_factors: Sequence[int], in_factors: Sequence[int], target_bits: float,
-                 dtype_bits: int = 16) -> int:
+                 dtype_bits: float = 16) -> int:
     """The largest chi whose cores (at dtype_bits each) fit target_bits per weight.
 
     Beyond the largest useful bond, chi changes nothing: the answer is capped there.
@@ -139,7 +139,9 @@ def chi_for_bits(out_factors: Sequence[int], in_factors: Sequence[int], target_b
     out_factors, in_factors = _check_factors(out_factors, in_factors)
     if not (isinstance(target_bits, (int, float)) and target_bits > 0):
         raise ValueError(f"target_bits must be a positive number, got {target_bits!r}")
-    _check_positive_int(dtype_bits, "dtype_bits")
+    if isinstance(dtype_bits, bool) or not isinstance(dtype_bits, (int, float)) or \
+            not 0 < dtype_bits < math.inf:  # a float: a quantizer's bits per stored value
+        raise ValueError(f"dtype_bits must be a positive number, got {dtype_bits!r}")
     top = max(max_bonds(out_factors, in_factors), default=1)
     if bits_per_weight(out_factors, in_factors, 1, dtype_bits) > target_bits:
         raise ValueError(f"target_bits={target_bits} is below the smallest MPO "
@@ -461,8 +463,7 @@ class MPOLinear(nn.Module):
                                            None if self.bias is None else self.bias.float())
             return y.to(x.dtype) if x.is_floating_point() else y
         t = x.reshape(-1, 1, self.in_features, 1).float()  # [B, O_done, I_rest, r]
-        for g in self.cores:
-            g = g.float()
+        for g in self.core_tensors():
             r, o, i, s = g.shape
             B, O = t.shape[0], t.shape[1]
             t = t.reshape(B, O, i, t.shape[2] // i, r)
@@ -473,9 +474,14 @@ class MPOLinear(nn.Module):
             y = y + self.bias.float()
         return y.to(x.dtype) if x.is_floating_point() else y
 
+    def core_tensors(self) -> list[torch.Tensor]:
+        """The cores as the forward computes with them (fp32; a subclass storing quantized
+        cores, physkern.methods.factor_quant, returns them dequantized)."""
+        return [g.float() for g in self.cores]
+
     def weight(self) -> torch.Tensor:
         """The [out, in] weight this layer computes with (materialised, fp32; for checks)."""
-        return mpo_to_dense([g.float() for g in self.cores])
+        return mpo_to_dense(self.core_tensors())
 
     # the accounting interface (physkern.quant.accounting)
     def weight_numel(self) -> int:
