@@ -88,6 +88,55 @@ def test_apply_unapply_gram_match_dense(dtype, tol):
         r.apply(torch.zeros(3, 191))
 
 
+@pytest.mark.parametrize("n,seed,shape", [(576, 0, (1, 1, 576)), (1536, 3, (1536,)),
+                                          (48, 7, (1, 48)), (7, 1, (1, 1, 7)), (64, 2, (1, 64))])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6),
+                                       (torch.bfloat16, 2e-2)])
+def test_one_row_path_matches_dense(n, seed, shape, dtype, tol):
+    """Decode's single-row path (signs folded into the blocks) against the dense R, every block
+    size incl. 1 (odd n), under inference_mode like decode and with autograd on."""
+    r = Rotation.make("hadamard", n, seed)
+    x = torch.randn(shape, dtype=torch.float64)
+    ref = x @ _dense(r)
+    with torch.inference_mode():
+        got = r.apply(x.to(dtype))
+    assert got.shape == x.shape and got.dtype == dtype
+    assert torch.allclose(got.double(), ref, atol=tol * 10, rtol=tol * 4)
+    xg = x.to(dtype).requires_grad_(dtype != torch.bfloat16)
+    assert torch.allclose(r.apply(xg).double(), ref, atol=tol * 10, rtol=tol * 4)
+
+
+def test_shared_input_rotated_once_and_never_stale():
+    """q/k/v (and gate/up) call apply on one x: without autograd the second call reuses the
+    result; a changed x, another rotation or another tensor recomputes; with autograd nothing
+    is reused (the graph must see each use)."""
+    r = Rotation.make("hadamard", 64, 0)
+    x = torch.randn(3, 64)
+    ref = x.double() @ _dense(r)
+    with torch.no_grad():
+        y1 = r.apply(x)
+        assert r.apply(x) is y1                                     # reused
+        assert r.apply(x.clone()) is not y1                         # equal values, other tensor
+        y2 = r.apply(x)
+        x.mul_(2)                                                   # in place: version bump
+        y3 = r.apply(x)
+        assert y3 is not y2 and torch.allclose(y3.double(), 2 * ref, atol=1e-5)
+        other = Rotation.make("hadamard", 64, 1)
+        assert not torch.allclose(other.apply(x), y3)               # another seed recomputes
+        y4 = r.apply(x)
+        y4.zero_()                                                  # a consumer wrote into it
+        assert torch.allclose(r.apply(x).double(), 2 * ref, atol=1e-5)
+    xg = x.clone().requires_grad_(True)
+    a, b = r.apply(xg), r.apply(xg)
+    assert a is not b and a.grad_fn is not None
+    with torch.inference_mode():                                    # no version counter
+        xi = torch.randn(2, 64)
+        yi = r.apply(xi)
+        xi.add_(1)
+        assert yi is not r.apply(xi)
+        assert torch.allclose(r.apply(xi).double(), xi.double() @ _dense(r), atol=1e-5)
+
+
 def test_hadamard_matrix():
     h = hadamard_matrix(8)
     assert torch.equal(h, h.T) and torch.allclose(h @ h, torch.eye(8, dtype=torch.float64))
