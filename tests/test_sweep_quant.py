@@ -248,10 +248,16 @@ def test_also_eval_scores_other_corpus_with_the_same_protocol(tiny_setup, tmp_pa
     rtn = next(p for p in pts if p["recipe"] == "rtn4")
     assert "other_corpora" not in rtn
     assert [p["perplexity"] for p in pts] == [p["perplexity"] for p in first]
-    # a new point gets it
+    # a new point gets it (and is saved: the saved model reloads to the same perplexity)
     assert main(_args(root, "--out-dir", str(tmp_path / "o2"), "--only", "rtn4",
-                      "--also-eval", str(tmp_path / "other.txt"))) == 0
+                      "--also-eval", str(tmp_path / "other.txt"),
+                      "--save-models", str(tmp_path / "models"))) == 0
     res = json.loads((tmp_path / "o2" / "recipes.json").read_text())
+    import physkern
+    saved = physkern.load_quantized(tmp_path / "models" / "rtn4-seed0")[0]
+    wiki = evaluation_tokens(tok, load_corpus(str(root / "corpus.txt")), 192)
+    assert perplexity(saved, wiki, 32, None, 1).perplexity == pytest.approx(
+        res["points"][0]["perplexity"], rel=1e-6)
     assert "other_corpora" in res["points"][0]
     assert "other_corpora" in res["summary"][0]
     assert "Out of the calibration domain" in capsys.readouterr().out

@@ -213,7 +213,8 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
         stride: int | None = None, batch_size: int = 1, name: str | None = None,
         out_dir: str = DEFAULT_OUT_DIR, only: list[str] | None = None, calib_windows: int = 32,
         calib_window: int | None = None, seeds: list[int] | None = None,
-        fresh: bool = False, also_eval: list[str] | None = None) -> Path:
+        fresh: bool = False, also_eval: list[str] | None = None,
+        save_models: str | None = None) -> Path:
     """Run every recipe (and seed) of the recipes file `recipes`; returns the results JSON path
     (<out_dir>/<name>.json, name defaulting to the file's stem; a PNG and a markdown table are
     written / printed beside it).
@@ -228,7 +229,10 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
     scored on, with the same token count and windows (out of the calibration domain: the
     recipes calibrate and fine-tune on `corpus` only); recorded per point under
     "other_corpora", never part of the resume key; a plain full-precision point already in the
-    file gets the missing ones filled in. Bad values raise ValueError naming the argument.
+    file gets the missing ones filled in. save_models: a directory; every new point's model is
+    saved (physkern.save_quantized, tokenizer beside it) to <save_models>/<recipe>-seed<seed>
+    (replacing only a physkern model there), e.g. to time its decoding later. Bad values raise
+    ValueError naming the argument.
     """
     from ..data import DEFAULT_CORPUS, evaluation_tokens, load_corpus
     from ..eval import perplexity
@@ -399,6 +403,11 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
                      "note": r.note}
             if other_tokens:
                 point["other_corpora"] = score_others(m)
+            if save_models is not None and rep.layers:
+                from ..serialization import save_quantized
+                saved = save_quantized(m, Path(save_models) / f"{r.name}-seed{seed}", tokenizer,
+                                       overwrite=True)
+                print(f"{r.name} seed {seed}: saved to {saved}")
             if report is not None:
                 point["layers"] = [{"name": l.name, "bits_per_weight": l.bits_per_weight,
                                     "relative_weight_error": l.relative_weight_error,
