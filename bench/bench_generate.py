@@ -98,7 +98,15 @@ def prepare(name: str):
     from physkern.quant.accounting import bits_report
 
     info: dict = {"recipe": name, "config": RECIPES[name]}
-    if RECIPES[name] == "preset":
+    if isinstance(RECIPES[name], Path):      # --model-dir NAME=DIR: a model saved elsewhere
+        out = RECIPES[name]
+        if not is_quantized_dir(out):
+            raise SystemExit(f"--model-dir {name}={out}: not a physkern model directory")
+        model, tok = load_quantized(out)
+        import json
+        meta = json.loads((out / "physkern.json").read_text())
+        info.update(config=meta.get("recipe"), saved_dir=str(out), file_mb=_dir_mb(out))
+    elif RECIPES[name] == "preset":
         base = name
         for suffix in VARIANT_SUFFIXES:
             base = base.removesuffix(suffix)
@@ -192,7 +200,7 @@ def decode_path_perplexity(model, ids: torch.Tensor, threads: int) -> dict:
     from transformers import DynamicCache
 
     from physkern.generate import num_threads
-    with torch.inference_mode(), num_threads(threads):
+    with torch.no_grad(), num_threads(threads):  # as generate_timed
         full = model(input_ids=ids).logits[0, :-1].float()
         nll_full = F.cross_entropy(full, ids[0, 1:]).item()
         cache = DynamicCache(config=model.config)
@@ -214,7 +222,7 @@ def profile_decode(model, prompt_ids: torch.Tensor, steps: int, threads: int,
 
     from physkern.generate import generate_timed, num_threads
     generate_timed(model, None, prompt_ids, 4, stop_at_eos=False, threads=threads)  # warm-up
-    with torch.inference_mode(), num_threads(threads):
+    with torch.no_grad(), num_threads(threads):  # as generate_timed
         cache = DynamicCache(config=model.config)
         out = model(input_ids=prompt_ids, cache=cache, use_cache=True, logits_to_keep=1)
         token = torch.tensor([[int(out.logits[0, -1].argmax())]])
@@ -252,8 +260,18 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-ppl-tokens", type=int, default=1024,
                     help="evaluation tokens scored token by token (decode path) and in one "
                          "forward, per recipe; 0 to skip")
+    ap.add_argument("--model-dir", nargs="+", default=[], metavar="NAME=DIR",
+                    help="also time models saved elsewhere (e.g. by `physkern sweep quant "
+                         "--save-models`), under NAME")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate_cpu.json"))
     args = ap.parse_args(argv)
+    for spec in args.model_dir:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or name in RECIPES:
+            raise SystemExit(f"--model-dir: expected NAME=DIR with a new NAME (not one of "
+                             f"{sorted(RECIPES)}), got {spec!r}")
+        RECIPES[name] = Path(path)
+        args.recipe.append(name)
     if args.decode_ppl_tokens < 0:
         raise SystemExit("--decode-ppl-tokens must be >= 0")
     for name in ("prompt_tokens", "new_tokens", "repeats", "profile_steps",

@@ -109,7 +109,9 @@ def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-@torch.inference_mode()
+# no_grad, as transformers' generate: inference_mode's tensors carry no version counter, which
+# the rotation's shared-input reuse (physkern.rotation) needs to see that x is unchanged
+@torch.no_grad()
 def generate_timed(model: nn.Module, tokenizer, prompt: Union[str, Sequence[int], torch.Tensor],
                    max_new_tokens: int = 64, stop_at_eos: bool = True,
                    threads: Optional[int] = None, warmup: bool = False) -> GenerationResult:
