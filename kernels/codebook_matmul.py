@@ -15,7 +15,9 @@ Implementations, one contract (`x [..., in] -> y [..., out]`, y in x's dtype):
   for M <= 4 rows of x (broadcast multiply reduced in fp32: no padding of M to an MMA tile and
   no shared-memory round trip of W), a split-K tl.dot GEMV for M <= 16, and a tiled tl.dot path
   for prefill. Split-K writes fp32 partial sums that one reduction kernel adds (with the bias)
-  and casts.
+  and casts. For at most PSUM_MAX_M rows and one shared codebook it hands over to the
+  partial-sum GEMV (kernels/codebook_gemv_psum.py: table lookups, no dequantization) only when
+  that is switched on (codebook_gemv_psum.set_cuda_gemv("psum") / PHYSKERN_CUDA_GEMV=psum).
 - `codebook_matmul_reference`: dequantize (fp32) + matmul. The independent reference for tests.
 - The CPU path: physkern::codebook_matmul's C++ CPU kernel (csrc/codebook_matmul.cpp; the op's
   schema is defined there): for x with at most NATIVE_MAX_M rows (decode) the fused kernel, where
@@ -56,6 +58,9 @@ from .packing import index_bits, unpack_indices, words_per_row
 # block dim d in {1, 2, 4, 8, 16}.
 GEMV_MAX_M = 16
 GEMV_VEC_MAX_M = 1
+# Rows of x up to which codebook_matmul_triton hands eligible formats to the psum GEMV
+# (kernels/codebook_gemv_psum.py) when that is switched on (off by default).
+PSUM_MAX_M = 16
 MATMUL_CONFIGS = {
     "gemv": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
     "tiled": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
@@ -380,12 +385,18 @@ def pick_config(m: int, bits: int = 8, d: int = 4, stages: int = 1) -> dict:
     return cfg if fits(cfg) else MATMUL_CONFIGS["tiled_large"]
 
 
+def sm_count(device: torch.device) -> int:
+    """SMs the launchers size their grids for: the device's, or 4 off CUDA (the interpreter:
+    a little split-K so tests exercise the partial-sum path). kernels/static_compile.py
+    substitutes an H100's count to model production launches without a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
 def _split_k_for(n_tiles: int, k_steps: int, device: torch.device, waves: int = GEMV_WAVES) -> int:
     """Enough programs along the input dimension to occupy about `waves` waves of SMs."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 4  # interpreter: a little split-K so tests exercise the partial-sum path
+    sms = sm_count(device)
     return max(1, min(k_steps, (waves * sms + n_tiles - 1) // n_tiles, 64))
 
 
@@ -416,6 +427,15 @@ def codebook_matmul_triton(x: torch.Tensor, packed: torch.Tensor, codebooks: tor
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     m = x2.shape[0]
+    if config is None and split_k is None and 0 < m <= PSUM_MAX_M and out > 0:
+        # The psum GEMV, only where switched on (set_cuda_gemv("psum") /
+        # PHYSKERN_CUDA_GEMV=psum; default "dequant": it has not been timed on a GPU yet) and
+        # only for the formats it takes. Imported here: it imports this module.
+        from . import codebook_gemv_psum as psum
+        if psum.cuda_gemv() == "psum" and psum.psum_supported(
+                stages, codebooks.shape[1], k, d, scale_group, scales is not None):
+            return psum.codebook_matmul_psum(x, packed, codebooks, scales, offsets, bias,
+                                             in_features, codebook_rows, scale_group)
     y = torch.empty(m, out, dtype=x.dtype, device=x.device)
     if m == 0 or out == 0:
         return y.reshape(*lead, out)
