@@ -16,6 +16,11 @@ Every point is a physkern.recipe.Recipe applied to a fresh copy of the packaged 
 - mpo2{b}:  "factorize": MPO with 2 cores (TT-SVD, which is Frobenius-optimal for 2 cores), the
             largest bond whose fp16 cores fit b
 - mpo3{b}:  MPO with 3 cores, TT-SVD + 1 DMRG-style ALS sweep
+- mpo2cb{b}: MPO with 2 cores (TT-SVD) whose cores are then quantized ("factorize"'s
+            "quantize", physkern.methods.factor_quant): layer-scope codebooks K=256 d=2 with
+            per-row fp16 scales, no calibration. The bond is the largest whose INDEX bits fit
+            15/16 of b (target MPO_CB_TARGET * b), leaving room for the scales and codebooks,
+            so that the TRUE bits (reported) land at ~b
 - cb{b}:    "config": layer-scope codebooks with error feedback at ~b bits (b=2: K=256 d=4;
             b=4: K=256 d=2; b=3: K=4096 d=4)
 - "+heal":  the same, then "finetune": `--heal-steps` Adam steps of KL(teacher || student) on the
@@ -40,9 +45,14 @@ import torch
 
 CB = {2: {"k": 256, "block_dim": 4}, 3: {"k": 4096, "block_dim": 4},
       4: {"k": 256, "block_dim": 2}}
-METHODS = ("svd", "svdw", "mpo2", "mpo3", "cb")
+METHODS = ("svd", "svdw", "mpo2", "mpo3", "mpo2cb", "cb")
 LABELS = {"svd": "truncated SVD", "svdw": "SVD, activation-weighted", "mpo2": "MPO 2 cores",
-          "mpo3": "MPO 3 cores (+1 sweep)", "cb": "codebook (layer, EF)", "fp": "FP32"}
+          "mpo3": "MPO 3 cores (+1 sweep)", "mpo2cb": "MPO 2 cores, codebook cores",
+          "cb": "codebook (layer, EF)", "fp": "FP32"}
+# mpo2cb: its cores' index bits target this fraction of b (per-row fp16 scales and the
+# codebooks add ~1/16: the true bits come out at ~b, as the other points')
+MPO_CB_TARGET = 15 / 16
+MPO_CB = {"method": "codebook", "k": 256, "block_dim": 2, "scope": "layer", "calibrate": False}
 
 
 def recipe_dict(method: str, bits: float, layers: list, heal: int) -> dict:
@@ -56,6 +66,9 @@ def recipe_dict(method: str, bits: float, layers: list, heal: int) -> dict:
     elif method == "mpo2":
         d["factorize"] = {"method": "mpo", "bits": float(bits), "cores": 2, "sweeps": 0,
                           "layers": layers}
+    elif method == "mpo2cb":
+        d["factorize"] = {"method": "mpo", "bits": float(bits) * MPO_CB_TARGET, "cores": 2,
+                          "sweeps": 0, "layers": layers, "quantize": dict(MPO_CB)}
     elif method == "mpo3":
         d["factorize"] = {"method": "mpo", "bits": float(bits), "cores": 3, "sweeps": 1,
                           "layers": layers}
@@ -114,7 +127,8 @@ def plot(payload: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"svd": "C0", "svdw": "C1", "mpo2": "C2", "mpo3": "C3", "cb": "C4"}
+    colors = {"svd": "C0", "svdw": "C1", "mpo2": "C2", "mpo3": "C3", "cb": "C4",
+              "mpo2cb": "C5"}
     for m in METHODS:
         for healed in (False, True):
             ps = [p for p in payload["points"] if p.get("method") == m and
@@ -214,7 +228,7 @@ def main(argv=None):
                                      "offsets", "disjoint_from_evaluation": True,
                              "used_for": "X^T X (svdw, codebook EF) and the healing windows"},
              "seed": args.seed, "threads": args.threads}
-    points = []
+    points, merged_from, earlier = [], [], []
     if out.exists() and not args.fresh:
         old = json.loads(out.read_text())
         plan_keys = ("bits", "heal_steps")  # what a run adds to the file, not how it measures
@@ -223,6 +237,8 @@ def main(argv=None):
                          if k not in plan_keys}:
             raise SystemExit(f"{out} was made with another setup; pass --fresh or --out")
         points = old["points"]
+        merged_from = old.get("merged_from", [])
+        earlier = old.get("earlier_commands", []) + [old.get("command")]
     done = {q["name"] for q in points}
 
     def save():
@@ -232,7 +248,9 @@ def main(argv=None):
                                                       if q["target_bits"]}),
                              "heal_steps": sorted({q["heal_steps"] for q in points
                                                    if q["heal_steps"]})},
-                   "points": points, **provenance("cpu")}
+                   "points": points, **provenance("cpu"),
+                   **({"merged_from": merged_from} if merged_from else {}),
+                   **({"earlier_commands": earlier} if earlier else {})}
         write_json(out, payload)
         return payload
 
@@ -275,6 +293,10 @@ def main(argv=None):
                 sizes = sorted({f"chi={x['chi']}" if "chi" in x else f"r={x['rank']}"
                                 for x in lay})
                 point["size"] = ", ".join(sizes)
+                if "relative_weight_error_float" in lay[0]:  # quantized cores
+                    point["size"] += f", K={MPO_CB['k']} d={MPO_CB['block_dim']} cores"
+                    point["relative_weight_error_float_mean"] = sum(
+                        x["relative_weight_error_float"] for x in lay) / len(lay)
                 point["factorize"] = {k: v for k, v in rep.factorize.items() if k != "layers"}
                 point["factorize"]["layers"] = [{k: v for k, v in x.items()} for x in lay]
             if rep.quantization is not None:
@@ -288,6 +310,8 @@ def main(argv=None):
                 point["heal"]["loss_first_last"] = [rep.finetune["loss_curve"][:1],
                                                     rep.finetune["loss_curve"][-1:]]
             point["calibration"] = {**calib, "seed": args.seed}
+        if m == "mpo2cb":  # added to a file made by earlier commands: its own provenance
+            point["provenance"] = provenance("cpu")
         points.append(point)
         save()
         bits = point.get("bits", {}).get("bits_per_weight")
