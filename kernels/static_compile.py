@@ -124,15 +124,21 @@ def _jit_function(fn):
 
 
 def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int,
-                   num_stages: int = 2):
-    """triton.compile for GPUTarget('cuda', arch, 32); returns (compiled kernel, ptxas -v log)."""
+                   num_stages: int = 2, divisible: tuple = ()):
+    """triton.compile for GPUTarget('cuda', arch, 32); returns (compiled kernel, ptxas -v log).
+
+    divisible: argument names to treat as multiples of 16 (bytes for pointers), as Triton's JIT
+    specializes them at a launch where they are (aligned tensors, sizes such as 4096): the
+    compiled code then vectorizes loads the unspecialized compile cannot."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    jit = _jit_function(fn)
     sig = dict(signature)
     for k in constexprs:
         sig[k] = "constexpr"
-    src = ASTSource(fn=_jit_function(fn), signature=sig, constexprs=constexprs)
+    attrs = {(jit.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    src = ASTSource(fn=jit, signature=sig, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
     return kernel, _run_ptxas(kernel.asm["ptx"], arch)
@@ -224,6 +230,55 @@ def compile_split_reduce(dtype: str, arch: int) -> CompiledInfo:
     return _info("split_reduce", "reduce", arch, dtype, consts, 4, kernel, log)
 
 
+# psum GEMV format variants: (K, d, stages, per-chunk scales, offsets). Per-row scales are
+# applied by the finishing kernel (HAS_SCALES False in the main kernel).
+PSUM_VARIANTS = (
+    (256, 4, 1, False, False),   # layer K=256 d=4, one scale per row: the 2-bit decode format
+    (512, 4, 1, False, False),   # 9-bit indices: 8-bit + 1-bit planes
+    (64, 2, 2, True, True),      # two stages, scale groups with offsets
+    (16, 1, 2, True, True),      # scalar-grid-like d = 1
+)
+PSUM_INT_ARGS = ("N", "n_slices", "n_entries", "rows_per_prog", "group_slices", "stride_xm",
+                 "stride_ls", "stride_lc", "stride_hs", "stride_hc", "stride_cs", "stride_sn",
+                 "stride_sg", "stride_on", "stride_og", "stride_ym")
+
+
+def psum_jobs(full: bool = True):
+    """(dtype, arch, variant) for the psum GEMV's production config (its largest BLOCK_N for
+    the variant's chunk: the most registers)."""
+    for dtype in DTYPES:
+        for arch in ARCHS:
+            for variant in (PSUM_VARIANTS if full else PSUM_VARIANTS[:2]):
+                yield dtype, arch, variant
+
+
+def compile_psum(dtype: str, arch: int, variant) -> CompiledInfo:
+    from .codebook_gemv_psum import (PSUM_CONFIG, _pow2_ceil, _psum_gemv_kernel, chunk_slices,
+                                     max_block_n, plane_bits)
+    from .packing import index_bits
+    k, d, stages, has_scales, has_offsets = variant
+    sl = chunk_slices(k, 4096, 4096)
+    sig = {"x_ptr": f"*{dtype}", "lo_ptr": "*i32", "hi_ptr": "*i32", "cb_ptr": "*fp16",
+           "scales_ptr": "*fp16", "offsets_ptr": "*fp16", "y_ptr": "*fp32"}
+    sig.update({a: "i32" for a in PSUM_INT_ARGS})
+    lo_w, hi_w = plane_bits(index_bits(k))
+    consts = dict(D=d, KP=_pow2_ceil(k), SL=sl, STAGES=stages, LO_W=lo_w, HI_W=hi_w,
+                  HAS_SCALES=has_scales, HAS_OFFSETS=has_offsets,
+                  BLOCK_N=max_block_n(sl, stages))
+    kernel, log = compile_kernel(_psum_gemv_kernel, sig, consts, arch, PSUM_CONFIG["num_warps"])
+    return _info("psum_gemv", "psum", arch, dtype, consts, PSUM_CONFIG["num_warps"], kernel, log)
+
+
+def compile_psum_finish(dtype: str, arch: int) -> CompiledInfo:
+    from .codebook_gemv_psum import REDUCE_BLOCK as FINISH_BLOCK
+    from .codebook_gemv_psum import _finish_kernel
+    sig = {"acc_ptr": "*fp32", "scales_ptr": "*fp16", "bias_ptr": f"*{dtype}",
+           "y_ptr": f"*{dtype}", "total": "i32", "N": "i32", "stride_sn": "i32"}
+    consts = dict(ROW_SCALE=True, HAS_BIAS=True, BLOCK=FINISH_BLOCK)
+    kernel, log = compile_kernel(_finish_kernel, sig, consts, arch, 4)
+    return _info("psum_finish", "finish", arch, dtype, consts, 4, kernel, log)
+
+
 def kmeans_jobs(full: bool = True):
     """(dtype, arch, d, has_importance) for every k-means assignment production config."""
     for dtype in DTYPES + (("fp32",) if full else ()):
@@ -251,6 +306,8 @@ def compile_all(full: bool = True) -> list[dict]:
     out = [compile_matmul(*job).as_json() for job in matmul_jobs(full)]
     out += [compile_gemv_vec(*job).as_json() for job in gemv_vec_jobs(full)]
     out += [compile_split_reduce(t, a).as_json() for t in DTYPES for a in ARCHS]
+    out += [compile_psum(*job).as_json() for job in psum_jobs(full)]
+    out += [compile_psum_finish(t, a).as_json() for t in DTYPES for a in ARCHS]
     out += [compile_kmeans(*job).as_json() for job in kmeans_jobs(full)]
     return out
 
@@ -267,5 +324,174 @@ def compile_all_subprocess(full: bool = True, timeout: float = 1800) -> list[dic
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------------------------------------
+# SASS model of production launches (kernels/sass_model.py reads the SASS)
+# ---------------------------------------------------------------------------------------------
+
+SASS_ARCH = 90
+SASS_SMS = 132            # H100 SXM / H200: grids sized as the launchers size them there
+SASS_SHAPE = (4096, 4096)  # out, in
+# name: (d, K) of a layer-scope codebook with one fp16 scale per row (bench_kernels_gpu.py's
+# recipes of the same names)
+SASS_FORMATS = {"layer_K256_d4_rowscale": (4, 256), "layer_K512_d4_rowscale": (4, 512),
+                "layer_K64_d2_rowscale": (2, 64)}
+SASS_MS = (1, 16, 128, 2048)
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **meta)` records the launch."""
+
+    def __init__(self, fn, log: list):
+        self.fn, self.log = fn, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.log.append((self.fn, grid, args, meta))
+
+
+def record_launches(call, patches: dict) -> list:
+    """Run call() with module attributes replaced: patches {(module, name): value}, where a
+    value of None means "record this kernel's launches". Returns [(fn, grid, args, meta)]."""
+    log: list = []
+    saved = {(mod, name): getattr(mod, name) for mod, name in patches}
+    try:
+        for (mod, name), value in patches.items():
+            setattr(mod, name, _Recorder(saved[(mod, name)], log) if value is None else value)
+        call()
+    finally:
+        for (mod, name), value in saved.items():
+            setattr(mod, name, value)
+    return log
+
+
+def specialize_launch(fn, args, meta) -> tuple[dict, dict, tuple]:
+    """(signature, constexprs, divisible) as Triton's JIT specializes this launch: ints equal to
+    1 become constants, ints and tensor addresses that are multiples of 16 are marked so."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    jit = _jit_function(fn)
+    sig, consts, div = {}, {}, []
+    for name, a in zip(jit.arg_names, args):
+        ty, key = native_specialize_impl(BaseBackend, a, False, True, True)
+        if ty == "constexpr":
+            consts[name] = key
+        else:
+            sig[name] = ty
+            if key == "D":
+                div.append(name)
+    consts.update({k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")})
+    return sig, consts, tuple(div)
+
+
+def _model_launch(fn, grid, args, meta, arch: int = SASS_ARCH) -> tuple[dict, object]:
+    """Compile one recorded launch as the JIT would and read its SASS."""
+    from . import sass_model
+
+    sig, consts, div = specialize_launch(fn, args, meta)
+    kernel, log = compile_kernel(fn, sig, consts, arch, meta.get("num_warps", 4),
+                                 meta.get("num_stages", 2), divisible=div)
+    stats = _parse_ptxas(log)
+    instrs = sass_model.disassemble(kernel.asm["cubin"])
+    return {"registers": stats.get("registers"), "spill_stores": stats.get("spill_stores"),
+            "spill_loads": stats.get("spill_loads"), "shared_bytes": int(kernel.metadata.shared),
+            "grid": list(grid), "programs": int(grid[0] * (grid[1] if len(grid) > 1 else 1)
+                                                * (grid[2] if len(grid) > 2 else 1)),
+            "num_warps": meta.get("num_warps", 4),
+            "constexprs": {k: v for k, v in consts.items() if not k.startswith("stride")}}, instrs
+
+
+def _launch_inputs(out: int, inf: int, d: int, k: int, m: int):
+    """CPU tensors of one launch (x fp16 [m, in], one layer codebook, one fp16 scale per row):
+    the launchers only read their shapes, strides and alignment here."""
+    import torch
+
+    from .packing import index_bits, pack_indices
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, k, (1, out, inf // d), generator=g)
+    packed = pack_indices(idx, index_bits(k))
+    cb = torch.randn(1, 1, k, d, generator=g).half()
+    sc = torch.rand(out, 1, generator=g).half()
+    x = torch.randn(m, inf, generator=g).half()
+    return x, packed, cb, sc
+
+
+def sass_jobs():
+    """(format name, M, kernel family) for every modelled production launch: the dequantizing
+    path (codebook_matmul_triton's pick at each M) and the psum GEMV (M <= 16)."""
+    from .codebook_matmul import PSUM_MAX_M
+    for fmt in SASS_FORMATS:
+        for m in SASS_MS:
+            yield fmt, m, "dequant"
+            if m <= PSUM_MAX_M:
+                yield fmt, m, "psum"
+
+
+def model_launch_family(fmt: str, m: int, family: str) -> list[dict]:
+    """Record the launches of one production call at SASS_SHAPE (as on SASS_SMS SMs), compile
+    each for sm_90 and read its SASS. The main kernel's record carries per-weight figures."""
+    from . import codebook_gemv_psum as psum
+    from . import codebook_matmul as cm
+    from . import sass_model
+
+    out, inf = SASS_SHAPE
+    d, k = SASS_FORMATS[fmt]
+    x, packed, cb, sc = _launch_inputs(out, inf, d, k, m)
+    sms = {(cm, "sm_count"): lambda device: SASS_SMS}
+    if family == "psum":
+        patches = {**sms, (psum, "_psum_gemv_kernel"): None, (psum, "_finish_kernel"): None}
+        log = record_launches(lambda: psum.codebook_matmul_psum(
+            x, packed, cb, sc, None, None, inf, out, inf), patches)
+    else:
+        patches = {**sms, (cm, "_codebook_gemv_kernel"): None,
+                   (cm, "_codebook_matmul_kernel"): None, (cm, "_split_reduce_kernel"): None}
+        log = record_launches(lambda: cm.codebook_matmul_triton(
+            x, packed, cb, sc, None, None, inf, out, inf), patches)
+    records = []
+    for i, (fn, grid, args, meta) in enumerate(log):
+        rec, instrs = _model_launch(fn, grid, args, meta)
+        rec.update(kernel=_jit_function(fn).__name__, family=family, format=fmt, m=m, shape=list(SASS_SHAPE), arch=SASS_ARCH,
+                   main=i == 0)
+        if i == 0:  # the weight-reading kernel
+            names = _jit_function(fn).arg_names
+            a = dict(zip(names, args))
+            if family == "psum":
+                per_iter = meta["BLOCK_N"] * meta["SL"] * meta["D"]
+                iters = a["rows_per_prog"] // meta["BLOCK_N"]
+            else:
+                per_iter = meta["BLOCK_N"] * meta["BLOCK_K"]
+                iters = a["k_per_split"] // meta["BLOCK_K"]
+            rec["sass"] = sass_model.summarize(instrs, 32 * meta.get("num_warps", 4),
+                                               per_iter, iters)
+        else:
+            rec["sass"] = sass_model.summarize(instrs, 32 * meta.get("num_warps", 4), 1)
+            rec["sass"] = {"instructions": len(instrs), "loop": rec["sass"]["loop"]}
+        records.append(rec)
+    return records
+
+
+def model_all(jobs=None) -> list[dict]:
+    """Every sass_jobs() launch (or `jobs`: (format, M, family) triples), modelled
+    (TRITON_INTERPRET must be unset)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("model_all needs TRITON_INTERPRET unset; use model_all_subprocess")
+    return [r for job in (jobs or sass_jobs()) for r in model_launch_family(*job)]
+
+
+def model_all_subprocess(jobs=None, timeout: float = 1800) -> list[dict]:
+    """model_all in a child process without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "physkern.kernels.static_compile", "--sass"]
+    cmd += [f"{f}:{m}:{fam}" for f, m, fam in (jobs or ())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"SASS model failed ({proc.returncode}):\n{proc.stdout[-4000:]}"
+                           f"\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 if __name__ == "__main__":
-    print(json.dumps(compile_all(full="--full" in sys.argv)))
+    if "--sass" in sys.argv:
+        picked = [a.split(":") for a in sys.argv[sys.argv.index("--sass") + 1:]]
+        print(json.dumps(model_all([(f, int(m), fam) for f, m, fam in picked] or None)))
+    else:
+        print(json.dumps(compile_all(full="--full" in sys.argv)))
