@@ -52,6 +52,7 @@ PSUM_MAX_SL = 64           # slices per chunk
 # Production config: up to 1024 rows per program (8 per thread at 4 warps), fewer when that
 # leaves SMs idle (pick_block_n); compiled for sm_80/sm_90 by tests/test_kernel_compile.py.
 PSUM_CONFIG = {"BLOCK_N": 1024, "num_warps": 4, "waves": 2}
+PSUM_LOOKUPS_PER_BLOCK = 16384  # BLOCK_N * SL * stages: K=256 d=4 gets 1024 rows x 16 slices
 REDUCE_BLOCK = 1024
 
 # The CUDA decode GEMV: "dequant" (codebook_matmul_triton's kernels, the default) or "psum"
@@ -282,13 +283,22 @@ def _finish_kernel(acc_ptr, scales_ptr, bias_ptr, y_ptr, total, N, stride_sn,
 # Launcher
 # ---------------------------------------------------------------------------------------------
 
-def pick_block_n(n_rows: int, n_chunks: int, m: int, device: torch.device,
-                 cfg: dict = PSUM_CONFIG) -> int:
-    """Rows per program: cfg's BLOCK_N, halved (down to one row per thread) while row blocks x
+def max_block_n(sl: int, stages: int, cfg: dict = PSUM_CONFIG) -> int:
+    """Largest rows per program for chunks of `sl` slices: cfg's BLOCK_N, capped so that a
+    program's lookups per row block (BLOCK_N * SL * stages) stay at PSUM_LOOKUPS_PER_BLOCK,
+    whose index tile fits the registers without spilling (sm_80/sm_90, checked by
+    tests/test_kernel_compile.py), and at least one row per thread."""
+    floor = 32 * cfg["num_warps"]
+    return max(floor, min(cfg["BLOCK_N"], PSUM_LOOKUPS_PER_BLOCK // (sl * stages)))
+
+
+def pick_block_n(n_rows: int, n_chunks: int, m: int, sl: int, stages: int,
+                 device: torch.device, cfg: dict = PSUM_CONFIG) -> int:
+    """Rows per program: max_block_n, halved (down to one row per thread) while row blocks x
     chunks x rows of x fill fewer than cfg["waves"] waves of SMs, and never far past n_rows."""
     sms = cm.sm_count(device)
     floor = 32 * cfg["num_warps"]
-    bn = max(floor, min(cfg["BLOCK_N"], _pow2_ceil(n_rows)))
+    bn = max(floor, min(max_block_n(sl, stages, cfg), _pow2_ceil(n_rows)))
     while bn > floor and triton.cdiv(n_rows, bn) * n_chunks * m < cfg["waves"] * sms:
         bn //= 2
     return bn
@@ -335,7 +345,7 @@ def codebook_matmul_psum(x: torch.Tensor, packed: torch.Tensor, codebooks: torch
     if m == 0:
         return y.reshape(*lead, out)
     block_n = cfg["BLOCK_N"] if config and "BLOCK_N" in config else pick_block_n(
-        out, n_chunks, m, x.device, cfg)
+        out, n_chunks, m, sl, stages, x.device, cfg)
     if block_n < 1 or block_n & (block_n - 1):
         raise ValueError(f"config BLOCK_N must be a power of two, got {block_n}")
     rows_per_prog = rows_per_prog or block_n
