@@ -19,7 +19,7 @@ SOURCES = {"3bit": "codebook_push.json:cb_mixed3_layer_ef_ft150_tiles256_cos",
 
 def test_presets_are_package_data():
     assert PRESETS_DIR.parent.name == "physkern"
-    assert set(preset_names()) == set(SOURCES) | {"deploy"}
+    assert set(preset_names()) == set(SOURCES) | {"deploy", "3bit-whole"}
     setup = (ROOT / "setup.py").read_text()
     assert '"presets/*.json"' in setup and '"physkern.methods"' in setup
 
@@ -47,6 +47,21 @@ def test_deploy_preset_is_its_bench_recipe():
     assert preset.finetune is None  # make run finishes in minutes
 
 
+def test_whole_model_3bit_preset_is_its_bench_recipe():
+    """3bit-whole = whole_model.json's whole_mixed3_ft60_rot_head_k256_d2 (the figures in its
+    description come from that recipe's sweep points)."""
+    preset = load_preset("3bit-whole")
+    src = load_recipe(ROOT / "bench" / "recipes" / "whole_model.json",
+                      "whole_mixed3_ft60_rot_head_k256_d2")
+    assert (preset.config, preset.embedding, preset.dense_dtype, preset.finetune) == \
+        (src.config, src.embedding, src.dense_dtype, src.finetune)
+    assert preset.config.rotation == "hadamard" and preset.embedding is not None
+    assert preset.calibration == {"windows": 32, "window": 1024}
+    raw = json.loads((PRESETS_DIR / "3bit-whole.json").read_text())
+    assert raw["name"] == "3bit-whole" and "whole_mixed3_ft60_rot_head_k256_d2" in raw["note"]
+    assert "physkern sweep quant" in raw["description"]
+
+
 def test_make_run_uses_the_deploy_preset():
     from physkern.commands.run import default_recipe
     assert default_recipe() == load_preset("deploy").config
@@ -70,7 +85,7 @@ def test_quantize_preset_records_the_whole_recipe(saved_tiny):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--preset", "nope"], "no preset 'nope'; valid: 2.5bit, 3bit, deploy, fast, rtn4"),
+    (["--preset", "nope"], "no preset 'nope'; valid: 2.5bit, 3bit, 3bit-whole, deploy, fast, rtn4"),
     (["--preset", "fast", "--k", "16"], "--preset and the per-flag recipe are exclusive: drop --k"),
     (["--preset", "fast", "--method", "rtn"], "drop --method"),
     (["--preset", "fast", "--recipe", "x.json:y"], "--preset and --recipe are exclusive"),
