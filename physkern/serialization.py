@@ -577,9 +577,9 @@ def factorized_layer_meta(module: nn.Module,
 
 def _quantized_factor_layouts(module: nn.Module) -> Optional[dict]:
     """{factor name ("cores.<k>" / "up" / "down"): QuantizedFactor.layout()} when the module's
-    factors are quantized (physkern.methods.factor_quant), None when they are float; a mix is
-    refused (the quantizing code never makes one)."""
-    from .methods.factor_quant import QuantizedFactor
+    factors are quantized (physkern.research.quantized_factors), None when they are float; a
+    mix is refused (the quantizing code never makes one)."""
+    from .research.quantized_factors import QuantizedFactor
     MPOLinear, _ = factorized_classes()
     facs = {f"cores.{k}": g for k, g in enumerate(module.cores)} if isinstance(module, MPOLinear) \
         else {"up": module.up, "down": module.down}
@@ -675,9 +675,9 @@ def _null_or_float_dtype(where: str, field: str, v, quantized: bool) -> None:
 
 def _check_quantized_factors(where: str, q, views: dict) -> None:
     """"quantized": one layout per factor (exactly the names of `views`: factor name -> its
-    2-D view [rows, cols], physkern.methods.factor_quant.matrix_shape), each with the fields
-    of QuantizedFactor.layout() only, in range for that view."""
-    from .methods.factor_quant import LAYOUT_DTYPES, LAYOUT_INTS
+    2-D view [rows, cols], physkern.research.quantized_factors.matrix_shape), each with the
+    fields of QuantizedFactor.layout() only, in range for that view."""
+    from .research.quantized_factors import LAYOUT_DTYPES, LAYOUT_INTS
     if not isinstance(q, dict) or set(q) != set(views):
         got = sorted(q) if isinstance(q, dict) else type(q).__name__
         raise ValueError(f"{where}: quantized must be an object with one layout per factor "
@@ -728,7 +728,7 @@ def factorized_tensors(fm: dict) -> dict[str, tuple[torch.dtype, tuple]]:
 def quantized_factor_meta(layout: dict, shape) -> dict:
     """A checked QuantizedFactor layout of a factor of `shape` as a QuantizedLinear layout
     (its 2-D view as [out_features, in_features]), for _layer_tensors / check_indices."""
-    from .methods.factor_quant import matrix_shape
+    from .research.quantized_factors import matrix_shape
     rows, cols = matrix_shape(shape)
     return {"kind": "linear", "in_features": cols, "out_features": rows, **layout,
             "bias_dtype": None}
@@ -746,7 +746,7 @@ def factorized_shapes(fm: dict) -> dict[str, tuple]:
 def check_factor_indices(file, name: str, module: nn.Module) -> None:
     """check_indices on every quantized factor of a loaded factorized layer (nothing for float
     factors)."""
-    from .methods.factor_quant import QuantizedFactor
+    from .research.quantized_factors import QuantizedFactor
     for sub_name, sub in module.named_modules():
         if isinstance(sub, QuantizedFactor):
             check_indices(file, f"{name}.{sub_name}", sub)
@@ -758,7 +758,7 @@ def empty_factorized(fm: dict) -> nn.Module:
     file, and fill it from the file)."""
     MPOLinear, LowRankLinear = factorized_classes()
     if "quantized" in fm:
-        from .methods.factor_quant import (QuantizedFactor, QuantizedLowRankLinear,
+        from .research.quantized_factors import (QuantizedFactor, QuantizedLowRankLinear,
                                            QuantizedMPOLinear)
         qs = {n: QuantizedFactor.empty(fm["quantized"][n], shape)
               for n, shape in factorized_shapes(fm).items()}

@@ -205,7 +205,7 @@ def _factor_tensors(mod: nn.Module) -> list[tuple[object, str]]:
     factors, or, for quantized ones (physkern.methods.factor_quant), each QuantizedFactor's
     codebooks, scales and offsets (indices fixed, as physkern.finetune does)."""
     from ..research.mpo import MPOLinear
-    from .factor_quant import QuantizedFactor
+    from ..research.quantized_factors import QuantizedFactor
     if isinstance(mod, MPOLinear):
         slots = [(mod.cores, str(k)) for k in range(len(mod.cores))]
     else:
