@@ -98,8 +98,9 @@ def plane_bits(bits: int) -> tuple[int, int]:
 
 def chunk_slices(k: int, n_slices: int, group_slices: int) -> int:
     """SL, slices per chunk: a power of two with SL * KP <= PSUM_TABLE_ENTRIES, at most
-    PSUM_MAX_SL and not above the slice count, dividing the scale group's slice count (so one
-    chunk lies in one scale group and a row needs one scale per chunk)."""
+    PSUM_MAX_SL and the slice count rounded up to a power of two, dividing the scale group's
+    slice count (so one chunk lies in one scale group and a row needs one scale per chunk;
+    groups of an odd number of slices get SL = 1: correct, slow)."""
     sl = max(1, min(PSUM_MAX_SL, PSUM_TABLE_ENTRIES // _pow2_ceil(k), _pow2_ceil(n_slices)))
     if group_slices < n_slices:
         sl = min(sl, group_slices & -group_slices)  # largest power of two dividing it

@@ -462,6 +462,16 @@ def model_launch_family(fmt: str, m: int, family: str) -> list[dict]:
                 iters = a["k_per_split"] // meta["BLOCK_K"]
             rec["sass"] = sass_model.summarize(instrs, 32 * meta.get("num_warps", 4),
                                                per_iter, iters)
+            # The per-weight figures are per weight a program reads, for the rows of x it
+            # serves: one for psum (a program per row of x), BLOCK_M for the dequantizing
+            # kernels. Per weight of the matrix for the whole call, scale by M / that.
+            rows_x = 1 if family == "psum" else min(m, meta["BLOCK_M"])
+            scale = triton.cdiv(m, rows_x)
+            rec["x_rows_per_program"] = rows_x
+            rec["call_per_matrix_weight"] = {
+                "warp_instructions": rec["sass"]["program_warp_instructions_per_weight"] * scale,
+                "global_load_bytes": rec["sass"]["program_global_load_bytes_per_weight"] * scale,
+                "shared_load_bytes": rec["sass"]["program_shared_load_bytes_per_weight"] * scale}
         else:
             rec["sass"] = sass_model.summarize(instrs, 32 * meta.get("num_warps", 4), 1)
             rec["sass"] = {"instructions": len(instrs), "loop": rec["sass"]["loop"]}
