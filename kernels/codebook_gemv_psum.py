@@ -56,8 +56,8 @@ PSUM_LOOKUPS_PER_BLOCK = 16384  # BLOCK_N * SL * stages: K=256 d=4 gets 1024 row
 REDUCE_BLOCK = 1024
 
 # The CUDA decode GEMV: "dequant" (codebook_matmul_triton's kernels, the default) or "psum"
-# (this kernel for eligible formats and at most codebook_matmul.PSUM_MAX_M rows of x: each row
-# of x runs its own programs and re-reads the indices, so wide x stays on the dequantizing
+# (this kernel for eligible formats and at most codebook_matmul.PSUM_MAX_M = 4 rows of x: each
+# row of x runs its own programs and re-reads the indices, so wider x stays on the dequantizing
 # kernels). Off by default until it has been timed on a GPU: set_cuda_gemv("psum") or
 # PHYSKERN_CUDA_GEMV=psum.
 CUDA_GEMVS = ("dequant", "psum")

@@ -59,8 +59,12 @@ from .packing import index_bits, unpack_indices, words_per_row
 GEMV_MAX_M = 16
 GEMV_VEC_MAX_M = 1
 # Rows of x up to which codebook_matmul_triton hands eligible formats to the psum GEMV
-# (kernels/codebook_gemv_psum.py) when that is switched on (off by default).
-PSUM_MAX_M = 16
+# (kernels/codebook_gemv_psum.py) when that is switched on (off by default). It runs a program
+# set per row of x, so its cost grows with M: the static SASS model (bench/gpu_static_report.py,
+# 4096x4096 K=256 d=4) puts it at m x 0.09 warp instructions and m x 0.81 requested global
+# bytes per weight against 0.35 and 2.9 for the split-K tl.dot GEMV at M <= 16: break-even near
+# M = 4. Not yet timed on a GPU.
+PSUM_MAX_M = 4
 MATMUL_CONFIGS = {
     "gemv": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
     "tiled": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
