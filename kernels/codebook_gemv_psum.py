@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import codebook_matmul as cm
+from . import _device
 from ._checks import check_matmul_inputs
 from .index_cache import PlanCache
 from .packing import index_bits, unpack_indices
@@ -297,7 +297,7 @@ def pick_block_n(n_rows: int, n_chunks: int, m: int, sl: int, stages: int,
                  device: torch.device, cfg: dict = PSUM_CONFIG) -> int:
     """Rows per program: max_block_n, halved (down to one row per thread) while row blocks x
     chunks x rows of x fill fewer than cfg["waves"] waves of SMs, and never far past n_rows."""
-    sms = cm.sm_count(device)
+    sms = _device.sm_count(device)
     floor = 32 * cfg["num_warps"]
     bn = max(floor, min(max_block_n(sl, stages, cfg), _pow2_ceil(n_rows)))
     while bn > floor and triton.cdiv(n_rows, bn) * n_chunks * m < cfg["waves"] * sms:

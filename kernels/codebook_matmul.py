@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 
+from . import _device
 from . import codebook_gemv_lut as lut
 from .index_cache import IndexCache
 from .packing import index_bits, unpack_indices, words_per_row
@@ -389,18 +390,9 @@ def pick_config(m: int, bits: int = 8, d: int = 4, stages: int = 1) -> dict:
     return cfg if fits(cfg) else MATMUL_CONFIGS["tiled_large"]
 
 
-def sm_count(device: torch.device) -> int:
-    """SMs the launchers size their grids for: the device's, or 4 off CUDA (the interpreter:
-    a little split-K so tests exercise the partial-sum path). kernels/static_compile.py
-    substitutes an H100's count to model production launches without a GPU."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _split_k_for(n_tiles: int, k_steps: int, device: torch.device, waves: int = GEMV_WAVES) -> int:
     """Enough programs along the input dimension to occupy about `waves` waves of SMs."""
-    sms = sm_count(device)
+    sms = _device.sm_count(device)
     return max(1, min(k_steps, (waves * sms + n_tiles - 1) // n_tiles, 64))
 
 

@@ -428,6 +428,7 @@ def sass_jobs():
 def model_launch_family(fmt: str, m: int, family: str) -> list[dict]:
     """Record the launches of one production call at SASS_SHAPE (as on SASS_SMS SMs), compile
     each for sm_90 and read its SASS. The main kernel's record carries per-weight figures."""
+    from . import _device
     from . import codebook_gemv_psum as psum
     from . import codebook_matmul as cm
     from . import sass_model
@@ -435,7 +436,7 @@ def model_launch_family(fmt: str, m: int, family: str) -> list[dict]:
     out, inf = SASS_SHAPE
     d, k = SASS_FORMATS[fmt]
     x, packed, cb, sc = _launch_inputs(out, inf, d, k, m)
-    sms = {(cm, "sm_count"): lambda device: SASS_SMS}
+    sms = {(_device, "sm_count"): lambda device: SASS_SMS}
     if family == "psum":
         patches = {**sms, (psum, "_psum_gemv_kernel"): None, (psum, "_finish_kernel"): None}
         log = record_launches(lambda: psum.codebook_matmul_psum(
