@@ -1,7 +1,9 @@
 """Helpers for loader tests that tamper with a saved model: a fresh copy to edit, an edit of its
-physkern.json, and a guard that fails if loading allocates a large tensor (a crafted file must be
-refused against its header before anything it describes is allocated)."""
+physkern.json, the bytes of its tensor data, and a guard that fails if loading allocates a large
+tensor (a crafted file must be refused against its header before anything it describes is
+allocated)."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -54,3 +56,10 @@ def guard_allocations(monkeypatch, max_numel: int = 10**7) -> None:
         return f
     for n in real:
         monkeypatch.setattr(torch, n, guarded(n))
+
+
+def tensor_bytes(d: Path, name: str = "model.safetensors") -> int:
+    """Bytes of the tensor data in a safetensors file of directory d (the JSON header apart)."""
+    with open(d / name, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return os.path.getsize(d / name) - 8 - header

@@ -11,12 +11,11 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 
 import pytest
 import torch
 
-from _crafted import edit_meta, fresh_copy, guard_allocations, load_fails
+from _crafted import edit_meta, fresh_copy, guard_allocations, load_fails, tensor_bytes
 
 import physkern
 from physkern.methods.factor_quant import check_factor_config, quantize_factors
@@ -97,10 +96,6 @@ def _logits(model, x=X):
         return model(x).logits
 
 
-def _tensor_bytes(d):
-    with open(d / ST, "rb") as f:
-        header = int.from_bytes(f.read(8), "little")
-    return os.path.getsize(d / ST) - 8 - header
 
 
 # ---- forward = independent reference -----------------------------------------------------------
@@ -202,7 +197,7 @@ def test_bits_by_hand_equal_bits_report(qmodel, tiny_llama):
 
 def test_bits_equal_bytes_of_the_saved_file(qmodel, saved):
     rep = bits_report(qmodel)
-    disk = _tensor_bytes(saved)
+    disk = tensor_bytes(saved)
     assert abs(disk - rep.total_bytes) <= 0.01 * disk
     from physkern.checkpoint import read_safetensors_header
     header = read_safetensors_header(saved / ST)
@@ -262,7 +257,7 @@ def test_from_pretrained_and_dense_dtype_identical_logits(request, fixture, tmp_
     mine, _ = load_quantized(d)
     assert torch.equal(_logits(mine), _logits(m))
     rep = bits_report(m)
-    assert abs(_tensor_bytes(d) - rep.total_bytes) <= 0.01 * _tensor_bytes(d)
+    assert abs(tensor_bytes(d) - rep.total_bytes) <= 0.01 * tensor_bytes(d)
 
 
 def test_float_layouts_unchanged(tiny_llama):

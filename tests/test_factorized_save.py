@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _crafted import edit_meta, fresh_copy, guard_allocations, load_fails
+from _crafted import edit_meta, fresh_copy, guard_allocations, load_fails, tensor_bytes
 
 import physkern
 from physkern.methods.factorized import apply_factorization, check_savable
@@ -54,11 +53,6 @@ def _logits(model, x=X):
         return model(x).logits
 
 
-def _tensor_bytes(d):
-    """Bytes of the tensor data in model.safetensors (the JSON header counted apart)."""
-    with open(d / ST, "rb") as f:
-        header = int.from_bytes(f.read(8), "little")
-    return os.path.getsize(d / ST) - 8 - header
 
 
 @pytest.fixture(scope="module")
@@ -132,13 +126,13 @@ def test_round_trip_mixed_with_codebooks_and_dense_dtype(request, fixture, tmp_p
     assert {fm.get("dtype", fm.get("up_dtype")) for fm in meta["factorized_layers"].values()} \
         == {"bfloat16"}
     rep = bits_report(m)
-    assert abs(_tensor_bytes(d) - rep.total_bytes) <= 0.01 * _tensor_bytes(d)
+    assert abs(tensor_bytes(d) - rep.total_bytes) <= 0.01 * tensor_bytes(d)
     assert bits_report(loaded).total_bytes == rep.total_bytes
 
 
 def test_bits_equal_bytes(fact_llama, saved):
     rep = bits_report(fact_llama)
-    disk = _tensor_bytes(saved)
+    disk = tensor_bytes(saved)
     assert abs(disk - rep.total_bytes) <= 0.01 * disk
     # the factorized layers' bits are exactly their tensors' bytes in the file
     from physkern.checkpoint import read_safetensors_header
@@ -315,7 +309,7 @@ def test_quantize_cli_factorize_recipe_end_to_end(saved_tiny, tmp_path, capsys):
         assert (LowRankLinear if name == "svd_rtn" else MPOLinear) in kinds
         assert (physkern.QuantizedLinear in kinds) == (name == "svd_rtn")
         rep = bits_report(loaded)
-        assert abs(_tensor_bytes(out) - rep.total_bytes) <= 0.01 * _tensor_bytes(out)
+        assert abs(tensor_bytes(out) - rep.total_bytes) <= 0.01 * tensor_bytes(out)
     rc = main(["ppl", "--model", str(tmp_path / "mpo_only"), "--corpus",
                str(saved_tiny / "corpus.txt"), "--tokens", "256", "--window", "32"])
     assert rc == 0, capsys.readouterr().err

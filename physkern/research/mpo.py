@@ -373,6 +373,17 @@ def dmrg_sweeps(W: torch.Tensor, cores: Sequence[torch.Tensor], sweeps: int,
 # the module
 
 
+def set_features_and_bias(module: nn.Module, bias: Optional[torch.Tensor]) -> None:
+    """module.out_features / in_features from its out_factors / in_factors, and its frozen bias
+    (checked to be [out_features]); shared by MPOLinear and its quantized-core subclass."""
+    module.out_features = math.prod(module.out_factors)
+    module.in_features = math.prod(module.in_factors)
+    if bias is not None and tuple(bias.shape) != (module.out_features,):
+        raise ValueError(f"bias must be [{module.out_features}], got {tuple(bias.shape)}")
+    module.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                         requires_grad=False)
+
+
 class MPOLinear(nn.Module):
     """y = x @ W_mpo^T + bias, W_mpo never formed: x is contracted with the cores one at a time.
 
@@ -386,12 +397,7 @@ class MPOLinear(nn.Module):
         self.out_factors, self.in_factors = _factors_of(cores)
         self.cores = nn.ParameterList(
             [nn.Parameter(g.detach().to(dtype).contiguous(), requires_grad=False) for g in cores])
-        self.out_features = math.prod(self.out_factors)
-        self.in_features = math.prod(self.in_factors)
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
-                                                           requires_grad=False)
+        set_features_and_bias(self, bias)
 
     @classmethod
     def from_linear(cls, linear, chi: int, cores: int = 3, sweeps: int = 2,

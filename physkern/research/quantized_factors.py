@@ -23,7 +23,6 @@ imports no quantizer (physkern.serialization reads it; the quantizing side is in
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -138,16 +137,11 @@ class QuantizedMPOLinear(MPOLinear):
         for k, q in enumerate(qcores):
             if not isinstance(q, QuantizedFactor) or len(q.shape) != 4:
                 raise ValueError(f"cores[{k}] must be a QuantizedFactor of a 4-D core")
-        from .mpo import _factors_of
+        from .mpo import _factors_of, set_features_and_bias
         self.out_factors, self.in_factors = _factors_of(
             [torch.empty(q.shape, device="meta") for q in qcores])
         self.cores = nn.ModuleList(qcores)
-        self.out_features = math.prod(self.out_factors)
-        self.in_features = math.prod(self.in_factors)
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
-                                                           requires_grad=False)
+        set_features_and_bias(self, bias)
 
     def core_tensors(self) -> list[torch.Tensor]:
         return [q.dequantize() for q in self.cores]
