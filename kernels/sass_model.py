@@ -43,16 +43,21 @@ class Instr:
     operands: str
 
 
-def cuobjdump_path() -> Optional[str]:
-    """Triton's bundled cuobjdump, else one on PATH, else None."""
+def nvidia_tool_path(name: str) -> Optional[str]:
+    """Triton's bundled NVIDIA tool `name` ("cuobjdump", "ptxas"), else one on PATH, else None."""
     try:
         from triton import knobs
-        path = knobs.nvidia.cuobjdump.path
+        path = getattr(knobs.nvidia, name).path
         if path and os.path.exists(path):
             return path
     except Exception:  # noqa: BLE001 - any failure means: use PATH
         pass
-    return shutil.which("cuobjdump")
+    return shutil.which(name)
+
+
+def cuobjdump_path() -> Optional[str]:
+    """Triton's bundled cuobjdump, else one on PATH, else None."""
+    return nvidia_tool_path("cuobjdump")
 
 
 def disassemble(cubin: bytes) -> list[Instr]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,15 +68,9 @@ class CompiledInfo:
 
 
 def ptxas_path() -> Optional[str]:
-    """Triton's bundled ptxas, or None when this Triton has no NVIDIA backend tooling."""
-    try:
-        from triton import knobs
-        path = knobs.nvidia.ptxas.path
-        if path and os.path.exists(path):
-            return path
-    except Exception:  # noqa: BLE001 - any failure means: tooling unavailable
-        pass
-    return shutil.which("ptxas")
+    """Triton's bundled ptxas (else one on PATH), or None when there is no NVIDIA tooling."""
+    from .sass_model import nvidia_tool_path
+    return nvidia_tool_path("ptxas")
 
 
 def tooling_available() -> tuple[bool, str]:
