@@ -86,8 +86,13 @@ class PerplexityResult:
 
 @torch.no_grad()
 def token_nll(model: nn.Module, tokens: torch.Tensor, window: int, stride: Optional[int] = None,
-              batch_size: int = 1, progress: bool = True) -> tuple[torch.Tensor, list[WindowPlan]]:
-    """Summed NLL (float64 scalar) and the window plan for a 1-D token stream."""
+              batch_size: int = 1, progress: bool = True,
+              window_sums: Optional[list] = None) -> tuple[torch.Tensor, list[WindowPlan]]:
+    """Summed NLL (float64 scalar) and the window plan for a 1-D token stream.
+
+    window_sums: when a list is given, each window's summed NLL (a float, plan order) is appended
+    to it, so that the perplexity of any leading run of windows can be derived afterwards.
+    """
     if tokens.dim() != 1:
         raise ValueError(f"tokens must be a 1-D stream, got shape {tuple(tokens.shape)}")
     if batch_size <= 0:
@@ -112,7 +117,10 @@ def token_nll(model: nn.Module, tokens: torch.Tensor, window: int, stride: Optio
         nll = -logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)  # nll[b, t] predicts ids[b, t+1]
         for row, p in enumerate(group):
             first = p.score_from - p.begin - 1
-            total += nll[row, first:].double().sum().cpu()
+            window_nll = nll[row, first:].double().sum().cpu()
+            total += window_nll
+            if window_sums is not None:
+                window_sums.append(float(window_nll))
             bar.update(p.end - p.score_from)
     bar.close()
     return total, plans
@@ -127,7 +135,8 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, window: int, stride: Opti
     """
     device = next(model.parameters()).device
     start = time.perf_counter()
-    total, plans = token_nll(model, tokens, window, stride, batch_size, progress)
+    sums: list[float] = []
+    total, plans = token_nll(model, tokens, window, stride, batch_size, progress, sums)
     seconds = time.perf_counter() - start
     scored = sum(p.end - p.score_from for p in plans)
     mean = float(total) / scored
@@ -140,4 +149,24 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, window: int, stride: Opti
         window=window, stride=stride_eff, model=model_name, corpus=corpus_name,
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         device=prov["device"], seconds=seconds, tokens_per_second=scored / max(seconds, 1e-9),
-        versions=prov["versions"], command=prov["command"])
+        versions=prov["versions"], command=prov["command"],
+        extra={"window_nll": sums, "window_scored": [p.end - p.score_from for p in plans]})
+
+
+def prefix_perplexity(result: PerplexityResult, n_tokens: int) -> Optional[dict]:
+    """The perplexity the same protocol gives on the first `n_tokens` tokens of the stream,
+    derived from `result`'s per-window NLL sums (no new forward pass).
+
+    Exact only when the windows of the shorter stream are the leading windows of the longer one:
+    non-overlapping windows (stride == window) with `n_tokens` a multiple of the window. Returns
+    None when that does not hold or the stream was not longer than n_tokens; else a dict with
+    perplexity, mean_nll, tokens_scored, windows.
+    """
+    if (result.stride != result.window or n_tokens % result.window
+            or n_tokens >= result.tokens_input or "window_nll" not in result.extra):
+        return None
+    n = n_tokens // result.window
+    sums, scored = result.extra["window_nll"][:n], result.extra["window_scored"][:n]
+    mean = sum(sums) / sum(scored)
+    return {"perplexity": math.exp(mean), "mean_nll": mean, "tokens_scored": sum(scored),
+            "windows": n}

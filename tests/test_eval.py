@@ -84,3 +84,28 @@ def test_bad_arguments(tiny_gpt2):
         perplexity(tiny_gpt2, t[None], 16, progress=False)
     with pytest.raises(ValueError, match="at least 2"):
         perplexity(tiny_gpt2, t[:1], 16, progress=False)
+
+
+@pytest.mark.parametrize("n,window,prefix", [(160, 32, 64), (150, 40, 40), (97, 16, 96)])
+def test_prefix_perplexity_equals_the_shorter_run(tiny_llama, n, window, prefix):
+    """The leading windows' figure, derived from a longer run's per-window NLLs, equals an
+    independent cross-entropy over the first `prefix` tokens alone."""
+    from physkern.eval import prefix_perplexity
+    tokens = torch.randint(0, 96, (n,))
+    long = perplexity(tiny_llama, tokens, window, None, progress=False)
+    pre = prefix_perplexity(long, prefix)
+    total, count = independent_nll(tiny_llama, tokens[:prefix], window, window)
+    assert pre["tokens_scored"] == count and pre["windows"] == prefix // window
+    assert math.isclose(pre["mean_nll"], total / count, rel_tol=1e-5)
+    assert math.isclose(pre["perplexity"], math.exp(total / count), rel_tol=1e-5)
+    assert len(long.extra["window_nll"]) == long.windows
+
+
+def test_prefix_perplexity_refuses_what_it_cannot_derive(tiny_llama):
+    from physkern.eval import prefix_perplexity
+    tokens = torch.randint(0, 96, (128,))
+    res = perplexity(tiny_llama, tokens, 32, None, progress=False)
+    assert prefix_perplexity(res, 48) is None      # not a multiple of the window
+    assert prefix_perplexity(res, 128) is None     # not shorter than the run
+    sliding = perplexity(tiny_llama, tokens, 32, 16, progress=False)
+    assert prefix_perplexity(sliding, 64) is None  # sliding windows: not the same windows

@@ -285,3 +285,31 @@ def test_calib_corpus_calibrates_elsewhere_and_is_recorded(tiny_setup, tmp_path,
                       "--calib-corpus", str(tmp_path / "cal.txt"),
                       "--also-eval", str(tmp_path / "cal.txt"))) == 2
     assert "calibration domain" in capsys.readouterr().err
+
+
+def test_prefix_perplexity_recorded_per_point(tiny_setup, tmp_path, monkeypatch, capsys):
+    """A long sweep also records the shorter standard run's figure (its leading windows), equal to
+    an independent evaluation of the first tokens only, for wiki and an also-eval corpus."""
+    from physkern.cli import main
+    from physkern.data import evaluation_tokens, load_corpus
+    from physkern.eval import perplexity
+    from physkern.models import load_model
+    from physkern.sweeps import quant as sweep_quant
+    monkeypatch.setattr(sweep_quant, "PREFIX_TOKENS", (64, 100))  # 100: not whole windows
+    root = tiny_setup
+    (tmp_path / "other.txt").write_text((root / "corpus.txt").read_text()[::-1])
+    assert main(_args(root, "--out-dir", str(tmp_path / "p"), "--only", "fp",
+                      "--also-eval", str(tmp_path / "other.txt"))) == 0
+    res = json.loads((tmp_path / "p" / "recipes.json").read_text())
+    fp = res["points"][0]
+    assert set(fp["prefix"]) == {"64"}
+    model, tok = load_model(str(root / "model"))
+    for text, got in ((root / "corpus.txt", fp["prefix"]["64"]),
+                      (tmp_path / "other.txt",
+                       fp["other_corpora"][str(tmp_path / "other.txt")]["prefix"]["64"])):
+        ref = perplexity(model, evaluation_tokens(tok, load_corpus(str(text)), 64), 32, None, 1,
+                         progress=False)
+        assert got["perplexity"] == pytest.approx(ref.perplexity, rel=1e-6)
+        assert got["tokens_scored"] == ref.tokens_scored == 62
+    assert res["summary"][0]["prefix"]["64"]["perplexity_mean"] == fp["prefix"]["64"]["perplexity"]
+    assert "leading windows" in capsys.readouterr().out

@@ -97,6 +97,9 @@ from pathlib import Path
 from ..commands._common import resolve_window
 from .plot import plot
 
+# A long run also reports the standard shorter run's figure (its windows are the leading ones),
+# so one 102,400-token sweep fills both the 16k and the 100k tables.
+PREFIX_TOKENS = (16384,)
 DEFAULT_TOKENS = 131072  # 128 windows of 1024: 130,944 scored tokens (acceptance: >= 100k)
 DEFAULT_OUT_DIR = "bench/results"
 
@@ -118,6 +121,15 @@ def load_recipes(path: str) -> list[Recipe]:
     """Read and validate a recipes file (physkern.recipe.load_recipes): a list of Recipe
     objects (which also allow r["name"], r["config"], ... read access)."""
     return _load_recipes(path)
+
+
+def prefixes(res) -> dict:
+    """{"prefix": {"16384": {...}}}: the same point's perplexity on the leading PREFIX_TOKENS of
+    the evaluation stream (the shorter protocol's exact windows), derived from the per-window
+    NLLs; {} when the run was not longer or the protocol does not allow it."""
+    from ..eval import prefix_perplexity
+    got = {str(n): pre for n in PREFIX_TOKENS if (pre := prefix_perplexity(res, n)) is not None}
+    return {"prefix": got} if got else {}
 
 
 def _canon(obj) -> str:
@@ -318,7 +330,8 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
                            corpus_name=others[spec].name)
             out[spec] = {"perplexity": o.perplexity, "mean_nll": o.mean_nll,
                          "tokens_scored": o.tokens_scored, "windows": o.windows,
-                         "corpus": others[spec].describe(), "seconds": o.seconds}
+                         "corpus": others[spec].describe(), "seconds": o.seconds,
+                         **prefixes(o)}
             print(f"  {spec}: perplexity {o.perplexity:.3f} ({o.tokens_scored} tokens)")
         return out
 
@@ -396,6 +409,7 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
                      "git_commit": versions()["git_commit"],  # points of one file may span commits
                      "perplexity": res.perplexity, "mean_nll": res.mean_nll,
                      "tokens_scored": res.tokens_scored, "windows": res.windows,
+                     **prefixes(res),
                      "bits": {"quantized_bits_per_weight": rep.quantized_bits_per_weight
                               if rep.layers else fp_bits,
                               "model_bits_per_weight": rep.model_bits_per_weight,
@@ -464,6 +478,7 @@ def summarize(points: list[dict]) -> list[dict]:
                     "seeds_formula_bits_per_weight": mean("seeds_formula_bits_per_weight"),
                     "tokens_scored": ps[0]["tokens_scored"],
                     **_other_means(ps),
+                    **_prefix_means(ps),
                     **({"prune": {k: ps[0]["prune"][k] for k in
                                   ("spec", "ranks", "parameters_removed", "removed_fraction")}}
                        if ps[0].get("prune") else {}),
@@ -488,6 +503,25 @@ def _other_means(ps: list[dict]) -> dict:
                                                          for p in got),
                      "seeds": [p["seed"] for p in got]}
     return {"other_corpora": out}
+
+
+def _prefix_means(ps: list[dict]) -> dict:
+    """{"prefix": {n: {perplexity_mean, perplexity_min, perplexity_max, tokens_scored}}} over the
+    points that carry that prefix, and the same per other corpus ({} when no point has one)."""
+    def means(get) -> dict:
+        out = {}
+        for n in sorted({n for p in ps for n in (get(p) or {})}, key=int):
+            got = [get(p)[n] for p in ps if n in (get(p) or {})]
+            ppl = [g["perplexity"] for g in got]
+            out[n] = {"perplexity_mean": statistics.fmean(ppl), "perplexity_min": min(ppl),
+                      "perplexity_max": max(ppl), "tokens_scored": got[0]["tokens_scored"],
+                      "points": len(got)}
+        return out
+    got = means(lambda p: p.get("prefix"))
+    specs = sorted({s for p in ps for s in p.get("other_corpora", {})})
+    other = {spec: m for spec in specs
+             if (m := means(lambda p: p.get("other_corpora", {}).get(spec, {}).get("prefix")))}
+    return {**({"prefix": got} if got else {}), **({"prefix_other_corpora": other} if other else {})}
 
 
 def markdown_table(payload: dict) -> str:
@@ -527,6 +561,18 @@ def markdown_table(payload: dict) -> str:
                           f"{spec} {o['perplexity_mean']:.2f} (seeds "
                           f"{','.join(map(str, o['seeds']))})"
                           for spec, o in s["other_corpora"].items()) for s in other)]
+    pre = [s for s in payload["summary"] if "prefix" in s]
+    if pre:
+        lines += ["", "The same points on the leading windows only (the shorter run's exact "
+                  "windows, from the per-window NLLs): " + "; ".join(
+                      f"{s['recipe']} " + ", ".join(
+                          f"{v['tokens_scored']} tokens {v['perplexity_mean']:.2f}"
+                          for v in s["prefix"].values()) + "".join(
+                          f", {spec} " + ", ".join(f"{v['tokens_scored']} tokens "
+                                                   f"{v['perplexity_mean']:.2f}"
+                                                   for v in o.values())
+                          for spec, o in s.get("prefix_other_corpora", {}).items())
+                      for s in pre)]
     tuned = [s for s in payload["summary"] if "finetune" in s]
     if tuned:
         lines += ["", "Fine-tuned codebooks/scales (indices fixed, KL to the FP model on "
