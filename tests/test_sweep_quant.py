@@ -313,3 +313,29 @@ def test_prefix_perplexity_recorded_per_point(tiny_setup, tmp_path, monkeypatch,
         assert got["tokens_scored"] == ref.tokens_scored == 62
     assert res["summary"][0]["prefix"]["64"]["perplexity_mean"] == fp["prefix"]["64"]["perplexity"]
     assert "leading windows" in capsys.readouterr().out
+
+
+def test_also_eval_tokens_scores_other_corpus_on_its_own_length(tiny_setup, tmp_path, capsys):
+    from physkern.cli import main
+    from physkern.data import evaluation_tokens, load_corpus
+    from physkern.eval import perplexity
+    from physkern.models import load_model
+    root = tiny_setup
+    (tmp_path / "other.txt").write_text((root / "corpus.txt").read_text()[::-1])
+    other = str(tmp_path / "other.txt")
+    args = _args(root, "--out-dir", str(tmp_path / "o"), "--only", "fp", "--also-eval", other)
+    assert main(args + ["--also-eval-tokens", "96"]) == 0
+    res = json.loads((tmp_path / "o" / "recipes.json").read_text())
+    assert res["setup"]["also_eval_tokens"] == 96
+    got = res["points"][0]["other_corpora"][other]
+    model, tok = load_model(str(root / "model"))
+    ref = perplexity(model, evaluation_tokens(tok, load_corpus(other), 96), 32, None, 1,
+                     progress=False)
+    assert got["tokens_scored"] == ref.tokens_scored == 93
+    assert got["perplexity"] == pytest.approx(ref.perplexity, rel=1e-6)
+    assert res["points"][0]["tokens_scored"] == 186            # wiki keeps --tokens
+    assert main(args + ["--also-eval-tokens", "64"]) == 2      # another setup: refused
+    assert "another setup" in capsys.readouterr().err
+    assert main(_args(root, "--out-dir", str(tmp_path / "p"), "--only", "fp",
+                      "--also-eval-tokens", "64")) == 2
+    assert "only used with also-eval" in capsys.readouterr().err

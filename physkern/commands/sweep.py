@@ -77,6 +77,9 @@ def _register_quant(kinds) -> None:
                    help="also score every new point on the evaluation part of these corpora "
                         "(e.g. c4: text outside the calibration domain), same tokens and "
                         "windows; recorded per point under other_corpora")
+    p.add_argument("--also-eval-tokens", type=int, default=None, metavar="N",
+                   help="score the --also-eval corpora on N tokens instead of --tokens (same "
+                        "windows; 0 = all of their evaluation part), e.g. when it is shorter")
     p.add_argument("--calib-corpus", default=None, metavar="CORPUS",
                    help="calibrate and fine-tune on this corpus's calibration part (default: "
                         "--corpus), e.g. a mixture wiki+code+multilingual+technical")
@@ -90,6 +93,7 @@ def _run_quant(args: argparse.Namespace) -> int:
     quant_sweep.run(args.recipes, name=args.name, out_dir=args.out_dir, only=args.only,
                     calib_windows=args.calib_windows, calib_window=args.calib_window,
                     seeds=args.seeds, fresh=args.fresh, also_eval=args.also_eval,
+                    also_eval_tokens=args.also_eval_tokens,
                     save_models=args.save_models, calib_corpus=args.calib_corpus,
                     **_eval_kwargs(args))
     return 0

@@ -226,7 +226,8 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
         out_dir: str = DEFAULT_OUT_DIR, only: list[str] | None = None, calib_windows: int = 32,
         calib_window: int | None = None, seeds: list[int] | None = None,
         fresh: bool = False, also_eval: list[str] | None = None,
-        save_models: str | None = None, calib_corpus: str | None = None) -> Path:
+        save_models: str | None = None, calib_corpus: str | None = None,
+        also_eval_tokens: int | None = None) -> Path:
     """Run every recipe (and seed) of the recipes file `recipes`; returns the results JSON path
     (<out_dir>/<name>.json, name defaulting to the file's stem; a PNG and a markdown table are
     written / printed beside it).
@@ -241,7 +242,9 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
     scored on, with the same token count and windows (out of the calibration domain: the
     recipes calibrate and fine-tune on `corpus` only); recorded per point under
     "other_corpora", never part of the resume key; a plain full-precision point already in the
-    file gets the missing ones filled in. save_models: a directory; every new point's model is
+    file gets the missing ones filled in. also_eval_tokens: score the also-eval corpora on this
+    many tokens instead (same window; e.g. when their evaluation part is shorter than `tokens`;
+    0 = all of it; recorded in the setup). save_models: a directory; every new point's model is
     saved (physkern.save_quantized, tokenizer beside it) to <save_models>/<recipe>-seed<seed>
     (replacing only a physkern model there), e.g. to time its decoding later. calib_corpus:
     calibrate and fine-tune on this corpus's calibration part instead of `corpus`'s (e.g. a
@@ -294,7 +297,12 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
     resolve_window(model, calib_window)
     tokens = evaluation_tokens(tokenizer, corpus, n_tokens or None)
     others = {spec: load_corpus(spec) for spec in also_eval}
-    other_tokens = {spec: evaluation_tokens(tokenizer, c, n_tokens or None)
+    if also_eval_tokens is not None and not also_eval:
+        raise ValueError("also-eval-tokens: only used with also-eval")
+    if also_eval_tokens is not None and also_eval_tokens < 0:
+        raise ValueError(f"also-eval-tokens must be >= 0 (0 = all), got {also_eval_tokens}")
+    n_other = n_tokens if also_eval_tokens is None else also_eval_tokens
+    other_tokens = {spec: evaluation_tokens(tokenizer, c, n_other or None)
                     for spec, c in others.items()}
     model_name = resolve_model_name(model_spec)
     setup = {"model": model_name, "corpus": corpus.describe(),
@@ -310,6 +318,8 @@ def run(recipes: str, *, model: str | None = None, corpus: str | None = None,
                              "disjoint_from_evaluation": True}}
     if calib_corpus is not None:   # absent otherwise: earlier results files keep their setup
         setup["calibration"]["corpus"] = calib_source.describe()
+    if also_eval_tokens is not None:   # likewise
+        setup["also_eval_tokens"] = also_eval_tokens
     points = []
     if old is not None:
         if _canon(old.get("setup")) != _canon(setup):
