@@ -186,3 +186,40 @@ def test_bad_arguments():
         update_codes(idx, qw.codebooks, torch.ones(8, 3), None, **ok)
     with pytest.raises(ValueError, match=r"gram must be \[8, 8\]"):
         update_quantized_weight(qw, w, h[:4, :4], 0.5, 0)
+
+
+def _linearized(q0, g, m, eta, q1) -> float:
+    """<G, Q1 - Q0> + 1/(2 eta) tr((Q1 - Q0) M (Q1 - Q0)^T), float64, written out directly."""
+    d = q1.double() - q0.double()
+    return float((g.double() * d).sum() + torch.trace(d @ m @ d.T) / (2 * eta))
+
+
+@pytest.mark.parametrize("use_gram", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_linearized_step_never_raises_the_linearized_loss(use_gram, seed):
+    """The P step on the end-to-end gradient: the new codes' linearised loss (computed directly
+    from G, M, eta) is <= 0 = its value at the old codes, and < 0 when the step is large."""
+    from physkern.quant.code_update import linearized_target
+    w, h = _problem(seed=seed)
+    qw = quantize_codebook(w, 8, 2, scope="layer", scales="row", seed=seed)
+    q0 = qw.dequantize(torch.float64)
+    g = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed + 9), dtype=torch.float64)
+    for rel in (1e-4, 0.3):
+        t, m, eta = linearized_target(q0, g, rel, gram=h if use_gram else None)
+        direction = g if not use_gram else torch.linalg.solve(m, g.T).T
+        assert float((eta * direction).norm()) == pytest.approx(rel * float(q0.norm()), rel=1e-9)
+        res = update_codes(qw.indices(), qw.codebooks, qw.scales, qw.offsets,
+                           codebook_rows=qw.codebook_rows, weight=t, gram=m, fraction=1.0,
+                           generator=torch.Generator().manual_seed(0))
+        q1 = code_update.reconstruct(res.indices, qw.codebooks, qw.scales, qw.offsets,
+                                     codebook_rows=qw.codebook_rows, dtype=torch.float64)
+        after = _linearized(q0, g, m, eta, q1)
+        assert after <= 1e-9 * abs(float((g * q0).sum()))
+        if rel > 0.1:
+            assert res.changed > 0 and after < 0
+    with pytest.raises(ValueError, match="relative_step"):
+        linearized_target(q0, g, 0.0)
+    with pytest.raises(ValueError, match="same"):
+        linearized_target(q0, g[:, :3], 0.1)
+    with pytest.raises(ValueError, match="gram must be"):
+        linearized_target(q0, g, 0.1, gram=h[:3, :3])

@@ -237,6 +237,48 @@ def update_codes(indices: torch.Tensor, codebooks: torch.Tensor,
                       int((new != old).sum()), s * out * len(blocks), int(worse.sum()))
 
 
+def linearized_target(q: torch.Tensor, grad: torch.Tensor, relative_step: float,
+                      gram: Optional[torch.Tensor] = None,
+                      percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The P step of PV-tuning with the END-TO-END loss linearised at the current Q (written from
+    the objective): over new codes Q' (codebooks, scales fixed) minimise
+
+        L(Q') = <G, Q' - Q> + 1/(2 eta) tr((Q' - Q) M (Q' - Q)^T)
+
+    G = dLoss/dQ [out, in] (the fine-tuning loss's gradient at Q), M = I (gram None) or the
+    layer's input Gram H + lambda I (lambda = percdamp * mean diag H: a Gauss-Newton metric, so
+    a move costs what it changes in the layer's output). Completing the square,
+    L = 1/(2 eta) tr((Q' - T) M (Q' - T)^T) + const with T = Q - eta G M^-1: update_codes with
+    weight = T and gram = M minimises L on the visited blocks and never raises it.
+
+    q, grad: [out, in] in the basis Q is stored in (a rotated layer's gradient is G_eff R);
+    relative_step: eta chosen so that |eta G M^-1|_F = relative_step * |Q|_F (a trust region
+    relative to the weights: the layers' gradients differ by orders of magnitude).
+    Returns (T [out, in] float64, M [in, in] float64, eta).
+    """
+    if q.shape != grad.shape or q.dim() != 2:
+        raise ValueError(f"q and grad must be the same [out, in] shape, got {tuple(q.shape)} "
+                         f"and {tuple(grad.shape)}")
+    if not (isinstance(relative_step, (int, float)) and math.isfinite(relative_step)
+            and relative_step > 0):
+        raise ValueError(f"relative_step must be a finite number > 0, got {relative_step!r}")
+    inf = q.shape[1]
+    g, q = grad.double(), q.double()
+    if gram is None:
+        m = torch.eye(inf, dtype=torch.float64, device=q.device)
+        direction = g
+    else:
+        if tuple(gram.shape) != (inf, inf):
+            raise ValueError(f"gram must be [{inf}, {inf}], got {tuple(gram.shape)}")
+        m = gram.double().to(q.device)
+        m = m + percdamp * float(m.diagonal().mean().clamp_min(1e-12)) * \
+            torch.eye(inf, dtype=torch.float64, device=q.device)
+        direction = torch.linalg.solve(m, g.T).T           # G M^-1 (M symmetric)
+    norm = float(direction.norm())
+    eta = 0.0 if norm == 0 else relative_step * float(q.norm()) / norm
+    return q - eta * direction, m, eta
+
+
 def update_quantized_weight(qw: QuantizedWeight, weight: torch.Tensor, gram: torch.Tensor,
                             fraction: float, seed: int) -> tuple[QuantizedWeight, CodeUpdate]:
     """`update_codes` on a QuantizedWeight: (the weight with the new packed codes, same
