@@ -3,6 +3,10 @@
 Layers that need calibration are quantized block by block (physkern.sequential): the statistics
 of block i's inputs come from the model whose blocks < i are already quantized, so each layer
 sees (and, with error feedback, compensates) the error made before it.
+
+Codebooks shared across layers (CodebookConfig scope="shared", physkern.shared_codebook) are
+fitted first, over every layer of their group (from the full-precision model's weights and
+calibration statistics); each layer is then quantized as above against its group's fixed codebook.
 """
 from __future__ import annotations
 
@@ -56,14 +60,17 @@ class QuantizationReport:
 
 
 def quantize_weight(weight: torch.Tensor, cfg: AnyConfig, m2: Optional[torch.Tensor] = None,
-                    gram: Optional[torch.Tensor] = None) -> QuantizedWeight:
+                    gram: Optional[torch.Tensor] = None, shared=None) -> QuantizedWeight:
     """Quantize one [out, in] weight under `cfg`.
 
     m2:   [in] E[x_j^2] of the layer's input (calibrated codebooks)
     gram: [in, in] X^T X of the layer's input (GPTQ / codebook error feedback)
+    shared: the layer's fitted physkern.shared_codebook.SharedCodebook (scope="shared" only;
+          passed to the quantizer as the keyword `shared`, so other methods never see it)
     The quantizer is the one registered for cfg's class (physkern.methods.registry).
     """
-    return quantizer_for(cfg)(weight, cfg, m2, gram)  # physkern.methods: one file per method
+    extra = {} if shared is None else {"shared": shared}
+    return quantizer_for(cfg)(weight, cfg, m2, gram, **extra)  # physkern.methods: one file each
 
 
 def _errors(w: torch.Tensor, q: torch.Tensor, m2, gram):
@@ -82,7 +89,8 @@ def _errors(w: torch.Tensor, q: torch.Tensor, m2, gram):
     return rel_w, None, "none (no calibration)"
 
 
-def _quantize_one(model, layer: LinearLayer, cfg, m2=None, gram=None) -> LayerReport:
+def _quantize_one(model, layer: LinearLayer, cfg, m2=None, gram=None,
+                  shared=None) -> LayerReport:
     t0 = time.perf_counter()
     w = layer.weight().detach().float()
     if not torch.isfinite(w).all():  # one message for every method, naming the layer
@@ -92,22 +100,34 @@ def _quantize_one(model, layer: LinearLayer, cfg, m2=None, gram=None) -> LayerRe
         if stat is not None and not torch.isfinite(stat).all():
             raise ValueError(f"layer {layer.name}: the {what} statistics of its calibration "
                              "inputs have NaN or Inf values (non-finite activations)")
-    qw = quantize_weight(w, cfg, m2, gram)
+    qw = quantize_weight(w, cfg, m2, gram, shared)
     qlayer = QuantizedLinear(qw.to(w.device), layer.bias, layer.kind, recipe=cfg.to_dict())
     rel_w, rel_o, basis = _errors(w.cpu(), qw.dequantize().cpu(), m2, gram)
     replace_layer(model, layer.name, qlayer)
-    return LayerReport(layer.name, cfg.method, layer_bits(qlayer)["bits_per_weight"], rel_w,
+    share = 1 if shared is None else len(shared.layers)   # the codebook's share of its group
+    return LayerReport(layer.name, cfg.method, layer_bits(qlayer, share)["bits_per_weight"], rel_w,
                        rel_o, basis, time.perf_counter() - t0,
                        {k: v for k, v in cfg.to_dict().items() if k not in ("layers", "overrides")})
 
 
-def select_layers(model: nn.Module, config: AnyConfig) -> list[tuple[LinearLayer, AnyConfig]]:
+def select_layers(model: nn.Module, config: AnyConfig,
+                  allow_shared: bool = False) -> list[tuple[LinearLayer, AnyConfig]]:
+    """[(layer, the config governing it)] of the decoder linear layers `config` selects.
+    allow_shared: whether scope="shared" codebooks may be among them (only quantize() fits
+    them over their groups; the streaming and distributed paths, which call this with the
+    default, refuse them here, before any work)."""
+    from .shared_codebook import is_shared
     candidates = decoder_linear_layers(model)
     chosen = [(l, config.for_layer(l.name)) for l in candidates if config.applies_to(l.name)]
     if not chosen:
         names = ", ".join(l.name for l in candidates[:6])
         raise ValueError(f"layers: patterns {config.layers!r} match no decoder linear layer "
                          f"(names look like: {names}, ...)")
+    if not allow_shared and any(is_shared(c) for _, c in chosen):
+        raise ValueError("config: scope='shared' codebooks are fitted over all layers of a "
+                         "group before any is quantized, which only physkern.quantize in "
+                         "memory does (`physkern quantize --in-memory`); this path quantizes "
+                         "one block at a time")
     return chosen
 
 
@@ -126,12 +146,16 @@ def quantize(model: nn.Module, config: AnyConfig, calibration: Optional[torch.Te
     Returns a QuantizationReport (per-layer bits, relative weight and output error; the head,
     when quantized, is the last entry).
     """
+    from .shared_codebook import fit_shared_codebooks, is_shared, plan_shared_groups
     t0 = time.perf_counter()
-    chosen = select_layers(model, config)
+    chosen = select_layers(model, config, allow_shared=True)
     if embedding is not None:
         if embedding.layers is not None or embedding.overrides:
             raise ValueError("embedding: the head/embedding config takes no `layers` or "
                              "`overrides` (it applies to the output head and input embedding)")
+        if is_shared(embedding):
+            raise ValueError("embedding: scope='shared' shares a codebook among decoder layers; "
+                             "the head/embedding takes scope 'row', 'group' or 'layer'")
         from .head import find_head_and_embedding
         find_head_and_embedding(model)  # fails before any work if there is none to quantize
     needs_calib = (any(c.needs_calibration for _, c in chosen)
@@ -146,15 +170,20 @@ def quantize(model: nn.Module, config: AnyConfig, calibration: Optional[torch.Te
             raise ValueError(f"calibration must be a [n_windows, seq] int64 tensor, got "
                              f"{calibration.dtype} {tuple(calibration.shape)}")
         _check_calibration_length(model, calibration)
+    groups = plan_shared_groups(model, chosen)
+    if needs_calib and groups:
+        block_of_layers(model, chosen)   # every layer inside the blocks, before the fit
+    # fitted before any layer changes: the pooled fit reads the full-precision model
+    shared = fit_shared_codebooks(model, groups, calibration) if groups else {}
     bar = tqdm(total=len(chosen), desc="quantize", unit="layer", disable=not progress)
     try:  # closed on errors too, so an error message starts on its own line
         if not needs_calib:
             for layer, cfg in chosen:
-                reports.append(_quantize_one(model, layer, cfg))
+                reports.append(_quantize_one(model, layer, cfg, shared=shared.get(layer.name)))
                 bar.update()
             n_calib = 0
         else:
-            reports = _quantize_sequential(model, chosen, calibration, bar)
+            reports = _quantize_sequential(model, chosen, calibration, bar, shared)
             n_calib = calibration.numel()
         if embedding is not None:
             reports.append(_quantize_head(model, embedding, calibration))
@@ -311,7 +340,8 @@ def block_statistics(here, block: nn.Module, run) -> BlockStats:
     return BlockStats(stats)
 
 
-def _quantize_sequential(model, chosen, calibration, bar) -> list[LayerReport]:
+def _quantize_sequential(model, chosen, calibration, bar,
+                         shared: Optional[dict] = None) -> list[LayerReport]:
     from .sequential import run_blocks_sequentially
     block_of = block_of_layers(model, chosen)
     reports = []
@@ -323,7 +353,8 @@ def _quantize_sequential(model, chosen, calibration, bar) -> list[LayerReport]:
         stats = block_statistics(here, block, run)
         for layer, cfg in here:
             m2, gram = stats.take(layer.name)
-            reports.append(_quantize_one(model, layer, cfg, m2, gram))
+            reports.append(_quantize_one(model, layer, cfg, m2, gram,
+                                         (shared or {}).get(layer.name)))
             del m2, gram
             bar.update()
 

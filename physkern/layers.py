@@ -9,6 +9,12 @@ which one it replaced.
 With an input rotation R (physkern.rotation; qw.rotation, stored as a seed in layer_meta()) the
 buffers hold the stored-basis Q and forward computes (x R) Q^T: the rotation is applied to x
 (permute, signs, [b, b] Hadamard blocks) before the codebook op.
+
+With a shared codebook (qw.shared = the group's name; physkern.shared_codebook) `codebooks` is
+registered as a PARAMETER (requires_grad False), the very nn.Parameter every layer of the group
+holds, instead of a buffer: Module.to() / half() move a parameter in place (param.data = ...),
+so the layers keep one tensor, where per-module buffers would each get a copy. The state-dict
+key is the same either way ("<layer>.codebooks").
 """
 from __future__ import annotations
 
@@ -41,9 +47,13 @@ class QuantizedLinear(nn.Module):
         self.scale_group = qw.scale_group
         self.kind = kind
         self.rotation: Optional[Rotation] = qw.rotation
+        self.shared_codebook: Optional[str] = qw.shared
         self.recipe = dict(recipe or {})
         self.register_buffer("packed", qw.packed)
-        self.register_buffer("codebooks", qw.codebooks)
+        if qw.shared is not None:
+            self.register_parameter("codebooks", shared_codebook_parameter(qw.codebooks))
+        else:
+            self.register_buffer("codebooks", qw.codebooks)
         self.register_buffer("scales", qw.scales)
         self.register_buffer("offsets", qw.offsets)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -68,7 +78,7 @@ class QuantizedLinear(nn.Module):
         offsets = torch.zeros(n_sc, dtype=dt(meta["offsets_dtype"])) if meta["offsets_dtype"] else None
         bias = torch.zeros(out, dtype=dt(meta["bias_dtype"])) if meta["bias_dtype"] else None
         qw = QuantizedWeight(packed, cbs, scales, offsets, inf, out, meta["codebook_rows"],
-                             meta["scale_group"], rotation)
+                             meta["scale_group"], rotation, meta.get("shared_codebook"))
         return cls(qw, bias, meta["kind"], meta.get("recipe"))
 
     def layer_meta(self) -> dict:
@@ -83,12 +93,14 @@ class QuantizedLinear(nn.Module):
                 "bias_dtype": name(self.bias), "recipe": self.recipe}
         if self.rotation is not None:  # absent (not null) without one: older files unchanged
             meta["rotation"] = self.rotation.to_meta()
+        if self.shared_codebook is not None:   # likewise absent without one
+            meta["shared_codebook"] = self.shared_codebook
         return meta
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.packed, self.codebooks, self.scales, self.offsets,
                                self.in_features, self.out_features, self.codebook_rows,
-                               self.scale_group, self.rotation)
+                               self.scale_group, self.rotation, self.shared_codebook)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The effective weight this layer computes with, [out_features, in_features] (with a
@@ -109,7 +121,19 @@ class QuantizedLinear(nn.Module):
         bits = layer_bits(self)
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"k={qw.k}, d={qw.block_dim}, scope={qw.scope}, stages={qw.stages}, "
+                + (f"shared_codebook={self.shared_codebook}, " if self.shared_codebook else "") +
                 f"bias={self.bias is not None}, replaces={self.kind}, "
                 + (f"rotation={self.rotation.kind}(seed={self.rotation.seed}, "
                    f"block={self.rotation.block}), " if self.rotation is not None else "") +
-                f"bits/weight={bits['bits_per_weight']:.3f}")
+                (f"bits/weight={bits['bits_per_weight']:.3f}" if not self.shared_codebook else
+                 f"bits/weight={(bits['total_bits'] - bits['codebooks']) / bits['weights']:.3f}"
+                 " + the shared codebook's share"))
+
+
+def shared_codebook_parameter(codebooks: torch.Tensor) -> nn.Parameter:
+    """`codebooks` as the parameter a shared-codebook layer registers: itself when it already is
+    an nn.Parameter (so every layer of the group holds that one object), else a new one without
+    gradient (then the caller must hand this same object to every other layer of the group)."""
+    if isinstance(codebooks, nn.Parameter):
+        return codebooks
+    return nn.Parameter(codebooks, requires_grad=False)

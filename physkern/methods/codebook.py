@@ -22,7 +22,11 @@ class CodebookConfig(_Selectable):
     k:          centroids per codebook (>= 1; larger than the blocks in a scope is an error)
     block_dim:  d, weights per vector (1, 2, 4, 8, 16); must divide in_features
     scope:      "row" (one codebook per output row, the seeds), "group" (group_size consecutive
-                rows share one), "layer" (one codebook for the layer)
+                rows share one), "layer" (one codebook for the layer), "shared" (one codebook
+                for every layer of a share group, stored once: physkern.shared_codebook)
+    share:      scope="shared" only: "type" (the layers with the same name after the block
+                index, e.g. every "mlp.gate_proj", share one) or "model" (every layer quantized
+                with this config shares one); per-row scales stay per layer
     group_size: rows per codebook for scope="group"
     stages:     residual stages (each quantizes the previous stages' residual)
     scales:     "auto" (per-row scales for group/layer scope, none for row scope), "none", "row",
@@ -31,7 +35,8 @@ class CodebookConfig(_Selectable):
     error_feedback: GPTQ-style error feedback over d-dim vectors (GPTVQ); needs calibration
     iters, tol: Lloyd iterations and relative tolerance on the objective
     max_fit_blocks: fit centroids on a seeded sample of at most this many blocks per scope
-                (then assign all); None = all blocks
+                (then assign all); None = all blocks. scope="shared": about this many blocks
+                pooled over the group's layers (physkern.shared_codebook); must be >= k
     refine_steps: Adam steps re-fitting codebooks and scales on the layer's output loss after
                 error feedback (indices fixed; kept only if the loss falls); 0 = off
     init:       "kmeans++" (seeded D^2 sampling) or "random" (seeded sample of distinct blocks);
@@ -59,6 +64,7 @@ class CodebookConfig(_Selectable):
     percdamp: float = 0.01
     refine_steps: int = 0
     rotation: str = "none"
+    share: Optional[str] = None
     layers: Optional[Sequence[str]] = None
     overrides: dict = field(default_factory=dict)
 
@@ -69,8 +75,9 @@ class CodebookConfig(_Selectable):
         _check_int("k", self.k, 1, 65536)
         if self.block_dim not in VALID_BLOCK_DIMS:
             raise ValueError(f"block_dim must be one of {VALID_BLOCK_DIMS}, got {self.block_dim!r}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.scope not in CONFIG_SCOPES:
+            raise ValueError(f"scope must be one of {CONFIG_SCOPES}, got {self.scope!r}")
+        _check_share(self)
         if self.scope == "group":
             if self.group_size is None:
                 raise ValueError("scope='group' needs group_size (rows per codebook)")
@@ -103,6 +110,9 @@ class CodebookConfig(_Selectable):
         check_config_rotation(self)
         if self.refine_steps and not self.error_feedback:
             raise ValueError("refine_steps needs error_feedback=True (it uses X^T X)")
+        if self.refine_steps and self.scope == "shared":
+            raise ValueError("refine_steps must be 0 with scope='shared' (refining the codebook "
+                             "on one layer's loss would change it for every layer of its group)")
 
     @property
     def needs_calibration(self) -> bool:
@@ -123,33 +133,71 @@ class CodebookConfig(_Selectable):
         saved models, sweep point keys) of every unrotated config stay as they were before the
         field existed, so existing results still resume."""
         from ..rotation import config_dict_without_default_rotation
-        return config_dict_without_default_rotation(super().to_dict())
+        d = config_dict_without_default_rotation(super().to_dict())
+        if d.get("share") is None:   # likewise: dicts of configs without sharing unchanged
+            d.pop("share", None)
+        return d
 
     def effective_scales(self) -> str:
         if self.scales == "auto":
             return "none" if self.scope == "row" else "row"
         return self.scales
 
+    def storage_scope(self) -> str:
+        """The scope each layer's QuantizedWeight has: a shared codebook is stored per layer as
+        a layer-scope codebook [S, 1, K, d] (the same tensor in every layer of the group)."""
+        return "layer" if self.scope == "shared" else self.scope
+
+
+SHARES = ("type", "model")
+CONFIG_SCOPES = SCOPES + ("shared",)
+
+
+def _check_share(cfg: CodebookConfig) -> None:
+    """`share` is set exactly when scope is "shared", to one of SHARES."""
+    if cfg.scope == "shared":
+        if cfg.share not in SHARES:
+            raise ValueError(f"share must be one of {SHARES} with scope='shared', got "
+                             f"{cfg.share!r}")
+    elif cfg.share is not None:
+        raise ValueError(f"share is only used with scope='shared' (scope={cfg.scope!r}); "
+                         f"allowed: null, or one of {SHARES} with scope='shared'")
+
 
 @register_method(CodebookConfig)
-def quantize_codebook_weight(weight, cfg: CodebookConfig, m2=None, gram=None):
+def quantize_codebook_weight(weight, cfg: CodebookConfig, m2=None, gram=None, shared=None):
     """k-means codebooks (weighted by m2 when calibrated); with error_feedback the GPTQ-style
-    loop over d-dim vectors on gram, then optional codebook refinement."""
+    loop over d-dim vectors on gram, then optional codebook refinement.
+
+    shared: for scope="shared", the group's fitted physkern.shared_codebook.SharedCodebook
+    (physkern.quantize fits it over every layer of the group first); the layer then only
+    assigns against it (with error feedback when configured) and holds that very tensor."""
     from ..quant.codebook import (quantize_codebook, quantize_codebook_error_feedback,
                                   refine_codebooks)
     from ..rotation import config_rotation, rotate_problem
     rotation = config_rotation(cfg, weight.shape[1])
     if rotation is not None:
         weight, m2, gram = rotate_problem(weight, m2 if cfg.calibrate else None, gram, rotation)
-    common = dict(k=cfg.k, block_dim=cfg.block_dim, scope=cfg.scope,
+    if (cfg.scope == "shared") != (shared is not None):
+        raise ValueError(
+            "scope='shared' needs its group's codebook, fitted over all of the group's layers "
+            "before any is quantized: physkern.quantize does that in memory (`physkern "
+            "quantize --in-memory`); streaming or one-layer quantization cannot"
+            if shared is None else f"shared: a shared codebook was given for scope={cfg.scope!r}")
+    fixed = None if shared is None else shared.codebooks
+    common = dict(k=cfg.k, block_dim=cfg.block_dim, scope=cfg.storage_scope(),
                   group_size=cfg.group_size, stages=cfg.stages,
                   scales=cfg.effective_scales(), scale_group=cfg.scale_group,
                   iters=cfg.iters, tol=cfg.tol, seed=cfg.seed, init=cfg.init,
                   codebook_dtype=cfg.codebook_dtype, max_fit_blocks=cfg.max_fit_blocks)
     if cfg.error_feedback:
-        qw = quantize_codebook_error_feedback(weight, gram, percdamp=cfg.percdamp, **common)
+        qw = quantize_codebook_error_feedback(weight, gram, percdamp=cfg.percdamp,
+                                              codebooks=fixed, **common)
         qw = refine_codebooks(qw, weight, gram, cfg.refine_steps)
     else:
-        qw = quantize_codebook(weight, input_importance=m2 if cfg.calibrate else None, **common)
+        qw = quantize_codebook(weight, input_importance=m2 if cfg.calibrate else None,
+                               codebooks=fixed, **common)
+    if shared is not None:   # the group's one tensor (not a copy), and its name
+        qw = replace(qw, codebooks=shared.codebooks, shared=shared.name)
     # the rotated basis' Q, then R attached: qw.dequantize() is the effective Q R^T
     return qw if rotation is None else replace(qw, rotation=rotation)

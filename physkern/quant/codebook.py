@@ -14,6 +14,12 @@ not change which centroid is nearest; a per-dimension weight does.
 Init (seeded, deterministic): k-means++ D^2 sampling under the weighted distance (Arthur &
 Vassilvitskii 2007), or a seeded sample of distinct blocks for large K. Empty clusters are
 reseeded with the blocks farthest from their centroid in the same scope.
+
+Codebooks shared across layers (physkern.shared_codebook): fit_pooled_codebooks fits them on
+the pooled blocks of a group of layers; quantize_codebook and quantize_codebook_error_feedback
+then take them as fixed `codebooks` and only choose indices (and scales). Every assignment goes
+through physkern.ops.kmeans_assign, chunked over centroids, so K = 65536 never materialises a
+[blocks, K] matrix.
 """
 from __future__ import annotations
 
@@ -109,6 +115,26 @@ def _reseed_empty(cent: torch.Tensor, counts: torch.Tensor, blocks: torch.Tensor
     return cent
 
 
+def fit_subset(blocks: torch.Tensor, importance: Optional[torch.Tensor], m: int,
+               generator: torch.Generator) -> torch.Tensor:
+    """Sorted positions [min(m, n)] of the blocks [n_scopes, n, d] k-means fits on (the same
+    positions in every scope): a quarter of them the blocks of largest weighted energy summed
+    over the scopes, so rare outlier blocks (which dominate a layer's output error) always shape
+    the codebook; the rest a seeded uniform sample of the others."""
+    n = blocks.shape[1]
+    if m >= n:
+        return torch.arange(n)
+    energy = blocks.pow(2)
+    energy = (energy * importance.expand_as(blocks)).sum(-1) if importance is not None \
+        else energy.sum(-1)
+    top = energy.sum(0).topk(m // 4).indices
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[top] = False
+    others = rest.nonzero().squeeze(1)
+    others = others[torch.randperm(others.numel(), generator=generator)[:m - top.numel()]]
+    return torch.cat([top, others]).sort().values
+
+
 def kmeans(blocks: torch.Tensor, k: int, importance: Optional[torch.Tensor] = None,
            iters: int = 25, tol: float = 1e-4, seed: int = 0, init: str = "auto",
            max_fit_blocks: Optional[int] = None) -> KMeansResult:
@@ -140,19 +166,7 @@ def kmeans(blocks: torch.Tensor, k: int, importance: Optional[torch.Tensor] = No
     gen = torch.Generator().manual_seed(seed)
     all_blocks, all_importance = blocks, importance
     if max_fit_blocks is not None and n > max(max_fit_blocks, k):
-        # A quarter of the sample: the blocks of largest weighted energy in every scope, so rare
-        # outlier blocks (which dominate a layer's output error) always shape the codebook;
-        # the rest: a seeded uniform sample of the others.
-        m = max(max_fit_blocks, k)
-        energy = blocks.pow(2)
-        energy = (energy * importance.expand_as(blocks)).sum(-1) if importance is not None \
-            else energy.sum(-1)
-        top = energy.sum(0).topk(m // 4).indices
-        rest = torch.ones(n, dtype=torch.bool)
-        rest[top] = False
-        others = rest.nonzero().squeeze(1)
-        others = others[torch.randperm(others.numel(), generator=gen)[:m - top.numel()]]
-        pick = torch.cat([top, others]).sort().values
+        pick = fit_subset(blocks, importance, max(max_fit_blocks, k), gen)
         blocks = blocks[:, pick]
         if importance is not None:
             importance = importance.expand_as(all_blocks)[:, pick]
@@ -223,10 +237,13 @@ def quantize_codebook(weight: torch.Tensor, k: int, block_dim: int, scope: str =
                       input_importance: Optional[torch.Tensor] = None, iters: int = 25,
                       tol: float = 1e-4, seed: int = 0, init: str = "auto",
                       codebook_dtype: str = "float16",
-                      max_fit_blocks: Optional[int] = 65536) -> QuantizedWeight:
+                      max_fit_blocks: Optional[int] = 65536,
+                      codebooks: Optional[torch.Tensor] = None) -> QuantizedWeight:
     """Fit codebooks to `weight` [out, in] and return its QuantizedWeight.
 
     input_importance: [in] E[x_j^2] (or None for plain k-means).
+    codebooks: None (fit them here), or fixed codebooks [stages, out / codebook_rows, k,
+    block_dim] (a shared codebook: physkern.shared_codebook), which are only assigned against.
     Centroids and scales are rounded to their storage dtypes before the final assignment, so
     the stored indices are the nearest entries of the codebook actually stored.
     """
@@ -239,6 +256,7 @@ def quantize_codebook(weight: torch.Tensor, k: int, block_dim: int, scope: str =
         raise ValueError("weight has NaN or Inf values; cannot quantize")
     cb_dtype = DTYPES[codebook_dtype]
     rows = codebook_rows_for(scope, out, group_size)
+    _check_fixed(codebooks, stages, out // rows, k, block_dim)
     sc, sgroup = compute_scales(w, scales, scale_group)
     sc_full = sc.float().repeat_interleave(sgroup, 1) if sc is not None else None
     normed = w / sc_full if sc_full is not None else w
@@ -253,19 +271,22 @@ def quantize_codebook(weight: torch.Tensor, k: int, block_dim: int, scope: str =
             imp = imp * sc_full.pow(2)
         imp = to_blocks(imp, block_dim, rows)
     residual = to_blocks(normed, block_dim, rows)
-    codebooks, all_idx = [], []
+    codebooks_out, all_idx = [], []
     for stage in range(stages):
-        res = kmeans(residual, k, imp, iters=iters, tol=tol, seed=seed + stage, init=init,
-                     max_fit_blocks=max_fit_blocks)
-        cent = res.centroids.to(cb_dtype).float()
+        if codebooks is None:
+            res = kmeans(residual, k, imp, iters=iters, tol=tol, seed=seed + stage, init=init,
+                         max_fit_blocks=max_fit_blocks)
+            cent = res.centroids.to(cb_dtype).float()
+        else:
+            cent = codebooks[stage].detach().float().cpu()
         idx, _ = kmeans_assign(residual, cent, imp)   # nearest entry of the stored codebook
         recon = cent.gather(1, idx[..., None].expand(-1, -1, block_dim))
         residual = residual - recon
-        codebooks.append(cent.to(cb_dtype))
+        codebooks_out.append(cent.to(cb_dtype))
         all_idx.append(idx.reshape(out, inf // block_dim))
     idx = torch.stack(all_idx)
     qw = QuantizedWeight(
-        packed=pack_indices(idx, index_bits(k)), codebooks=torch.stack(codebooks),
+        packed=pack_indices(idx, index_bits(k)), codebooks=torch.stack(codebooks_out),
         scales=sc, offsets=None, in_features=inf, out_features=out, codebook_rows=rows,
         scale_group=sgroup)
     return qw.validate()
@@ -278,11 +299,14 @@ def quantize_codebook_error_feedback(weight: torch.Tensor, gram: torch.Tensor, k
                                      percdamp: float = 0.01, iters: int = 25, tol: float = 1e-4,
                                      seed: int = 0, init: str = "auto",
                                      codebook_dtype: str = "float16",
-                                     max_fit_blocks: Optional[int] = 65536) -> QuantizedWeight:
+                                     max_fit_blocks: Optional[int] = 65536,
+                                     codebooks: Optional[torch.Tensor] = None) -> QuantizedWeight:
     """Codebooks with GPTQ error feedback over d-dim vectors (in the manner of GPTVQ).
 
     1. Codebooks are fitted by weighted k-means with importance diag(X^T X) (as
-       `quantize_codebook` with calibration).
+       `quantize_codebook` with calibration), unless fixed `codebooks` [stages, out /
+       codebook_rows, k, block_dim] are given (a shared codebook, fitted over its group by
+       physkern.shared_codebook with this same importance): then only the scales are computed.
     2. Columns are then visited in blocks of d: each row's d-vector (already corrected by the
        error feedback of earlier columns) is assigned to its nearest codebook entry under the
        weight 1 / U_jj^2 (U = upper Cholesky factor of H^-1), and the rounding error is pushed
@@ -295,16 +319,23 @@ def quantize_codebook_error_feedback(weight: torch.Tensor, gram: torch.Tensor, k
     if gram is None or tuple(gram.shape) != (inf, inf):
         raise ValueError(f"gram must be [{inf}, {inf}] (X^T X of the layer input), got "
                          f"{None if gram is None else tuple(gram.shape)}")
-    diag = torch.diagonal(gram).float().clamp_min(0)
-    init_qw = quantize_codebook(w, k, block_dim, scope, group_size, stages, scales, scale_group,
-                                input_importance=diag / diag.mean().clamp_min(1e-30),
-                                iters=iters, tol=tol, seed=seed, init=init,
-                                codebook_dtype=codebook_dtype, max_fit_blocks=max_fit_blocks)
-    rows, d = init_qw.codebook_rows, block_dim
+    if codebooks is None:
+        init_qw = quantize_codebook(w, k, block_dim, scope, group_size, stages, scales,
+                                    scale_group, input_importance=gram_importance(gram),
+                                    iters=iters, tol=tol, seed=seed, init=init,
+                                    codebook_dtype=codebook_dtype, max_fit_blocks=max_fit_blocks)
+        cb_stored, sc_stored, sgroup = init_qw.codebooks, init_qw.scales, init_qw.scale_group
+        rows = init_qw.codebook_rows
+    else:
+        rows = codebook_rows_for(scope, out, group_size)
+        _check_fixed(codebooks, stages, out // rows, k, block_dim)
+        cb_stored = codebooks.detach().cpu()
+        sc_stored, sgroup = compute_scales(w, scales, scale_group)
+    d = block_dim
     n_cb = out // rows
-    cbs = init_qw.codebooks.float()                                  # [S, C, K, d]
-    sc_full = (init_qw.scales.float().repeat_interleave(init_qw.scale_group, 1)
-               if init_qw.scales is not None else torch.ones(out, inf))
+    cbs = cb_stored.float()                                          # [S, C, K, d]
+    sc_full = (sc_stored.float().repeat_interleave(sgroup, 1)
+               if sc_stored is not None else torch.ones(out, inf))
     idx = torch.zeros(stages, out, inf // d, dtype=torch.long)
 
     def quantize_step(col: int, w_cols: torch.Tensor, u_diag: torch.Tensor) -> torch.Tensor:
@@ -320,13 +351,54 @@ def quantize_codebook_error_feedback(weight: torch.Tensor, gram: torch.Tensor, k
 
     q = gptq_error_feedback(w, gram.float().cpu(), quantize_step, step=d,
                             blocksize=max(d, (128 // d) * d), percdamp=percdamp)
-    qw = QuantizedWeight(pack_indices(idx, index_bits(k)), init_qw.codebooks, init_qw.scales,
-                         None, inf, out, rows, init_qw.scale_group).validate()
+    qw = QuantizedWeight(pack_indices(idx, index_bits(k)), cb_stored, sc_stored,
+                         None, inf, out, rows, sgroup).validate()
     # The packed result must reproduce what the error-feedback loop decided.
     if not torch.allclose(qw.dequantize(), q, atol=1e-4 * float(w.abs().max()) + 1e-6):
         raise RuntimeError("internal error: packed codebook result differs from the "
                            "error-feedback loop's values")
     return qw
+
+
+def gram_importance(gram: torch.Tensor) -> torch.Tensor:
+    """[in] importance of each input dimension from X^T X [in, in]: diag(G) / mean diag(G), the
+    weighting error feedback's codebook fit uses (the mean divided out, so layers with larger
+    activations do not outweigh the others when their blocks are pooled)."""
+    diag = torch.diagonal(gram).float().clamp_min(0)
+    return diag / diag.mean().clamp_min(1e-30)
+
+
+def _check_fixed(codebooks: Optional[torch.Tensor], stages: int, n_codebooks: int, k: int,
+                 d: int) -> None:
+    """Fixed codebooks must be [stages, n_codebooks, k, d] (ValueError naming `codebooks`)."""
+    if codebooks is not None and tuple(codebooks.shape) != (stages, n_codebooks, k, d):
+        raise ValueError(f"codebooks must be [stages, n_codebooks, k, block_dim] = "
+                         f"{[stages, n_codebooks, k, d]}, got {list(codebooks.shape)}")
+
+
+def fit_pooled_codebooks(blocks: torch.Tensor, importance: Optional[torch.Tensor], k: int,
+                         stages: int = 1, iters: int = 25, tol: float = 1e-4, seed: int = 0,
+                         init: str = "auto", codebook_dtype: str = "float16"):
+    """One codebook per stage fitted by weighted k-means on pooled blocks (a shared codebook).
+
+    blocks:     [n, d] float32 (row-scaled, rotated blocks of several layers)
+    importance: None or [n, d] per-element weights (input importance x scale^2)
+    Stage s is fitted on the residual the stored (rounded) stages < s leave.
+    Returns (codebooks [stages, 1, k, d] in codebook_dtype, [objective history per stage]).
+    """
+    cb_dtype = DTYPES[codebook_dtype]
+    residual = blocks.float()[None]
+    imp = None if importance is None else importance.float()[None]
+    cbs, histories = [], []
+    for stage in range(stages):
+        res = kmeans(residual, k, imp, iters=iters, tol=tol, seed=seed + stage, init=init,
+                     max_fit_blocks=None)
+        cent = res.centroids.to(cb_dtype).float()
+        idx, _ = kmeans_assign(residual, cent, imp)     # against the stored entries
+        residual = residual - cent.gather(1, idx[..., None].expand(-1, -1, blocks.shape[1]))
+        cbs.append(cent.to(cb_dtype))
+        histories.append(res.objective)
+    return torch.stack(cbs), histories
 
 
 def refine_codebooks(qw: QuantizedWeight, weight: torch.Tensor, gram: torch.Tensor,

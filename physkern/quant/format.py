@@ -21,6 +21,11 @@ hold the STORED-BASIS weight Q (a quantization of W R) and the layer computes y 
 the effective weight is Q R^T. `dequantize()` returns that effective weight (what every generic
 consumer, error report and the embedding lookup want); physkern.quant.reconstruct rebuilds Q.
 R is described by (kind, seed, block) only: no stored tensor, no bits (accounting unchanged).
+
+Optional shared codebook (physkern.shared_codebook, issue 19): with `shared` = a group name, the
+weight has layer scope and `codebooks` [S, 1, K, d] is ONE tensor held by every layer of that
+group (an nn.Parameter, so moving or fine-tuning the model keeps it one); it is stored once in a
+saved file and counted once in bits (physkern.quant.accounting splits it over the group).
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ class QuantizedWeight:
     codebook_rows: int
     scale_group: int
     rotation: Optional[Rotation] = None   # input rotation R (see the module docstring)
+    shared: Optional[str] = None          # shared-codebook group name (module docstring)
 
     # ---- derived shape facts -------------------------------------------------------------
     @property
@@ -110,6 +116,13 @@ class QuantizedWeight:
             if self.rotation.n != inf:
                 raise ValueError(f"rotation is over {self.rotation.n} features, in_features is "
                                  f"{inf}")
+        if self.shared is not None:
+            if not isinstance(self.shared, str) or not self.shared:
+                raise ValueError(f"shared must be None or a non-empty group name, got "
+                                 f"{self.shared!r}")
+            if n_cb != 1:
+                raise ValueError(f"a shared codebook has layer scope (one codebook), got "
+                                 f"{n_cb} codebooks")
         return self
 
     def indices(self) -> torch.Tensor:
@@ -143,7 +156,13 @@ class QuantizedWeight:
         return q if self.rotation is None else self.rotation.unapply(q)
 
     def to(self, device) -> "QuantizedWeight":
+        """The same weight on `device`. A shared codebook is one tensor for its whole group:
+        move it once (physkern.shared_codebook does), never per layer, so it must be there."""
         mv = lambda t: None if t is None else t.to(device)
+        if self.shared is not None and mv(self.codebooks) is not self.codebooks:
+            raise ValueError(f"device: the shared codebook of group {self.shared!r} is on "
+                             f"{self.codebooks.device}, not {device}; move the group's tensor "
+                             "once (a per-layer copy would no longer be shared)")
         return QuantizedWeight(mv(self.packed), mv(self.codebooks), mv(self.scales),
                                mv(self.offsets), self.in_features, self.out_features,
-                               self.codebook_rows, self.scale_group, self.rotation)
+                               self.codebook_rows, self.scale_group, self.rotation, self.shared)
