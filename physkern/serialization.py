@@ -6,7 +6,12 @@ A saved model is a directory:
                       only written when the model has such layers, so an older physkern refuses
                       the file instead of loading it without them), recipe, bits,
                       and "files": every other file this save wrote (relative paths)
-  model.safetensors   every tensor of the model (tied tensors once)
+                      shared codebooks ("shared_codebooks", format version 3: only written when
+                      the model has them; each such layer's layout names its group in
+                      "shared_codebook")
+  model.safetensors   every tensor of the model (tied tensors once); a shared codebook once, under
+                      "shared_codebooks.<group>.codebooks" (its layers store no codebooks of their
+                      own); loading ties the group's layers to that one tensor again
   config.json, tokenizer files   as transformers writes them
 Saving never deletes what it did not write: a new directory is written under a temporary name
 beside the target and renamed into place; an existing physkern model is replaced (only with
@@ -34,7 +39,11 @@ from .dense import QUANTIZED_BUFFERS
 MARKER = "physkern.json"
 FORMAT_VERSION = 1             # quantized layers and embeddings only
 FACTORIZED_FORMAT_VERSION = 2  # + "factorized_layers" (MPOLinear / LowRankLinear layouts)
-FORMAT_VERSIONS = (FORMAT_VERSION, FACTORIZED_FORMAT_VERSION)  # what this physkern reads
+SHARED_FORMAT_VERSION = 3      # + "shared_codebooks" (codebooks shared across layers)
+# what this physkern reads
+FORMAT_VERSIONS = (FORMAT_VERSION, FACTORIZED_FORMAT_VERSION, SHARED_FORMAT_VERSION)
+SHARED_PREFIX = "shared_codebooks."   # file key of group g: SHARED_PREFIX + g + ".codebooks"
+MAX_GROUP_NAME = 200
 MODEL_FILE = "model.safetensors"
 # Temporary folders of a save: `.<name>.partial-*` beside a new target, `.physkern.partial-*`
 # inside an existing one; `.<name>.old-*` beside it (left by physkern versions that swapped whole
@@ -208,26 +217,33 @@ def save_quantized(model: nn.Module, path, tokenizer=None, extra: Optional[dict]
     validate_output_dir(path, overwrite)
     layers, embeddings = quantized_module_layouts(model)
     factorized = factorized_module_layouts(model)  # checked as loading will: before any write
+    shared = shared_codebook_layouts(model)
     report = bits_report(model)
-    meta = model_marker(model, layers, embeddings, report, extra, factorized)
+    meta = model_marker(model, layers, embeddings, report, extra, factorized, shared)
 
     def write(tmp: Path) -> None:
-        _write_config(model, layers, embeddings, tmp, factorized)
+        _write_config(model, layers, embeddings, tmp, factorized, shared)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _write_tensors(model, tmp, max_bytes)
+        _write_tensors(model, tmp, max_bytes, shared)
     return write_model_dir(path, meta, write)
 
 
 def model_marker(model: nn.Module, layers: dict, embeddings: dict, report,
-                 extra: Optional[dict] = None, factorized: Optional[dict] = None) -> dict:
+                 extra: Optional[dict] = None, factorized: Optional[dict] = None,
+                 shared: Optional[dict] = None) -> dict:
     """physkern.json's content (without "files") for `model` with these layouts and bits;
-    factorized: factorized_module_layouts(model) (None: computed here)."""
+    factorized: factorized_module_layouts(model), shared: shared_codebook_layouts(model) (None:
+    computed here)."""
     if factorized is None:
         factorized = factorized_module_layouts(model)
-    return {"format_version": _format_version(factorized), "architecture": type(model).__name__,
+    if shared is None:
+        shared = shared_codebook_layouts(model)
+    return {"format_version": _format_version(factorized, shared),
+            "architecture": type(model).__name__,
             "quantized_layers": layers, "quantized_embeddings": embeddings,
             **({"factorized_layers": factorized} if factorized else {}),
+            **({"shared_codebooks": shared} if shared else {}),
             "dense_dtype": getattr(model.config, "physkern_dense_dtype", None), "bits": {
                 "quantized_bits_per_weight": report.quantized_bits_per_weight,
                 "model_bits_per_weight": report.model_bits_per_weight,
@@ -330,23 +346,51 @@ def factorized_module_layouts(model: nn.Module) -> dict:
     return out
 
 
-def _format_version(factorized: dict) -> int:
-    """Version 1 unless the model has factorized layers (older readers then refuse the file)."""
+def shared_codebook_layouts(model: nn.Module) -> dict:
+    """{group: {"stages", "k", "block_dim", "codebook_dtype", "layers": [names]}} of the model's
+    shared codebooks (physkern.shared_codebook; {} when none). ValueError unless each group is
+    one tensor held by all of its layers (physkern.quant.accounting.shared_codebook_groups)."""
+    from .quant.accounting import shared_codebook_groups
+    out = {}
+    for group, g in shared_codebook_groups(model).items():
+        cb = model.get_submodule(g["layers"][0]).codebooks
+        s, _, k, d = cb.shape
+        out[group] = {"stages": int(s), "k": int(k), "block_dim": int(d),
+                      "codebook_dtype": _dtype_name(cb), "layers": list(g["layers"])}
+    return out
+
+
+def shared_key(group: str) -> str:
+    """The file key of a shared codebook group's tensor."""
+    return f"{SHARED_PREFIX}{group}.codebooks"
+
+
+def _format_version(factorized: dict, shared: Optional[dict] = None) -> int:
+    """Version 1 unless the model has factorized layers (2) or shared codebooks (3): older
+    readers then refuse the file instead of loading it without them."""
+    if shared:
+        return SHARED_FORMAT_VERSION
     return FACTORIZED_FORMAT_VERSION if factorized else FORMAT_VERSION
 
 
 def _write_config(model: nn.Module, layers: dict, embeddings: dict, folder: Path,
-                  factorized: Optional[dict] = None) -> None:
+                  factorized: Optional[dict] = None, shared: Optional[dict] = None) -> None:
     """config.json under model type "physkern" (physkern.hf_config; the factorized layouts
-    beside the quantized ones, format version 2, when there are any) and, for a model that
-    generates, generation_config.json. factorized: None = factorized_module_layouts(model)."""
+    beside the quantized ones, format version 2, and the shared codebooks, version 3, when there
+    are any) and, for a model that generates, generation_config.json. factorized / shared:
+    None = computed from the model."""
     from .hf_config import physkern_config_dict
     if factorized is None:
         factorized = factorized_module_layouts(model)
+    if shared is None:
+        shared = shared_codebook_layouts(model)
     d = physkern_config_dict(model.config.to_diff_dict(), layers, embeddings)
+    if factorized or shared:
+        d["quantization_config"]["format_version"] = _format_version(factorized, shared)
     if factorized:
-        d["quantization_config"].update(format_version=_format_version(factorized),
-                                        factorized_layers=factorized)
+        d["quantization_config"]["factorized_layers"] = factorized
+    if shared:
+        d["quantization_config"]["shared_codebooks"] = shared
     with open(folder / "config.json", "w") as f:
         json.dump(d, f, indent=2, sort_keys=True)
     gen = getattr(model, "generation_config", None)
@@ -372,20 +416,28 @@ def stored_tensor(key: str, t: torch.Tensor, dense: Optional[torch.dtype]) -> to
     return t.detach().contiguous().cpu()
 
 
-def _write_tensors(model: nn.Module, folder: Path, max_bytes: Optional[int] = None) -> None:
+def _write_tensors(model: nn.Module, folder: Path, max_bytes: Optional[int] = None,
+                   shared: Optional[dict] = None) -> None:
     """model.safetensors (or shards under max_bytes, physkern.checkpoint.write_sharded): every
     state-dict tensor once (a tensor shared by several names is stored under the first), dense
-    float tensors at the model's dense storage dtype."""
+    float tensors at the model's dense storage dtype; each shared codebook group's tensor once,
+    under shared_key(group), instead of under its layers' names. shared: None = computed."""
     from .dense import dense_storage_dtype
     dense = dense_storage_dtype(model)
+    if shared is None:
+        shared = shared_codebook_layouts(model)
+    skip = {f"{name}.codebooks" for g in shared.values() for name in g["layers"]}
     seen, tensors = set(), {}
     for key, t in model.state_dict().items():
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
                  tuple(t.stride()), t.dtype)
-        if t.numel() and ident in seen:
+        if key in skip or (t.numel() and ident in seen):
             continue
         seen.add(ident)
         tensors[key] = stored_tensor(key, t, dense)
+    for group, g in shared.items():
+        tensors[shared_key(group)] = stored_tensor(
+            shared_key(group), model.get_submodule(g["layers"][0]).codebooks, dense)
     write_sharded(folder, [(k, t.numel() * t.element_size()) for k, t in tensors.items()],
                   tensors.__getitem__, max_bytes)
 
@@ -423,20 +475,35 @@ def _read_marker(file: Path) -> dict:
         raise ValueError(f"{file}: quantized_layers must be an object of layer name -> layout, "
                          f"got {type(layers).__name__}")
     check_factorized_version(file, version, meta.get("factorized_layers"))
+    check_shared_version(file, version, meta.get("shared_codebooks"))
     return meta
 
 
 def check_factorized_version(file, version, factorized) -> None:
     """factorized_layers (absent, or an object of layer name -> layout) needs format_version 2
-    (a version-1 reader would ignore it and load those layers uninitialised)."""
+    or later (a version-1 reader would ignore it and load those layers uninitialised)."""
     if factorized is None:
         return
     if not isinstance(factorized, dict):
         raise ValueError(f"{file}: factorized_layers must be an object of layer name -> layout, "
                          f"got {type(factorized).__name__}")
-    if factorized and version != FACTORIZED_FORMAT_VERSION:
+    if factorized and version not in (FACTORIZED_FORMAT_VERSION, SHARED_FORMAT_VERSION):
         raise ValueError(f"{file}: factorized_layers need format_version "
-                         f"{FACTORIZED_FORMAT_VERSION}, got {version!r}")
+                         f"{FACTORIZED_FORMAT_VERSION} or {SHARED_FORMAT_VERSION}, got {version!r}")
+
+
+def check_shared_version(file, version, shared) -> None:
+    """Format version 3 is exactly the files with shared codebooks: "shared_codebooks" (a
+    non-empty object of group -> layout) needs it, and it needs them (no other writer uses 3)."""
+    if version != SHARED_FORMAT_VERSION and shared is None:
+        return
+    if not isinstance(shared, dict) or not shared:
+        raise ValueError(f"{file}: format_version {SHARED_FORMAT_VERSION} needs shared_codebooks, "
+                         f"a non-empty object of group name -> layout, got "
+                         f"{type(shared).__name__ if shared is not None else 'none'}")
+    if version != SHARED_FORMAT_VERSION:
+        raise ValueError(f"{file}: shared_codebooks need format_version {SHARED_FORMAT_VERSION}, "
+                         f"got {version!r}")
 
 
 def check_layer_meta(file: Path, name, lm) -> dict:
@@ -475,7 +542,64 @@ def check_layer_meta(file: Path, name, lm) -> dict:
     if lm.get("recipe") is not None and not isinstance(lm["recipe"], dict):
         raise ValueError(f"{where}: recipe must be an object or null, got "
                          f"{type(lm['recipe']).__name__}")
+    if "shared_codebook" in lm:
+        _check_group_name(where, "shared_codebook", lm["shared_codebook"])
+        if lm["codebook_rows"] != lm["out_features"]:
+            raise ValueError(f"{where}: a shared codebook has layer scope: codebook_rows must be "
+                             f"out_features ({lm['out_features']}), got {lm['codebook_rows']}")
     return lm
+
+
+def _check_group_name(where: str, field: str, v) -> str:
+    if not isinstance(v, str) or not v or len(v) > MAX_GROUP_NAME or \
+            any(c in v for c in "\x00/\\"):
+        raise ValueError(f"{where}: {field} must be a group name (a non-empty string of at most "
+                         f"{MAX_GROUP_NAME} characters, no '/', '\\' or NUL), got {str(v)[:200]!r}")
+    return v
+
+
+_SHARED_FIELDS = ("stages", "k", "block_dim", "codebook_dtype")
+
+
+def check_shared_codebooks(file, shared, layers: dict) -> dict:
+    """The "shared_codebooks" entry ({group: {"stages", "k", "block_dim", "codebook_dtype",
+    "layers"}}, or None) against the checked layer layouts: every group's layers exist and name
+    it, every layer naming a group is listed by it, and they agree on the codebook's shape and
+    dtype. Touches no tensor. Returns it ({} for None)."""
+    if shared is None:
+        shared = {}
+    if not isinstance(shared, dict):
+        raise ValueError(f"{file}: shared_codebooks must be an object, got "
+                         f"{type(shared).__name__}")
+    for name, lm in layers.items():   # first: a layer naming a group the file lacks
+        group = lm.get("shared_codebook")
+        if group is not None and group not in shared:
+            raise ValueError(f"{file}: layer {name}: shared codebook group {group!r} is missing "
+                             f"from shared_codebooks")
+    for group, g in shared.items():
+        where = f"{file}: shared codebook {str(group)[:200]!r}"
+        _check_group_name(f"{file}: shared_codebooks", "group name", group)
+        if not isinstance(g, dict) or set(g) != set(_SHARED_FIELDS) | {"layers"}:
+            raise ValueError(f"{where}: must be an object with exactly the fields "
+                             f"{sorted(set(_SHARED_FIELDS) | {'layers'})}")
+        if not isinstance(g["layers"], list) or not g["layers"] or \
+                len(set(map(str, g["layers"]))) != len(g["layers"]):
+            raise ValueError(f"{where}: layers must be a non-empty list of distinct layer names")
+        for name in g["layers"]:
+            lm = layers.get(name) if isinstance(name, str) else None
+            if lm is None or lm.get("shared_codebook") != group:
+                raise ValueError(f"{where}: layer {str(name)[:200]!r} is not a quantized layer "
+                                 f"naming this group in shared_codebook")
+            for f in _SHARED_FIELDS:
+                if lm[f] != g[f]:
+                    raise ValueError(f"{where}: layer {name} has {f} {lm[f]!r}, the group "
+                                     f"{g[f]!r}")
+    for name, lm in layers.items():
+        group = lm.get("shared_codebook")
+        if group is not None and name not in shared[group]["layers"]:
+            raise ValueError(f"{file}: layer {name}: shared codebook group {group!r} does not "
+                             f"list it in shared_codebooks")
+    return shared
 
 
 def _layer_tensors(lm: dict) -> dict:
@@ -483,9 +607,10 @@ def _layer_tensors(lm: dict) -> dict:
     from .quant.packing import index_bits, words_per_row
     s, out, inf = lm["stages"], lm["out_features"], lm["in_features"]
     k, d = lm["k"], lm["block_dim"]
-    want = {"packed": (torch.int32, (s, out, words_per_row(inf // d, index_bits(k)))),
-            "codebooks": (getattr(torch, lm["codebook_dtype"]),
-                          (s, out // lm["codebook_rows"], k, d))}
+    want = {"packed": (torch.int32, (s, out, words_per_row(inf // d, index_bits(k))))}
+    if "shared_codebook" not in lm:   # a shared codebook is stored once, under its group
+        want["codebooks"] = (getattr(torch, lm["codebook_dtype"]),
+                             (s, out // lm["codebook_rows"], k, d))
     n_sc = (out, inf // lm["scale_group"])
     if lm.get("scales_dtype"):
         want["scales"] = (getattr(torch, lm["scales_dtype"]), n_sc)
@@ -880,18 +1005,31 @@ def check_factorized_modules(model: nn.Module, factorized, layers: dict, embeddi
 
 
 def install_quantized_modules(model: nn.Module, layers: dict, embeddings: dict, file,
-                              factorized: Optional[dict] = None) -> None:
+                              factorized: Optional[dict] = None,
+                              shared: Optional[dict] = None) -> None:
     """Replace, in a model built from its config, each named linear layer by an empty
     QuantizedLinear with the stored layout (or, for `factorized` layouts, an empty MPOLinear /
     LowRankLinear) and each named embedding by a QuantizedEmbedding reading its source layer,
-    after check_quantized_modules / check_factorized_modules. Run it under
-    `torch.device("meta")` to allocate nothing."""
+    after check_quantized_modules / check_factorized_modules / check_shared_codebooks; the
+    layers of each `shared` codebook group hold one codebook parameter. Run it under
+    `torch.device("meta")` to allocate nothing. Layouts naming a shared codebook need `shared`
+    (physkern.load_quantized passes it; the transformers integration does not read them)."""
     from .embedding import QuantizedEmbedding
     from .layers import QuantizedLinear
     layers, embeddings = check_quantized_modules(model, layers, embeddings, file)
     factorized = check_factorized_modules(model, factorized, layers, embeddings, file)
+    if shared is None and any("shared_codebook" in lm for lm in layers.values()):
+        raise ValueError(f"{file}: this model has codebooks shared across layers (format "
+                         f"version {SHARED_FORMAT_VERSION}); load it with "
+                         "physkern.load_quantized (the transformers integration does not read "
+                         "them)")
+    shared = check_shared_codebooks(file, shared, layers)
     tables = {em["source"]: n for n, em in embeddings.items() if not em["tied"]}
     built = {name: QuantizedLinear.empty(lm) for name, lm in layers.items()}
+    for g in shared.values():   # one parameter per group, held by each of its layers
+        one = built[g["layers"][0]].codebooks
+        for name in g["layers"]:
+            built[name]._parameters["codebooks"] = one
     for name, em in embeddings.items():
         model.set_submodule(name, QuantizedEmbedding(
             built[em["source"]], tied=em["tied"], dtype=getattr(torch, em["dtype"]),
@@ -967,6 +1105,7 @@ def load_quantized(path, device: str | torch.device = "cpu"):
     layers = meta["quantized_layers"]
     embeddings = meta.get("quantized_embeddings", {})
     factorized = meta.get("factorized_layers")
+    shared = meta.get("shared_codebooks")
     if not st_file.is_file() and not (path / INDEX_FILE).is_file():
         raise ValueError(f"{st_file}: missing (and no {INDEX_FILE})")
     ckpt = Checkpoint(path)  # headers only (one file or the shards its index names)
@@ -980,17 +1119,21 @@ def load_quantized(path, device: str | torch.device = "cpu"):
         raise ValueError(f"{cfg_file}: cannot build a model from it: {_one_line(exc)}") from None
     layers, embeddings = check_quantized_modules(skeleton, layers, embeddings, marker)
     factorized = check_factorized_modules(skeleton, factorized, layers, embeddings, marker)
+    shared = check_shared_codebooks(marker, shared, layers)
     # Quantized buffers and factors against the header from the layouts alone, before even the
     # meta-device build of those layers asks for their sizes.
     wanted = {name: _layer_tensors(lm) for name, lm in layers.items()}
     wanted.update({name: factorized_tensors(fm) for name, fm in factorized.items()})
     for name, want in wanted.items():
         _check_layer_header(st_file, header, name, want)
+    for group, g in shared.items():
+        _check_layer_header(st_file, header, f"{SHARED_PREFIX}{group}", {"codebooks": (
+            getattr(torch, g["codebook_dtype"]), (g["stages"], 1, g["k"], g["block_dim"]))})
     # factors are read as stored (exact dtype); a factorized layer's bias is dense, like others
     factor_keys = {f"{name}.{buf}": name for name, fm in factorized.items()
                    for buf in factorized_tensors(fm)}
     with torch.device("meta"):
-        install_quantized_modules(skeleton, layers, embeddings, marker, factorized)
+        install_quantized_modules(skeleton, layers, embeddings, marker, factorized, shared)
     # Every tensor the loaded model will hold, checked against the file's header.
     expected: dict = {}  # state-dict key -> (dtype, shape, layer name or None)
     groups: dict = {}    # id of a (possibly tied) tensor -> its state-dict keys
@@ -1004,6 +1147,15 @@ def load_quantized(path, device: str | torch.device = "cpu"):
         groups.setdefault(id(t), []).append(key)
         if layer is not None:
             quantized_keys.add(key)
+    # a shared codebook: read under its group's key into the one tensor its layers hold
+    targets = {}
+    for group, g in shared.items():
+        first = f"{g['layers'][0]}.codebooks"
+        targets[shared_key(group)] = [f"{n}.codebooks" for n in g["layers"]]
+        expected[shared_key(group)] = expected[first][:2] + (g["layers"][0],)
+        for k in targets[shared_key(group)]:
+            expected.pop(k)
+        groups[id(skeleton.get_submodule(g["layers"][0]).codebooks)] = [shared_key(group)]
     unexpected = sorted(set(header) - set(expected))
     if unexpected:
         raise ValueError(f"{st_file}: unexpected tensors the model does not have: "
@@ -1050,9 +1202,9 @@ def load_quantized(path, device: str | torch.device = "cpu"):
     except (ValueError, RuntimeError, TypeError) as exc:
         raise ValueError(f"{cfg_file}: cannot build a model from it: {_one_line(exc)}") from None
     with torch.device("meta"):
-        install_quantized_modules(model, layers, embeddings, marker, factorized)
+        install_quantized_modules(model, layers, embeddings, marker, factorized, shared)
     with ckpt:
-        fill_from_checkpoint(model, ckpt, expected)
+        fill_from_checkpoint(model, ckpt, expected, targets)
     for name in layers:
         check_indices(st_file, name, model.get_submodule(name))
     for name in factorized:
@@ -1071,20 +1223,25 @@ def load_quantized(path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), tok
 
 
-def fill_from_checkpoint(model: nn.Module, ckpt: Checkpoint, expected: dict) -> None:
+def fill_from_checkpoint(model: nn.Module, ckpt: Checkpoint, expected: dict,
+                         targets: Optional[dict] = None) -> None:
     """Materialise every tensor of `ckpt` (checked against `expected`: key -> (dtype, shape,
     layer) beforehand) into `model`, whose parameters may be on the meta device: one tensor read
-    at a time, dense floats cast to the model's dtype, tied names given the same tensor."""
+    at a time, dense floats cast to the model's dtype, tied names given the same tensor.
+    targets: {file key: [state-dict keys]} for file keys that are not state-dict keys (a shared
+    codebook group's tensor -> its layers' "codebooks")."""
     groups = tensor_groups(model)
     alias = {k: keys for keys in groups.values() for k in keys}
+    alias.update(targets or {})
     for key in ckpt.keys():
         dt = expected[key][0]
         t = ckpt.get(key)
         if t.dtype != dt:
             t = t.to(dt)
-        owner, _, name = key.rpartition(".")
+        keys = alias.get(key, [key])
+        owner, _, name = keys[0].rpartition(".")
         old = (model.get_submodule(owner) if owner else model)._parameters.get(name)
         if old is not None:  # one Parameter object for every tied name (`a.weight is b.weight`)
             t = nn.Parameter(t, requires_grad=old.requires_grad)
-        for k in alias.get(key, [key]):
+        for k in keys:
             assign_tensor(model, k, t)
