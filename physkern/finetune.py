@@ -28,6 +28,10 @@ the continuous steps go on. The index bit width is unchanged, so the bits are to
 keep-if-better check covers the codes: when it fails the original packed indices are restored.
 It needs the teacher's layers to be the targets the quantized layers approximate (not so after
 SmoothQuant or a factorization, which physkern.recipe refuses with code updates).
+
+Shared codebooks (physkern.shared_codebook): the layers holding one codebook tensor get ONE
+trainable copy of it (one Adam parameter, whose gradient sums over every layer of the group),
+written back once into that one tensor, so it stays shared.
 """
 from __future__ import annotations
 
@@ -56,13 +60,16 @@ class _LayerCopy:
     """float32 trainable copies of one QuantizedLinear's codebooks / scales / offsets plus the
     fixed indices, rebuilding W [out, in] differentiably with physkern.quant.reconstruct."""
 
-    def __init__(self, mod: QuantizedLinear):
+    def __init__(self, mod: QuantizedLinear, codebooks: "nn.Parameter | None" = None):
+        """codebooks: the trainable copy to use (a shared codebook's one copy for its whole
+        group); None = a copy of this layer's own."""
         qw = mod.quantized_weight()
         # int32 halves the fixed indices' memory; reconstruct keeps their dtype
         self.idx = qw.indices().to(torch.int32)                              # [S, out, nb]
         self.mod, self.codebook_rows = mod, qw.codebook_rows
         self.codes_changed = False     # set by a code update: write_back then repacks idx
-        self.codebooks = nn.Parameter(mod.codebooks.detach().float().clone())
+        self.codebooks = codebooks if codebooks is not None else \
+            nn.Parameter(mod.codebooks.detach().float().clone())
         self.scales = None if mod.scales is None else \
             nn.Parameter(mod.scales.detach().float().clone())
         self.offsets = None if mod.offsets is None else \
@@ -128,8 +135,14 @@ class Trainable:
         self.notes: list[str] = []
 
     def param_groups(self, lr: float) -> list[dict]:
-        """Adam groups with lr x magnitude per tensor (see module docstring)."""
-        groups = [(p, m) for layer in self.layers for p, m in layer.params()]
+        """Adam groups with lr x magnitude per tensor (see module docstring); a shared
+        codebook's one copy once."""
+        groups, seen = [], set()
+        for layer in self.layers:
+            for p, m in layer.params():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    groups.append((p, m))
         mag = lambda t: float(t.detach().abs().float().mean())
         # a zero-initialised norm bias borrows its norm weight's magnitude
         weight_mag = {id(mod): mag(orig) for mod, name, orig, _ in self.norms if name == "weight"}
@@ -154,7 +167,16 @@ def differentiable_quantized(model: nn.Module, train_norms: bool = True,
     on an exception (or write_back=False) the model is left exactly as it was.
     """
     t = Trainable()
-    t.layers = [_LayerCopy(m) for m in model.modules() if isinstance(m, QuantizedLinear)]
+    shared: dict = {}   # id of a shared codebook tensor -> its one trainable copy
+    for m in model.modules():
+        if not isinstance(m, QuantizedLinear):
+            continue
+        copy = None
+        if m.shared_codebook is not None:
+            copy = shared.get(id(m.codebooks))
+            if copy is None:
+                copy = shared[id(m.codebooks)] = nn.Parameter(m.codebooks.detach().float().clone())
+        t.layers.append(_LayerCopy(m, copy))
     if not t.layers:
         raise ValueError("model: no QuantizedLinear layers to fine-tune (run physkern.quantize "
                          "first)")
@@ -253,12 +275,15 @@ def lr_factor(schedule: str, step: int, steps: int) -> float:
 
 def _snapshot(model: nn.Module, train_norms: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[(live tensor, stored copy)] of everything fine-tuning may change (for the restore)."""
-    out = []
+    out, seen = [], set()
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
-            # packed too: code updates change it (a cheap copy: ~bits/32 of the weight)
-            out += [(t, t.detach().clone()) for t in (m.packed, m.codebooks, m.scales, m.offsets)
-                    if t is not None]
+            # packed too: code updates change it (a cheap copy: ~bits/32 of the weight); a
+            # shared codebook once, not once per layer of its group
+            tensors = [t for t in (m.packed, m.codebooks, m.scales, m.offsets)
+                       if t is not None and id(t) not in seen]
+            seen.update(id(t) for t in tensors)
+            out += [(t, t.detach().clone()) for t in tensors]
         elif train_norms and _is_norm(m):
             out += [(p, p.detach().clone()) for p in m.parameters(recurse=False)]
     return out
