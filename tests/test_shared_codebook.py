@@ -170,6 +170,14 @@ def test_transformers_path_refuses_shared(saved, tiny_gpt2):
         install_quantized_modules(m, meta["quantized_layers"], {}, "config.json", {})
 
 
+def test_from_pretrained_refuses_shared(saved):
+    """transformers' loader (physkern.hf_quantizer) reads format versions 1 and 2 only: a file
+    with shared codebooks is refused there, never loaded without them."""
+    from transformers import AutoModelForCausalLM
+    with pytest.raises(ValueError, match="format_version"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
 def _group(meta):
     return meta["shared_codebooks"]["model"]
 
@@ -384,3 +392,9 @@ def test_k65536_d8_assignment_and_forward():
     for m_rows in (1, 40):
         x = torch.randn(m_rows, inf, generator=g)
         assert torch.allclose(layer(x).double(), x.double() @ ref.T, atol=1e-4, rtol=1e-4)
+    # the Triton kernel (the CUDA path; here in the interpreter, fp32 operands) takes K = 65536
+    from physkern import ops
+    q32 = QuantizedWeight(qw.packed, cb.float(), qw.scales.float(), None, inf, out, out, inf)
+    x = torch.randn(3, inf, generator=g)
+    assert torch.allclose(ops.codebook_matmul(x, q32, backend="triton").double(),
+                          x.double() @ ref.T, atol=1e-4, rtol=1e-4)
