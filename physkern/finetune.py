@@ -28,6 +28,12 @@ the continuous steps go on. The index bit width is unchanged, so the bits are to
 keep-if-better check covers the codes: when it fails the original packed indices are restored.
 It needs the teacher's layers to be the targets the quantized layers approximate (not so after
 SmoothQuant or a factorization, which physkern.recipe refuses with code updates).
+With `code_update_objective` = "linearized" the updates minimise instead PV-tuning's
+linearisation of the END-TO-END loss at the current codes, <G, Q' - Q> + 1/(2 eta) tr((Q' - Q)
+H (Q' - Q)^T), G = dKL/dQ (physkern.weight_grads, summed over a few training windows) and eta
+set so the unconstrained move is `code_update_step` x |Q| (physkern.quant.code_update.
+linearized_target): the codes follow the loss the codebooks are trained on, not the layer's own
+error, which pulled the other way (docs/RESULTS.md, "Discrete code updates").
 
 Shared codebooks (physkern.shared_codebook): the layers holding one codebook tensor get ONE
 trainable copy of it (one Adam parameter, whose gradient sums over every layer of the group),
@@ -47,9 +53,10 @@ from torch import nn
 from .embedding import QuantizedEmbedding
 from .layers import QuantizedLinear
 from .linear import linear_layers
-from .quant.code_update import CodeUpdate, update_codes
+from .quant.code_update import CodeUpdate, linearized_target, update_codes
 from .quant.packing import index_bits, pack_indices
 from .quant.reconstruct import reconstruct
+from .weight_grads import stored_weight_grads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,9 +370,24 @@ def kl_steps(model: nn.Module, teacher: nn.Module, train: torch.Tensor, param_gr
 # discrete code updates (module docstring)
 
 
-def check_code_update_args(every, fraction, steps: int) -> None:
+CODE_UPDATE_OBJECTIVES = ("layer", "linearized")
+# windows whose summed gradient a linearised update follows (fewer if training has fewer)
+LINEARIZED_GRAD_WINDOWS = 4
+
+
+def check_code_update_args(every, fraction, steps: int, objective: str = "layer",
+                           step: float = 0.05) -> None:
     """code_update_every: integer >= 0 (0 = off), < steps when on (so that at least one update
-    runs and continuous steps follow it); code_update_fraction: number in (0, 1]."""
+    runs and continuous steps follow it); code_update_fraction: number in (0, 1];
+    code_update_objective: one of CODE_UPDATE_OBJECTIVES; code_update_step: number > 0 (the
+    linearised update's move relative to |Q|)."""
+    if objective not in CODE_UPDATE_OBJECTIVES:
+        raise ValueError(f"code_update_objective must be one of "
+                         f"{', '.join(CODE_UPDATE_OBJECTIVES)}, got {objective!r}")
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or \
+            not 0 < step < math.inf:
+        raise ValueError(f"code_update_step must be a finite number > 0 (the linearised "
+                         f"update's move relative to |Q|), got {step!r}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ValueError(f"code_update_every must be an integer >= 0 (steps between code "
                          f"updates; 0 = off), got {every!r}")
@@ -483,13 +505,15 @@ class _CodeUpdater:
                 layer.codes_changed = True
         return res
 
+    what = "layer objective"
+
     def note(self) -> str:
         """One line for the run's note: when, how many codes moved, the objective's course."""
         if not self.records:
             return "no code update ran (training stopped early)"
         r = self.records
         return (f"code updates before steps {[u['step'] for u in r]} on {len(self.layers)} "
-                f"layers: {sum(u['codes_changed'] for u in r)} codes changed, layer objective "
+                f"layers: {sum(u['codes_changed'] for u in r)} codes changed, {self.what} "
                 + ", ".join(f"{u['objective_before']:.4g} -> {u['objective_after']:.4g}"
                             for u in r))
 
@@ -498,11 +522,59 @@ class _CodeUpdater:
                 "code_update_gram_seconds": self.gram_seconds, "code_updates": self.records}
 
 
+class _LinearizedCodeUpdater(_CodeUpdater):
+    """Code updates on the end-to-end KL's gradient (module docstring): the same layers, Grams
+    and block draws as _CodeUpdater; at each update the gradient dKL/dQ of every layer over
+    LINEARIZED_GRAD_WINDOWS seeded training windows, then per layer update_codes towards
+    linearized_target's T under the damped Gram. The records' objectives are the quadratic
+    tr((T - Q) M (T - Q)^T) that update_codes lowers (2 eta x the linearised loss + const)."""
+
+    what = "linearised objective"
+
+    def __init__(self, model, teacher, tr, train, fraction, seed, batch_size, step: float):
+        super().__init__(model, teacher, tr, train, fraction, seed, batch_size)
+        self.model, self.teacher, self.train, self.step = model, teacher, train, float(step)
+        self.windows = min(LINEARIZED_GRAD_WINDOWS, train.shape[0])
+
+    def __call__(self, step: int) -> None:
+        t0 = time.perf_counter()
+        pick = torch.randperm(self.train.shape[0], generator=self.gen)[:self.windows]
+        grads: dict = {}
+        mods = {n: layer.mod for n, layer, _, _ in self.layers}
+        dev = next(self.model.parameters()).device
+        for i in pick.tolist():
+            ids = self.train[i:i + 1].to(dev)
+            with torch.no_grad():
+                t_logits = _logits(self.teacher, ids)
+            g = stored_weight_grads(mods, lambda: token_kl(t_logits, _logits(self.model, ids))
+                                    .mean() / self.windows)
+            for n, v in g.items():
+                grads[n] = grads[n] + v if n in grads else v
+        total = {"objective_before": 0.0, "objective_after": 0.0, "blocks_visited": 0,
+                 "codes_visited": 0, "codes_changed": 0, "rows_kept": 0}
+        etas = []
+        for name, layer, _, h in self.layers:
+            with torch.no_grad():
+                q = layer.stored_weight().detach()
+            target, metric, eta = linearized_target(q, grads[name].to(q.device), self.step,
+                                                    gram=h.to(q.device))
+            etas.append(eta)
+            res = self._update(layer, target, metric)
+            for key, v in res.summary().items():
+                total[key] += v
+        self.records.append({"step": step, "layers": len(self.layers), **total,
+                             "gradient_windows": len(pick), "eta_median":
+                             float(torch.tensor(etas).median()) if etas else None,
+                             "seconds": time.perf_counter() - t0})
+
+
 def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.Tensor,
                        steps: int = 100, lr: float = 1e-3, batch_size: int = 1, seed: int = 0,
                        holdout: int = 2, progress: bool = True,
                        train_norms: bool = True, schedule: str = "constant",
-                       code_update_every: int = 0, code_update_fraction: float = 0.1) -> dict:
+                       code_update_every: int = 0, code_update_fraction: float = 0.1,
+                       code_update_objective: str = "layer",
+                       code_update_step: float = 0.05) -> dict:
     """Fine-tune the codebooks, scales, offsets (and norms) of a quantized `model` in place.
 
     model:       quantized student (QuantizedLinear layers); packed indices change only with
@@ -523,6 +595,9 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
                  quantized embedding's table, or have no teacher layer of their name and shape,
                  keep their codes. The teacher's input Grams are taken once, on the training
                  windows (never the held-out ones).
+    code_update_objective: "layer" (the layer's own output error, above) or "linearized" (the
+                 end-to-end KL linearised at the current codes; module docstring) with
+                 code_update_step (> 0) its move relative to |Q|.
     Keep-if-better: the trained values (codes included) are kept only if the held-out KL,
     measured with the stored (rounded) values through the normal forward, went down; else the
     originals are restored. Both models are run in eval mode; their modes are restored
@@ -538,10 +613,13 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
     the layers of tr((W - Q) H (W - Q)^T), H = E[x x^T]), "blocks_visited", "codes_visited",
     "codes_changed", "rows_kept", "seconds"], "codes_changed" (stored codes that differ from
     the original ones at the end: 0 when not kept)} and, with code updates on,
-    "code_update_layers", "code_update_skipped" {name: why}, "code_update_gram_seconds".
+    "code_update_layers", "code_update_skipped" {name: why}, "code_update_gram_seconds";
+    with the linearised objective also "code_update_objective", "code_update_step", and per
+    record "gradient_windows", "eta_median" (its objectives: tr((T - Q) M (T - Q)^T)).
     """
     check_training_args(calibration, steps, lr, batch_size, holdout, schedule)
-    check_code_update_args(code_update_every, code_update_fraction, steps)
+    check_code_update_args(code_update_every, code_update_fraction, steps,
+                           code_update_objective, code_update_step)
     if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise ValueError("model: no QuantizedLinear layers to fine-tune (run physkern.quantize "
                          "first)")
@@ -559,7 +637,9 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
             updater = None
             if code_update_every:   # the teacher's Grams first (one pass over train)
                 updater = _CodeUpdater(model, teacher, tr, train, code_update_fraction, seed,
-                                       batch_size)
+                                       batch_size) if code_update_objective == "layer" else \
+                    _LinearizedCodeUpdater(model, teacher, tr, train, code_update_fraction, seed,
+                                           batch_size, code_update_step)
             bar = None
             if progress:
                 from tqdm.auto import tqdm
@@ -609,6 +689,9 @@ def finetune_quantized(model: nn.Module, teacher: nn.Module, calibration: torch.
             "kept": kept, "note": "; ".join(notes), "seconds": time.perf_counter() - t0,
             "loss_curve": curve, "code_update_every": code_update_every,
             "code_update_fraction": float(code_update_fraction),
+            **({"code_update_objective": code_update_objective,
+                "code_update_step": float(code_update_step)}
+               if code_update_objective != "layer" else {}),
             "code_updates": [] if updater is None else updater.records,
             "codes_changed": changed,
             **({} if updater is None else {k: v for k, v in updater.report().items()

@@ -22,10 +22,12 @@ JSON form (bench/recipes/*.json hold lists of these; a preset file holds one):
                "removed_fraction": f in (0, 1) | "relative_rank": f in (0, 1]} | null
      "finetune": {"steps": 100, "lr": 1e-3, "train_norms": true, "batch_size": 1, "holdout": 2,
                   "schedule": "constant", "windows": null, "code_update_every": 0,
-                  "code_update_fraction": 0.1} | null   (defaults shown; lr is RELATIVE, see
+                  "code_update_fraction": 0.1, "code_update_objective": "layer",
+                  "code_update_step": 0.05} | null   (defaults shown; lr is RELATIVE, see
                                         physkern.finetune; needs "config"; code_update_every
                                         k > 0: discrete code updates every k steps, not with
-                                        "smooth" or "factorize")
+                                        "smooth" or "factorize"; objective "linearized": on the
+                                        end-to-end loss's gradient, step relative to |Q|)
      "lattice": {"xi": number > 0 | "inf", "eps": number in (0, 1) | null} | null
      "factorize": {"method": "mpo", "chi": int | "bits": b, "cores": 3, "sweeps": 2,
                    "weighted": false, "dtype": "float16", "layers": [...],
@@ -70,6 +72,9 @@ LATTICE_KEYS = ("xi", "eps")
 FINETUNE_DEFAULTS = {"steps": 100, "lr": 1e-3, "train_norms": True, "batch_size": 1,
                      "holdout": 2, "schedule": "constant", "windows": None,
                      "code_update_every": 0, "code_update_fraction": 0.1}
+# Optional fine-tuning keys: validated, kept in the parsed spec only when not at their default
+# (so every spec written before they existed keeps its resume key).
+FINETUNE_OPTIONAL = {"code_update_objective": "layer", "code_update_step": 0.05}
 DEFAULT_CALIBRATION = {"windows": 32, "window": 1024}
 DENSE_DTYPES = ("float16", "bfloat16")
 RECIPE_KEYS = ("name", "config", "embedding", "dense_dtype", "smooth", "prune", "finetune",
@@ -165,11 +170,11 @@ def parse_finetune(spec, where: str = "finetune") -> dict | None:
     if not isinstance(spec, dict):
         raise ValueError(f"{where}: must be an object {{{', '.join(FINETUNE_DEFAULTS)}}} or "
                          f"null, got {spec!r}")
-    unknown = set(spec) - set(FINETUNE_DEFAULTS)
+    valid = {**FINETUNE_DEFAULTS, **FINETUNE_OPTIONAL}
+    unknown = set(spec) - set(valid)
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: "
-                         f"{', '.join(FINETUNE_DEFAULTS)}")
-    out = {**FINETUNE_DEFAULTS, **spec}
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: {', '.join(valid)}")
+    out = {**valid, **spec}
     for key in ("steps", "batch_size", "holdout"):
         v = out[key]
         if not _int(v) or v < 1:
@@ -192,10 +197,14 @@ def parse_finetune(spec, where: str = "finetune") -> dict | None:
     from .finetune import check_code_update_args
     try:
         check_code_update_args(out["code_update_every"], out["code_update_fraction"],
-                               out["steps"])
+                               out["steps"], out["code_update_objective"],
+                               out["code_update_step"])
     except ValueError as e:
         raise ValueError(f"{where}.{e}") from None
-    return {**out, "lr": float(lr), "code_update_fraction": float(out["code_update_fraction"])}
+    out = {**out, "lr": float(lr), "code_update_fraction": float(out["code_update_fraction"]),
+           "code_update_step": float(out["code_update_step"])}
+    return {k: v for k, v in out.items()
+            if k not in FINETUNE_OPTIONAL or v != FINETUNE_OPTIONAL[k]}
 
 
 def parse_calibration(spec, where: str = "calibration") -> dict | None:
@@ -527,7 +536,8 @@ def run_finetune(model, teacher, windows, spec: dict, seed: int, source: str) ->
         batch_size=spec["batch_size"], seed=seed, holdout=spec["holdout"],
         train_norms=spec["train_norms"], schedule=spec["schedule"],
         code_update_every=spec["code_update_every"],
-        code_update_fraction=spec["code_update_fraction"])}
+        code_update_fraction=spec["code_update_fraction"],
+        **{k: spec.get(k, v) for k, v in FINETUNE_OPTIONAL.items()})}
 
 
 def apply_prune(model, spec: dict) -> dict:

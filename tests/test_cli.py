@@ -82,6 +82,14 @@ def test_quantize_recipe_with_finetuning(saved_tiny, capsys):
     pv = json.loads((saved_tiny / "pv" / "physkern.json").read_text())["finetune"]
     assert pv["code_update_every"] == 1 and pv["code_update_fraction"] == 0.5
     assert len(pv["code_updates"]) == 2   # before steps 1 and 2 (of 3)
+    assert "code_update_objective" not in pv["spec"]
+    assert _quantize(saved_tiny, saved_tiny / "pvlin", "--recipe", f"{recipes}:mixed_ft",
+                     "--finetune-code-update-every", "1",
+                     "--finetune-code-update-objective", "linearized",
+                     "--finetune-code-update-step", "0.2") == 0
+    lin = json.loads((saved_tiny / "pvlin" / "physkern.json").read_text())["finetune"]
+    assert lin["spec"]["code_update_objective"] == "linearized"
+    assert lin["code_update_step"] == 0.2 and len(lin["code_updates"]) == 2
 
 
 @pytest.mark.parametrize("recipe,msg", [

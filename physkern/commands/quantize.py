@@ -97,6 +97,12 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-code-update-fraction", type=float, default=None,
                    help="share of each layer's block columns a code update visits, in (0, 1] "
                         "(default 0.1, or the recipe's)")
+    g.add_argument("--finetune-code-update-objective", default=None,
+                   choices=("layer", "linearized"),
+                   help="what code updates lower: each layer's output error (layer, default) or "
+                        "the end-to-end loss linearised at the current codes (linearized)")
+    g.add_argument("--finetune-code-update-step", type=float, default=None,
+                   help="linearized code updates: the move relative to |Q| (default 0.05)")
 
 
 def _given_config_flags(args: argparse.Namespace) -> list[str]:
@@ -182,7 +188,9 @@ def recipe_from_args(args: argparse.Namespace):
                                ("schedule", args.finetune_schedule),
                                ("windows", args.finetune_windows),
                                ("code_update_every", args.finetune_code_update_every),
-                               ("code_update_fraction", args.finetune_code_update_fraction))
+                               ("code_update_fraction", args.finetune_code_update_fraction),
+                               ("code_update_objective", args.finetune_code_update_objective),
+                               ("code_update_step", args.finetune_code_update_step))
              if v is not None}
     if given.get("steps") == 0:
         changes["finetune"] = None
