@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-QUANTIZED_BUFFERS = ("packed", "codebooks", "scales", "offsets")
+QUANTIZED_BUFFERS = ("packed", "codebooks", "scales", "offsets", "outlier_columns",
+                     "outlier_values")
 
 
 def is_dense(key: str, t: torch.Tensor) -> bool:

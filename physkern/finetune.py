@@ -103,17 +103,23 @@ class _LayerCopy:
                            codebook_rows=self.codebook_rows)
 
     def weight(self) -> torch.Tensor:
-        """The effective W [out, in] float32 (Q R^T with an input rotation R; the table a
-        quantized embedding reads)."""
+        """The effective W [out, in] float32 (Q R^T with an input rotation R, + the layer's
+        sparse outliers S, kept fixed; the table a quantized embedding reads)."""
         q = self.stored_weight()
-        return q if self.mod.rotation is None else self.mod.rotation.unapply(q)
+        q = q if self.mod.rotation is None else self.mod.rotation.unapply(q)
+        outliers = self.mod.outliers()
+        return q if outliers is None else q + outliers.to_dense(q.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out], the QuantizedLinear's function with the trainable copies:
-        (x R) Q^T + b with an input rotation R, as QuantizedLinear.forward computes it."""
+        (x R) Q^T + b (+ x S^T with sparse outliers S, fixed), as QuantizedLinear.forward
+        computes it."""
+        x_in = x
         if self.mod.rotation is not None:
             x = self.mod.rotation.apply(x)
-        return F.linear(x, self.stored_weight().to(x.dtype), self.mod.bias)
+        y = F.linear(x, self.stored_weight().to(x.dtype), self.mod.bias)
+        outliers = self.mod.outliers()
+        return y if outliers is None else y + outliers.apply(x_in)
 
     def write_back(self) -> None:
         """Store the trained values in the layer's buffers, rounded to their stored dtypes (and
@@ -476,6 +482,9 @@ class _CodeUpdater:
         """(target W, Gram H) in the layer's stored basis: W R and R^T H R with a rotation R."""
         rot = layer.mod.rotation
         w = w.detach()
+        outliers = layer.mod.outliers()
+        if outliers is not None:   # Q approximates W - S: the outliers are kept as they are
+            w = w - outliers.to_dense(w.dtype).to(w.device)
         if rot is None:
             return w, h
         return rot.apply(w.double()).float(), rot.rotate_gram(h.double()).float()

@@ -15,6 +15,10 @@ registered as a PARAMETER (requires_grad False), the very nn.Parameter every lay
 holds, instead of a buffer: Module.to() / half() move a parameter in place (param.data = ...),
 so the layers keep one tensor, where per-module buffers would each get a copy. The state-dict
 key is the same either way ("<layer>.codebooks").
+
+With sparse outliers (qw.outliers; physkern.quant.outliers) two more buffers hold their column
+indices and values ([out, n] each) and forward adds x S^T, read from the UNROTATED x (S is in the
+effective basis); layer_meta records {"per_row", "columns_dtype", "values_dtype"}.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from torch import nn
 
 from .ops import codebook_linear
 from .quant.format import QuantizedWeight
+from .quant.outliers import SparseOutliers
 from .quant.packing import words_per_row
 from .rotation import Rotation
 
@@ -57,6 +62,9 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scales", qw.scales)
         self.register_buffer("offsets", qw.offsets)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        out_l = qw.outliers
+        self.register_buffer("outlier_columns", None if out_l is None else out_l.columns)
+        self.register_buffer("outlier_values", None if out_l is None else out_l.values)
 
     @classmethod
     def empty(cls, meta: dict) -> "QuantizedLinear":
@@ -77,8 +85,17 @@ class QuantizedLinear(nn.Module):
         scales = torch.ones(n_sc, dtype=dt(meta["scales_dtype"])) if meta["scales_dtype"] else None
         offsets = torch.zeros(n_sc, dtype=dt(meta["offsets_dtype"])) if meta["offsets_dtype"] else None
         bias = torch.zeros(out, dtype=dt(meta["bias_dtype"])) if meta["bias_dtype"] else None
+        outliers = None
+        if meta.get("outliers") is not None:   # layout checked by physkern.serialization
+            o = meta["outliers"]
+            n = o["per_row"]
+            outliers = SparseOutliers(
+                # distinct columns per row, so that the empty layer is a valid one
+                torch.arange(n, dtype=dt(o["columns_dtype"]))[None].repeat(out, 1),
+                torch.zeros(out, n, dtype=dt(o["values_dtype"])), inf)
         qw = QuantizedWeight(packed, cbs, scales, offsets, inf, out, meta["codebook_rows"],
-                             meta["scale_group"], rotation, meta.get("shared_codebook"))
+                             meta["scale_group"], rotation, meta.get("shared_codebook"),
+                             outliers)
         return cls(qw, bias, meta["kind"], meta.get("recipe"))
 
     def layer_meta(self) -> dict:
@@ -95,12 +112,23 @@ class QuantizedLinear(nn.Module):
             meta["rotation"] = self.rotation.to_meta()
         if self.shared_codebook is not None:   # likewise absent without one
             meta["shared_codebook"] = self.shared_codebook
+        if self.outlier_columns is not None:  # likewise
+            meta["outliers"] = {"per_row": self.outlier_columns.shape[1],
+                                "columns_dtype": name(self.outlier_columns),
+                                "values_dtype": name(self.outlier_values)}
         return meta
+
+    def outliers(self) -> Optional[SparseOutliers]:
+        """The sparse corrections S (views of the buffers), or None."""
+        if self.outlier_columns is None:
+            return None
+        return SparseOutliers(self.outlier_columns, self.outlier_values, self.in_features)
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.packed, self.codebooks, self.scales, self.offsets,
                                self.in_features, self.out_features, self.codebook_rows,
-                               self.scale_group, self.rotation, self.shared_codebook)
+                               self.scale_group, self.rotation, self.shared_codebook,
+                               self.outliers())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The effective weight this layer computes with, [out_features, in_features] (with a
@@ -110,10 +138,14 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The buffers go to the op as they are: no QuantizedWeight per call (decode runs this
         # 210 times a token on the packaged model, so per-call Python work adds up).
+        x_in = x
         if self.rotation is not None:
             x = self.rotation.apply(x)
-        return codebook_linear(x, self.packed, self.codebooks, self.scales, self.offsets,
-                               self.bias, self.in_features, self.codebook_rows, self.scale_group)
+        y = codebook_linear(x, self.packed, self.codebooks, self.scales, self.offsets,
+                            self.bias, self.in_features, self.codebook_rows, self.scale_group)
+        if self.outlier_columns is not None:
+            y = y + self.outliers().apply(x_in)
+        return y
 
     def extra_repr(self) -> str:
         qw = self.quantized_weight()
@@ -123,6 +155,8 @@ class QuantizedLinear(nn.Module):
                 f"k={qw.k}, d={qw.block_dim}, scope={qw.scope}, stages={qw.stages}, "
                 + (f"shared_codebook={self.shared_codebook}, " if self.shared_codebook else "") +
                 f"bias={self.bias is not None}, replaces={self.kind}, "
+                + (f"outliers={self.outlier_columns.shape[1]}/row, "
+                   if self.outlier_columns is not None else "")
                 + (f"rotation={self.rotation.kind}(seed={self.rotation.seed}, "
                    f"block={self.rotation.block}), " if self.rotation is not None else "") +
                 (f"bits/weight={bits['bits_per_weight']:.3f}" if not self.shared_codebook else

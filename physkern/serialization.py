@@ -40,8 +40,10 @@ MARKER = "physkern.json"
 FORMAT_VERSION = 1             # quantized layers and embeddings only
 FACTORIZED_FORMAT_VERSION = 2  # + "factorized_layers" (MPOLinear / LowRankLinear layouts)
 SHARED_FORMAT_VERSION = 3      # + "shared_codebooks" (codebooks shared across layers)
+OUTLIERS_FORMAT_VERSION = 4    # + layers with "outliers" (sparse corrections, any of the above)
 # what this physkern reads
-FORMAT_VERSIONS = (FORMAT_VERSION, FACTORIZED_FORMAT_VERSION, SHARED_FORMAT_VERSION)
+FORMAT_VERSIONS = (FORMAT_VERSION, FACTORIZED_FORMAT_VERSION, SHARED_FORMAT_VERSION,
+                   OUTLIERS_FORMAT_VERSION)
 SHARED_PREFIX = "shared_codebooks."   # file key of group g: SHARED_PREFIX + g + ".codebooks"
 MAX_GROUP_NAME = 200
 MODEL_FILE = "model.safetensors"
@@ -239,7 +241,7 @@ def model_marker(model: nn.Module, layers: dict, embeddings: dict, report,
         factorized = factorized_module_layouts(model)
     if shared is None:
         shared = shared_codebook_layouts(model)
-    return {"format_version": _format_version(factorized, shared),
+    return {"format_version": _format_version(factorized, shared, has_outliers(layers)),
             "architecture": type(model).__name__,
             "quantized_layers": layers, "quantized_embeddings": embeddings,
             **({"factorized_layers": factorized} if factorized else {}),
@@ -365,9 +367,19 @@ def shared_key(group: str) -> str:
     return f"{SHARED_PREFIX}{group}.codebooks"
 
 
-def _format_version(factorized: dict, shared: Optional[dict] = None) -> int:
-    """Version 1 unless the model has factorized layers (2) or shared codebooks (3): older
-    readers then refuse the file instead of loading it without them."""
+def has_outliers(layers: dict) -> bool:
+    """Whether any layer layout has sparse outliers (an untied quantized embedding's own table
+    is one of the layers, "<name>.table")."""
+    return any(isinstance(lm, dict) and lm.get("outliers") is not None for lm in layers.values())
+
+
+def _format_version(factorized: dict, shared: Optional[dict] = None,
+                    outliers: bool = False) -> int:
+    """Version 1 unless the model has factorized layers (2), shared codebooks (3) or sparse
+    outliers (4, with or without the others): older readers then refuse the file instead of
+    loading it without them."""
+    if outliers:
+        return OUTLIERS_FORMAT_VERSION
     if shared:
         return SHARED_FORMAT_VERSION
     return FACTORIZED_FORMAT_VERSION if factorized else FORMAT_VERSION
@@ -385,8 +397,10 @@ def _write_config(model: nn.Module, layers: dict, embeddings: dict, folder: Path
     if shared is None:
         shared = shared_codebook_layouts(model)
     d = physkern_config_dict(model.config.to_diff_dict(), layers, embeddings)
-    if factorized or shared:
-        d["quantization_config"]["format_version"] = _format_version(factorized, shared)
+    outliers = has_outliers(layers)
+    if factorized or shared or outliers:
+        d["quantization_config"]["format_version"] = _format_version(factorized, shared,
+                                                                     outliers)
     if factorized:
         d["quantization_config"]["factorized_layers"] = factorized
     if shared:
@@ -476,6 +490,7 @@ def _read_marker(file: Path) -> dict:
                          f"got {type(layers).__name__}")
     check_factorized_version(file, version, meta.get("factorized_layers"))
     check_shared_version(file, version, meta.get("shared_codebooks"))
+    check_outliers_version(file, version, layers)
     return meta
 
 
@@ -487,9 +502,10 @@ def check_factorized_version(file, version, factorized) -> None:
     if not isinstance(factorized, dict):
         raise ValueError(f"{file}: factorized_layers must be an object of layer name -> layout, "
                          f"got {type(factorized).__name__}")
-    if factorized and version not in (FACTORIZED_FORMAT_VERSION, SHARED_FORMAT_VERSION):
+    if factorized and version not in (FACTORIZED_FORMAT_VERSION, SHARED_FORMAT_VERSION,
+                                      OUTLIERS_FORMAT_VERSION):
         raise ValueError(f"{file}: factorized_layers need format_version "
-                         f"{FACTORIZED_FORMAT_VERSION} or {SHARED_FORMAT_VERSION}, got {version!r}")
+                         f"{FACTORIZED_FORMAT_VERSION} or later, got {version!r}")
 
 
 def check_shared_version(file, version, shared) -> None:
@@ -497,13 +513,27 @@ def check_shared_version(file, version, shared) -> None:
     non-empty object of group -> layout) needs it, and it needs them (no other writer uses 3)."""
     if version != SHARED_FORMAT_VERSION and shared is None:
         return
+    if version == OUTLIERS_FORMAT_VERSION and shared is None:
+        return
     if not isinstance(shared, dict) or not shared:
         raise ValueError(f"{file}: format_version {SHARED_FORMAT_VERSION} needs shared_codebooks, "
                          f"a non-empty object of group name -> layout, got "
                          f"{type(shared).__name__ if shared is not None else 'none'}")
-    if version != SHARED_FORMAT_VERSION:
-        raise ValueError(f"{file}: shared_codebooks need format_version {SHARED_FORMAT_VERSION}, "
-                         f"got {version!r}")
+    if version not in (SHARED_FORMAT_VERSION, OUTLIERS_FORMAT_VERSION):
+        raise ValueError(f"{file}: shared_codebooks need format_version {SHARED_FORMAT_VERSION} "
+                         f"(or {OUTLIERS_FORMAT_VERSION} with outliers), got {version!r}")
+
+
+def check_outliers_version(file, version, layers: dict) -> None:
+    """Format version 4 is exactly the files with sparse outliers: a layout with "outliers"
+    needs it (an older reader would load the layer without them), and it needs one."""
+    has = has_outliers(layers)
+    if has and version != OUTLIERS_FORMAT_VERSION:
+        raise ValueError(f"{file}: layers with outliers need format_version "
+                         f"{OUTLIERS_FORMAT_VERSION}, got {version!r}")
+    if version == OUTLIERS_FORMAT_VERSION and not has:
+        raise ValueError(f"{file}: format_version {OUTLIERS_FORMAT_VERSION} needs a layer with "
+                         "outliers, found none")
 
 
 def check_layer_meta(file: Path, name, lm) -> dict:
@@ -542,12 +572,35 @@ def check_layer_meta(file: Path, name, lm) -> dict:
     if lm.get("recipe") is not None and not isinstance(lm["recipe"], dict):
         raise ValueError(f"{where}: recipe must be an object or null, got "
                          f"{type(lm['recipe']).__name__}")
+    if lm.get("outliers") is not None:
+        _check_outliers_layout(where, lm["outliers"], lm["in_features"])
     if "shared_codebook" in lm:
         _check_group_name(where, "shared_codebook", lm["shared_codebook"])
         if lm["codebook_rows"] != lm["out_features"]:
             raise ValueError(f"{where}: a shared codebook has layer scope: codebook_rows must be "
                              f"out_features ({lm['out_features']}), got {lm['codebook_rows']}")
     return lm
+
+
+def _check_outliers_layout(where: str, o, in_features: int) -> None:
+    """{"per_row": 0 <= n <= in_features, "columns_dtype": the narrowest int that holds the
+    columns, "values_dtype": a float dtype} and nothing else."""
+    from .quant.outliers import VALUE_DTYPES, column_dtype
+    keys = {"per_row", "columns_dtype", "values_dtype"}
+    if not isinstance(o, dict) or set(o) != keys:
+        raise ValueError(f"{where}: outliers must be an object with exactly {sorted(keys)}, got "
+                         f"{str(o)[:200]}")
+    n = o["per_row"]
+    if type(n) is not int or not 0 <= n <= in_features:
+        raise ValueError(f"{where}: outliers.per_row must be an integer in [0, {in_features}], "
+                         f"got {n!r}")
+    want = str(column_dtype(in_features)).replace("torch.", "")
+    if o["columns_dtype"] != want:
+        raise ValueError(f"{where}: outliers.columns_dtype must be {want!r} for in_features="
+                         f"{in_features}, got {o['columns_dtype']!r}")
+    if o["values_dtype"] not in VALUE_DTYPES:
+        raise ValueError(f"{where}: outliers.values_dtype must be one of "
+                         f"{', '.join(VALUE_DTYPES)}, got {o['values_dtype']!r}")
 
 
 def _check_group_name(where: str, field: str, v) -> str:
@@ -618,6 +671,10 @@ def _layer_tensors(lm: dict) -> dict:
         want["offsets"] = (getattr(torch, lm["offsets_dtype"]), n_sc)
     if lm.get("bias_dtype"):
         want["bias"] = (getattr(torch, lm["bias_dtype"]), (out,))
+    if lm.get("outliers") is not None:
+        o = lm["outliers"]
+        want["outlier_columns"] = (getattr(torch, o["columns_dtype"]), (out, o["per_row"]))
+        want["outlier_values"] = (getattr(torch, o["values_dtype"]), (out, o["per_row"]))
     return want
 
 
@@ -1049,6 +1106,12 @@ def check_indices(file: Path, name: str, layer) -> None:
     """Every stored index < K, so no kernel reads past a codebook. Skipped when K = 2**bits
     (then every bit pattern is a valid index); the packed shape was checked before."""
     from .quant.packing import index_bits, unpack_indices
+    outliers = layer.outliers() if hasattr(layer, "outliers") else None
+    if outliers is not None:   # columns in range and distinct per row, values finite
+        try:
+            outliers.validate()
+        except ValueError as e:
+            raise ValueError(f"{file}: layer {name}: {e}: corrupt or crafted file") from None
     k = layer.codebooks.shape[2]
     bits = index_bits(k)
     if (1 << bits) == k:

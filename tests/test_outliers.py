@@ -136,3 +136,196 @@ def test_bad_values_are_refused_naming_the_field():
         SparseOutliers(cols, vals, 4).apply(torch.ones(2, 5))
     assert column_dtype(32768) == torch.int16 and column_dtype(32769) == torch.int32
     assert per_row_count(0.005, 576) == 3 and per_row_count(0.0, 576) == 0
+
+
+# ---- in a quantized model: CodebookConfig(outliers=...), forward, bits, save / load --------------
+
+import copy  # noqa: E402
+import json  # noqa: E402
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from _crafted import edit_meta, fresh_copy, load_fails, tensor_bytes  # noqa: E402
+from physkern import bits_report, load_quantized, quantize, save_quantized  # noqa: E402
+from physkern.config import CodebookConfig  # noqa: E402
+from physkern.layers import QuantizedLinear  # noqa: E402
+from physkern.quant.reconstruct import reconstruct  # noqa: E402
+from physkern.serialization import MARKER  # noqa: E402
+
+ST = "model.safetensors"
+IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(4))
+
+
+def _calib():
+    return torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(1))
+
+
+def _quantized(base, **kw):
+    m = copy.deepcopy(base)
+    cfg = CodebookConfig(**{"k": 4, "block_dim": 2, "scope": "layer", **kw})
+    quantize(m, cfg, calibration=_calib() if cfg.calibrate else None, progress=False)
+    return m
+
+
+def _layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+@pytest.fixture(scope="module")
+def q_out(tiny_llama):
+    """Error feedback, rotated, 10% outliers."""
+    return _quantized(tiny_llama, error_feedback=True, rotation="hadamard", outliers=0.1)
+
+
+@pytest.fixture(scope="module")
+def saved(q_out, tmp_path_factory):
+    return save_quantized(q_out, tmp_path_factory.mktemp("outliers") / "m")
+
+
+def test_layers_hold_outliers_and_compute_with_them(q_out):
+    """Effective weight = Q R^T + S rebuilt here by hand; forward = x W^T + b."""
+    for name, layer in _layers(q_out).items():
+        n = round(0.1 * layer.in_features)
+        assert layer.outlier_columns.shape == (layer.out_features, n)
+        qw = layer.quantized_weight()
+        q = reconstruct(qw.indices(), qw.codebooks, qw.scales, qw.offsets,
+                        codebook_rows=qw.codebook_rows, dtype=torch.float64)
+        w = q @ layer.rotation.matrix(torch.float64).T
+        for r in range(layer.out_features):
+            for k in range(n):
+                w[r, int(layer.outlier_columns[r, k])] += float(layer.outlier_values[r, k])
+        torch.testing.assert_close(layer.dequantize(torch.float64), w, rtol=1e-6, atol=1e-6)
+        x = torch.randn(3, layer.in_features, dtype=torch.float32)
+        ref = x.double() @ w.T + (0 if layer.bias is None else layer.bias.double())
+        torch.testing.assert_close(layer(x).double(), ref, rtol=1e-4, atol=1e-4)
+        rows = torch.tensor([2, 0, 2])
+        torch.testing.assert_close(qw.dequantize(rows=rows), qw.dequantize()[rows])
+
+
+def test_outliers_lower_every_layers_output_error(tiny_llama):
+    """Same seed, same codes: the calibrated objective of every layer drops with outliers."""
+    from physkern.api import quantize as api_quantize
+    base = copy.deepcopy(tiny_llama)
+    plain = api_quantize(base, CodebookConfig(k=4, block_dim=2, scope="layer",
+                                              error_feedback=True), calibration=_calib(),
+                         progress=False)
+    base = copy.deepcopy(tiny_llama)
+    out = api_quantize(base, CodebookConfig(k=4, block_dim=2, scope="layer", error_feedback=True,
+                                            outliers=0.1), calibration=_calib(), progress=False)
+    for a, b in zip(plain.layers, out.layers):
+        assert b.relative_output_error < a.relative_output_error
+        assert b.bits_per_weight > a.bits_per_weight
+
+
+def test_bits_count_outliers_and_equal_bytes(q_out, tmp_path):
+    rep = bits_report(q_out)
+    for name, layer in _layers(q_out).items():
+        info = rep.layers[name]
+        assert info["outliers"] == layer.outlier_columns.numel() * (16 + 16)
+        assert info["total_bits"] == info["indices"] + info["codebooks"] + info["scales"] + \
+            info["offsets"] + info["outliers"]
+    d = save_quantized(q_out, tmp_path / "m")
+    assert rep.model_bits == 8 * tensor_bytes(d)
+
+
+def test_round_trip_bit_identical(q_out, saved):
+    meta = json.loads((saved / MARKER).read_text())
+    assert meta["format_version"] == 4
+    lm = next(iter(meta["quantized_layers"].values()))
+    assert lm["outliers"]["columns_dtype"] == "int16" and lm["outliers"]["values_dtype"] == "float16"
+    loaded, _ = load_quantized(saved)
+    with torch.no_grad():
+        assert torch.equal(q_out(IDS).logits, loaded(IDS).logits)
+    assert bits_report(loaded).to_dict() == bits_report(q_out).to_dict()
+
+
+def test_models_without_outliers_keep_their_format(tiny_gpt2, tmp_path):
+    m = _quantized(tiny_gpt2, calibrate=False)
+    d = save_quantized(m, tmp_path / "m")
+    meta = json.loads((d / MARKER).read_text())
+    assert meta["format_version"] == 1
+    assert all("outliers" not in lm for lm in meta["quantized_layers"].values())
+    assert "outliers" not in CodebookConfig().to_dict()
+
+
+def test_from_pretrained_refuses_outliers(saved):
+    from transformers import AutoModelForCausalLM
+    with pytest.raises(ValueError, match="format_version"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def _first(meta):
+    return next(iter(meta["quantized_layers"].values()))
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda m: m.update(format_version=2), "need format_version 4"),
+    (lambda m: m.update(format_version=1), "need format_version 4"),
+    (lambda m: _first(m)["outliers"].update(per_row=10**6), "outliers.per_row must be"),
+    (lambda m: _first(m)["outliers"].update(columns_dtype="int32"), "columns_dtype must be"),
+    (lambda m: _first(m)["outliers"].update(values_dtype="int8"), "values_dtype must be"),
+    (lambda m: _first(m)["outliers"].update(extra=1), "outliers must be an object"),
+    (lambda m: [lm.pop("outliers") for lm in m["quantized_layers"].values()],
+     "needs a layer with outliers"),
+])
+def test_crafted_layouts_refused(saved, tmp_path, edit, pattern):
+    d = fresh_copy(saved, tmp_path)
+    edit_meta(d, edit)
+    load_fails(d, pattern)
+
+
+@pytest.mark.parametrize("what,pattern", [("range", "columns must lie in"),
+                                          ("repeat", "same column twice"),
+                                          ("shape", "outlier_columns has shape")])
+def test_crafted_tensors_refused(saved, tmp_path, what, pattern):
+    d = fresh_copy(saved, tmp_path)
+    t = load_file(d / ST)
+    key = next(k for k in t if k.endswith(".outlier_columns"))
+    cols = t[key].clone()
+    if what == "range":
+        cols[1, 0] = 32000
+    elif what == "repeat":
+        cols[0, 1] = cols[0, 0]
+    else:
+        cols = cols[:, :-1].contiguous()
+    t[key] = cols
+    save_file(t, d / ST)
+    load_fails(d, pattern)
+
+
+def test_finetuning_keeps_outliers_and_the_function(q_out, tiny_llama):
+    from physkern.finetune import finetune_quantized
+    from test_layers import dense_copy
+    student = copy.deepcopy(q_out)
+    before = {n: (l.outlier_columns.clone(), l.outlier_values.clone())
+              for n, l in _layers(student).items()}
+    rep = finetune_quantized(student, tiny_llama, _calib(), steps=3, lr=1e-2, holdout=1,
+                             progress=False, code_update_every=1, code_update_fraction=1.0)
+    assert rep["steps"] == 3
+    for n, l in _layers(student).items():
+        assert torch.equal(l.outlier_columns, before[n][0])
+        assert torch.equal(l.outlier_values, before[n][1])
+    with torch.no_grad():
+        torch.testing.assert_close(student(IDS).logits, dense_copy(student)(IDS).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_bad_outlier_config():
+    with pytest.raises(ValueError, match=r"outliers must be a finite number in \[0, 1\)"):
+        CodebookConfig(outliers=1.0)
+    with pytest.raises(ValueError, match="outliers"):
+        CodebookConfig(outliers=-0.1)
+    assert CodebookConfig(outliers=0.05).to_dict()["outliers"] == 0.05
+
+
+def test_outliers_with_a_shared_codebook_round_trip(tiny_llama, tmp_path):
+    m = copy.deepcopy(tiny_llama)
+    quantize(m, CodebookConfig(k=8, block_dim=2, scope="shared", share="model", outliers=0.1,
+                               max_fit_blocks=4096), calibration=_calib(), progress=False)
+    d = save_quantized(m, tmp_path / "m")
+    meta = json.loads((d / MARKER).read_text())
+    assert meta["format_version"] == 4 and meta["shared_codebooks"]
+    loaded, _ = load_quantized(d)
+    with torch.no_grad():
+        assert torch.equal(m(IDS).logits, loaded(IDS).logits)
+    assert bits_report(loaded).model_bits == bits_report(m).model_bits == 8 * tensor_bytes(d)

@@ -45,6 +45,10 @@ class CodebookConfig(_Selectable):
                 the seeded (seed = `seed`) permutation + signs + 64-block Hadamard of
                 physkern.rotation, stored as that seed (no bits); the layer computes (x R) Q^T.
                 With calibrate it needs X^T X (needs_hessian is then True)
+    outliers:   fraction in [0, 1) of each row's weights kept as sparse corrections after
+                quantization (physkern.quant.outliers: round(fraction x in_features) per row,
+                chosen by |error| x sqrt(diag X^T X), values the least-squares correction under
+                X^T X; an int16/int32 column + an fp16 value each, counted in bits); 0 = off
     """
     k: int = 256
     block_dim: int = 4
@@ -65,6 +69,7 @@ class CodebookConfig(_Selectable):
     refine_steps: int = 0
     rotation: str = "none"
     share: Optional[str] = None
+    outliers: float = 0.0
     layers: Optional[Sequence[str]] = None
     overrides: dict = field(default_factory=dict)
 
@@ -102,6 +107,7 @@ class CodebookConfig(_Selectable):
         if self.error_feedback and not self.calibrate:
             raise ValueError("error_feedback=True needs calibrate=True (it uses the Hessian X^T X)")
         _check_float("percdamp", self.percdamp, 0, 1)
+        _check_float("outliers", self.outliers, 0, 1, lo_open=False)
         _check_float("tol", self.tol, 0)
         _check_int("seed", self.seed, 0, MAX_SEED)
         _check_bool("calibrate", self.calibrate)
@@ -136,6 +142,8 @@ class CodebookConfig(_Selectable):
         d = config_dict_without_default_rotation(super().to_dict())
         if d.get("share") is None:   # likewise: dicts of configs without sharing unchanged
             d.pop("share", None)
+        if d.get("outliers") == 0:   # likewise without outliers
+            d.pop("outliers", None)
         return d
 
     def effective_scales(self) -> str:
@@ -175,6 +183,7 @@ def quantize_codebook_weight(weight, cfg: CodebookConfig, m2=None, gram=None, sh
     from ..quant.codebook import (quantize_codebook, quantize_codebook_error_feedback,
                                   refine_codebooks)
     from ..rotation import config_rotation, rotate_problem
+    original = (weight, m2, gram)   # the outliers correct the effective (unrotated) weight
     rotation = config_rotation(cfg, weight.shape[1])
     if rotation is not None:
         weight, m2, gram = rotate_problem(weight, m2 if cfg.calibrate else None, gram, rotation)
@@ -200,4 +209,12 @@ def quantize_codebook_weight(weight, cfg: CodebookConfig, m2=None, gram=None, sh
     if shared is not None:   # the group's one tensor (not a copy), and its name
         qw = replace(qw, codebooks=shared.codebooks, shared=shared.name)
     # the rotated basis' Q, then R attached: qw.dequantize() is the effective Q R^T
-    return qw if rotation is None else replace(qw, rotation=rotation)
+    qw = qw if rotation is None else replace(qw, rotation=rotation)
+    if cfg.outliers:
+        from ..quant.outliers import fit_outliers, per_row_count
+        w0, m2_0, gram0 = original
+        n = per_row_count(cfg.outliers, w0.shape[1])
+        qw = replace(qw, outliers=fit_outliers(
+            w0, qw.dequantize(), n, gram=gram0, m2=m2_0 if cfg.calibrate else None,
+            percdamp=cfg.percdamp))
+    return qw

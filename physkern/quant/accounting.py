@@ -61,6 +61,9 @@ def layer_bits(layer, share: int = 1) -> dict:
     cb = tensor_bits(layer.codebooks)
     parts = {"indices": tensor_bits(layer.packed), "codebooks": cb if share == 1 else cb / share,
              "scales": tensor_bits(layer.scales), "offsets": tensor_bits(layer.offsets)}
+    columns = getattr(layer, "outlier_columns", None)
+    if columns is not None:   # sparse outliers: column indices and values (absent without)
+        parts["outliers"] = tensor_bits(columns) + tensor_bits(layer.outlier_values)
     n = layer.in_features * layer.out_features
     total = sum(parts.values())
     shared = getattr(layer, "shared_codebook", None)
@@ -162,7 +165,7 @@ def bits_report(model: nn.Module) -> BitsReport:
         layers[name] = info
         q_weights += info["weights"]
         # a shared codebook's bits are added once per group below, exactly
-        q_bits += (info["indices"] + info["scales"] + info["offsets"]
+        q_bits += (info["indices"] + info["scales"] + info["offsets"] + info.get("outliers", 0)
                    if "shared_codebook" in info else info["total_bits"])
         compressed_prefixes.append(name + ".")
     q_bits += sum(g["bits"] for g in shared.values())

@@ -26,6 +26,10 @@ Optional shared codebook (physkern.shared_codebook, issue 19): with `shared` = a
 weight has layer scope and `codebooks` [S, 1, K, d] is ONE tensor held by every layer of that
 group (an nn.Parameter, so moving or fine-tuning the model keeps it one); it is stored once in a
 saved file and counted once in bits (physkern.quant.accounting splits it over the group).
+
+Optional sparse outliers (physkern.quant.outliers, issue 19): `outliers` = S, n corrections per
+row in the EFFECTIVE basis (after any rotation), so the layer computes x (Q R^T + S)^T; their
+column indices and values are stored and counted like every other tensor.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from typing import Optional
 import torch
 
 from ..rotation import Rotation
+from .outliers import SparseOutliers
 from .packing import index_bits, unpack_indices, words_per_row
 from .reconstruct import reconstruct
 
@@ -53,6 +58,7 @@ class QuantizedWeight:
     scale_group: int
     rotation: Optional[Rotation] = None   # input rotation R (see the module docstring)
     shared: Optional[str] = None          # shared-codebook group name (module docstring)
+    outliers: Optional[SparseOutliers] = None   # sparse corrections S (module docstring)
 
     # ---- derived shape facts -------------------------------------------------------------
     @property
@@ -123,6 +129,14 @@ class QuantizedWeight:
             if n_cb != 1:
                 raise ValueError(f"a shared codebook has layer scope (one codebook), got "
                                  f"{n_cb} codebooks")
+        if self.outliers is not None:
+            if not isinstance(self.outliers, SparseOutliers):
+                raise ValueError(f"outliers must be a physkern.quant.outliers.SparseOutliers or "
+                                 f"None, got {type(self.outliers).__name__}")
+            if (self.outliers.out_features, self.outliers.in_features) != (out, inf):
+                raise ValueError(f"outliers are for a [{self.outliers.out_features}, "
+                                 f"{self.outliers.in_features}] weight, this one is [{out}, {inf}]")
+            self.outliers.validate()
         return self
 
     def indices(self) -> torch.Tensor:
@@ -153,7 +167,10 @@ class QuantizedWeight:
         q = reconstruct(unpack_indices(packed, self.bits, self.n_blocks), self.codebooks,
                         scales, offsets, codebook_rows=self.codebook_rows, rows=row_ids,
                         dtype=dtype)
-        return q if self.rotation is None else self.rotation.unapply(q)
+        q = q if self.rotation is None else self.rotation.unapply(q)
+        if self.outliers is not None:
+            q = q + self.outliers.to_dense(dtype, rows).to(q.device)
+        return q
 
     def to(self, device) -> "QuantizedWeight":
         """The same weight on `device`. A shared codebook is one tensor for its whole group:
@@ -165,4 +182,5 @@ class QuantizedWeight:
                              "once (a per-layer copy would no longer be shared)")
         return QuantizedWeight(mv(self.packed), mv(self.codebooks), mv(self.scales),
                                mv(self.offsets), self.in_features, self.out_features,
-                               self.codebook_rows, self.scale_group, self.rotation, self.shared)
+                               self.codebook_rows, self.scale_group, self.rotation, self.shared,
+                               None if self.outliers is None else self.outliers.to(device))

@@ -71,6 +71,8 @@ class SparseOutliers:
         if self.per_row > self.in_features:
             raise ValueError(f"outliers: {self.per_row} per row but rows hold only "
                              f"{self.in_features} weights")
+        if self.columns.is_meta or self.values.is_meta:
+            return self   # a skeleton being loaded: its values are checked once they are read
         if self.columns.numel():
             lo, hi = int(self.columns.min()), int(self.columns.max())
             if lo < 0 or hi >= self.in_features:
@@ -88,11 +90,15 @@ class SparseOutliers:
         return (self.columns.numel() * self.columns.element_size()
                 + self.values.numel() * self.values.element_size()) * 8
 
-    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """S as a dense [out, in] tensor (zeros off the outlier positions)."""
-        s = torch.zeros(self.out_features, self.in_features, dtype=dtype,
-                        device=self.values.device)
-        return s.scatter_(1, self.columns.long(), self.values.to(dtype))
+    def to_dense(self, dtype: torch.dtype = torch.float32,
+                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """S as a dense [out, in] tensor (zeros off the outlier positions); with rows (int64
+        [n], any order) only those rows, [n, in] (an embedding lookup's few rows)."""
+        cols, vals = self.columns, self.values
+        if rows is not None:
+            cols, vals = cols[rows], vals[rows]
+        s = torch.zeros(cols.shape[0], self.in_features, dtype=dtype, device=vals.device)
+        return s.scatter_(1, cols.long(), vals.to(dtype))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x S^T: [..., in] -> [..., out] in x's dtype, reading only the outlier columns of x
