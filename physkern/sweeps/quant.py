@@ -565,8 +565,10 @@ def markdown_table(payload: dict) -> str:
                              f"{s['prune']['ranks']}")
     other = [s for s in payload["summary"] if "other_corpora" in s]
     if other:
-        lines += ["", "Out of the calibration domain (same token count and windows, evaluation "
-                  "part of another packaged corpus): " + "; ".join(
+        n_other = payload["setup"].get("also_eval_tokens")
+        lines += ["", "Out of the calibration domain (same windows, "
+                  + ("same token count" if n_other is None else f"first {n_other} tokens")
+                  + ", evaluation part of another packaged corpus): " + "; ".join(
                       f"{s['recipe']} " + ", ".join(
                           f"{spec} {o['perplexity_mean']:.2f} (seeds "
                           f"{','.join(map(str, o['seeds']))})"
