@@ -75,9 +75,13 @@ class PhyskernQuantizationConfig(QuantizationConfigMixin):
         from .serialization import check_factorized_version
         self.quant_method = QUANT_METHOD
         if type(format_version) is not int or format_version not in FORMAT_VERSIONS:
+            # 3 (shared codebooks) and 4 (sparse outliers) are physkern.load_quantized's only
+            later = format_version in (3, 4)
             raise ValueError(f"quantization_config.format_version: {format_version!r} is not "
-                             f"supported (this physkern reads "
-                             f"{', '.join(map(str, FORMAT_VERSIONS))})")
+                             f"supported by the transformers loader (it reads "
+                             f"{', '.join(map(str, FORMAT_VERSIONS))})"
+                             + ("; a model with shared codebooks or sparse outliers loads with "
+                                "physkern.load_quantized" if later else ""))
         check_factorized_version("quantization_config", format_version, factorized_layers)
         if not isinstance(quantized_layers, dict) or not (quantized_layers or factorized_layers):
             raise ValueError("quantization_config.quantized_layers must be a mapping of layer "
