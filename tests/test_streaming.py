@@ -211,3 +211,36 @@ def test_finetune_takes_the_in_memory_path_and_says_its_memory(tmp_path):
     n = sum(p.numel() for p in _llama(True, layers=1).parameters())
     assert "does not stream" in note and "model twice" in note and "bf16" in note
     assert f"{2 * n * 2 / 2**30:.2f} GiB" in note
+
+
+def test_shared_codebook_recipes_take_the_in_memory_path(tmp_path, saved_tiny, capsys):
+    """Shared codebooks are fitted over all of a group's layers at once: physkern quantize
+    quantizes them in memory (with a note) instead of refusing to stream."""
+    from types import SimpleNamespace
+
+    from physkern.commands.quantize import stream_source, uses_shared_codebooks
+    from physkern.recipe import Recipe
+    shared = {"method": "codebook", "k": 16, "block_dim": 4, "scope": "shared", "share": "type"}
+    in_override = {**CB.to_dict(), "overrides": {"*.mlp.*": shared}}
+    _llama(True, layers=1).save_pretrained(tmp_path / "src")
+    args = SimpleNamespace(model=str(tmp_path / "src"), in_memory=False, dtype="bf16")
+    assert not uses_shared_codebooks(Recipe(config=CB))
+    assert uses_shared_codebooks(Recipe(config=shared))
+    assert uses_shared_codebooks(Recipe(config=in_override))
+    assert stream_source(args, Recipe(config=shared)) is None
+    assert stream_source(args, Recipe(config=in_override)) is None
+    out = tmp_path / "q"
+    from physkern.cli import main
+    assert main(["quantize", "--model", str(saved_tiny / "model"), "--corpus",
+                 str(saved_tiny / "corpus.txt"), "--k", "16", "--block-dim", "4", "--scope",
+                 "shared", "--share", "type", "--iters", "3", "--calib-windows", "3",
+                 "--calib-window", "32", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "shared codebooks" in err and "in memory" in err
+    assert json.loads((out / "physkern.json").read_text())["format_version"] == 3
+    # --outliers and --rotation reach the config (outliers stream like any per-layer option)
+    assert _cli(saved_tiny, tmp_path / "o", "--outliers", "0.1", "--rotation", "hadamard") == 0
+    meta = json.loads((tmp_path / "o" / "physkern.json").read_text())
+    lm = meta["quantized_layers"]["transformer.h.0.attn.c_attn"]
+    assert meta["format_version"] == 4 and lm["outliers"]["per_row"] == 3   # round(0.1 * 32)
+    assert lm["recipe"]["rotation"] == "hadamard" and lm["recipe"]["outliers"] == 0.1

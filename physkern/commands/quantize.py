@@ -17,7 +17,7 @@ DEFAULT_CALIB_WINDOW = 1024
 # it: they apply to --preset and --recipe too
 CONFIG_FLAGS = ("k", "block_dim", "scope", "group_size", "stages", "scales", "scale_group",
                 "calibrate", "error_feedback", "bits", "symmetric", "act_order", "iters",
-                "layers")
+                "layers", "share", "rotation", "outliers")
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -34,8 +34,17 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", choices=list(CONFIG_CLASSES), default="codebook")
     g.add_argument("--k", type=int_in(1, 65536), default=256, help="codebook entries (codebook method)")
     g.add_argument("--block-dim", type=int, choices=[1, 2, 4, 8, 16], default=4, help="weights per vector d (1,2,4,8,16)")
-    g.add_argument("--scope", choices=["row", "group", "layer"], default="layer",
-                   help="codebook scope: one per row, per --group-size rows, or per layer")
+    g.add_argument("--scope", choices=["row", "group", "layer", "shared"], default="layer",
+                   help="codebook scope: one per row, per --group-size rows, per layer, or "
+                        "shared across layers (--share)")
+    g.add_argument("--share", choices=["type", "model"], default=None,
+                   help="scope=shared: one codebook per layer type (e.g. every mlp.gate_proj) "
+                        "or one for the whole model")
+    g.add_argument("--rotation", choices=["none", "hadamard"], default="none",
+                   help="seeded block-Hadamard input rotation (stored as its seed, no bits)")
+    g.add_argument("--outliers", type=float, default=0.0,
+                   help="fraction of each row's weights kept as exact sparse corrections "
+                        "(int16 column + fp16 value each, counted in bits); default 0")
     g.add_argument("--group-size", type=int_in(1), default=None,
                    help="rows per codebook (scope=group); columns per scale (rtn/gptq)")
     g.add_argument("--stages", type=int_in(1, 8), default=1, help="residual codebook stages")
@@ -265,9 +274,24 @@ def stream_source(args: argparse.Namespace, recipe):
     """The local checkpoint directory `physkern quantize` streams from (local_checkpoint), or
     None for the in-memory path (--in-memory, no local checkpoint, and recipes with fine-tuning
     or factorization, which need the whole model)."""
-    if args.in_memory or recipe.finetune is not None or recipe.factorize is not None:
+    if args.in_memory or recipe.finetune is not None or recipe.factorize is not None or \
+            uses_shared_codebooks(recipe):
         return None
     return local_checkpoint(args)
+
+
+def uses_shared_codebooks(recipe) -> bool:
+    """Whether any layer config of the recipe (overrides included) has scope "shared": its
+    groups are fitted over all their layers at once, which streaming block by block cannot."""
+    cfg = None if recipe.config is None else recipe.config.to_dict()
+    stack = [cfg]
+    while stack:
+        d = stack.pop()
+        if isinstance(d, dict):
+            if d.get("scope") == "shared":
+                return True
+            stack.extend(d.get("overrides", {}).values())
+    return False
 
 
 def local_checkpoint(args: argparse.Namespace):
@@ -345,6 +369,10 @@ def run(args: argparse.Namespace) -> int:
         # layers replaced before quantization, healed with the whole model) does not stream
         print(f"note: recipe {recipe.name!r} has factorize ({recipe.factorize.method}): it "
               "does not stream, the model is quantized in memory", file=sys.stderr)
+    if uses_shared_codebooks(recipe) and not args.in_memory and _streamable(args):
+        print(f"note: recipe {recipe.name!r} has shared codebooks (scope 'shared'): they are "
+              "fitted over every layer of a group at once, so the model is quantized in memory",
+              file=sys.stderr)
     if recipe.finetune is not None:
         print(finetune_memory_note(args), file=sys.stderr)
     if source is not None:
