@@ -22,6 +22,7 @@ import triton
 from .codebook_matmul import (GEMV_VEC_CONFIGS, MATMUL_CONFIGS, REDUCE_BLOCK, _codebook_gemv_kernel,
                               _codebook_matmul_kernel, _split_reduce_kernel,
                               codebook_alignment, wordwise_decode)
+from .hadamard_rotate import ROTATE_CONFIG, _hadamard_rotate_kernel
 from .kmeans_assign import KMEANS_CONFIGS, SUPPORTED_BLOCK_DIMS, _kmeans_assign_kernel
 
 ARCHS = (80, 90)
@@ -292,6 +293,19 @@ def compile_kmeans(dtype: str, arch: int, d: int, has_importance: bool) -> Compi
     return _info("kmeans_assign", f"d{d}", arch, dtype, consts, cfg["num_warps"], kernel, log)
 
 
+ROTATE_BLOCKS = (64,)        # every LLaMA / GPT-2 width gets b = 64 (physkern.rotation)
+
+
+def compile_rotate(dtype: str, arch: int, block: int) -> CompiledInfo:
+    sig = {"x_ptr": f"*{dtype}", "inv_ptr": "*i64", "signs_ptr": "*fp32", "h_ptr": "*fp32",
+           "y_ptr": f"*{dtype}", "M": "i32", "N": "i32", "stride_xm": "i32", "stride_ym": "i32"}
+    consts = dict(BLOCK_M=ROTATE_CONFIG["BLOCK_M"], B=block)
+    kernel, log = compile_kernel(_hadamard_rotate_kernel, sig, consts, arch,
+                                 ROTATE_CONFIG["num_warps"])
+    return _info("hadamard_rotate", f"b{block}", arch, dtype, consts, ROTATE_CONFIG["num_warps"],
+                 kernel, log)
+
+
 def compile_all(full: bool = True) -> list[dict]:
     """Compile every job in this process (TRITON_INTERPRET must be unset); JSON-able records."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -302,6 +316,8 @@ def compile_all(full: bool = True) -> list[dict]:
     out += [compile_psum(*job).as_json() for job in psum_jobs(full)]
     out += [compile_psum_finish(t, a).as_json() for t in DTYPES for a in ARCHS]
     out += [compile_kmeans(*job).as_json() for job in kmeans_jobs(full)]
+    out += [compile_rotate(t, a, b).as_json() for t in DTYPES + ("fp32",) for a in ARCHS
+            for b in ROTATE_BLOCKS]
     return out
 
 

@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from .hadamard_op import hadamard_rotate, native_rotate_available
+
 KINDS = ("hadamard",)
 MAX_BLOCK = 64
 MAX_SEED = 2 ** 63 - 1  # = physkern.methods._base.MAX_SEED (torch.Generator's signed 64 bits)
@@ -120,9 +122,13 @@ class Rotation:
 
         Under no_grad (not inference_mode, whose tensors have no version counter), the rotation
         of the tensor rotated last by the same rotation is reused (q/k/v and gate/up read one x
-        and share the config's seed: one rotation instead of three / two per block). One row (decode) takes a two-op path with the signs
-        folded into per-block Hadamards; every path multiplies by the same exact +-1/sqrt(b)
-        entries, so they differ only in summation order."""
+        and share the config's seed: one rotation instead of three / two per block). Float32 CPU
+        inputs of at most NATIVE_MAX_ROWS rows without a gradient (decode) take the C++ op
+        physkern::hadamard_rotate (fast Walsh-Hadamard butterflies), CUDA inputs without a
+        gradient the Triton kernel of kernels/hadamard_rotate.py; other single rows a two-op
+        path with the signs folded into per-block Hadamards; the rest a gather, a scale and a
+        block product. Every path multiplies by the same exact +-1/sqrt(b) entries (b = 4^k) or
+        sums the same terms, so they differ only in float summation order."""
         if x.shape[-1] != self.n:
             raise ValueError(f"rotation over {self.n} features applied to x with last dimension "
                              f"{x.shape[-1]}")
@@ -134,7 +140,15 @@ class Rotation:
             hit = _last_applied.get(self, x)
             if hit is not None:
                 return hit
-        if x.numel() == self.n:   # one row: gather, then one batched product with signed blocks
+        if _native_ok(x):         # float32 CPU, no gradient: one C++ op (fast Walsh-Hadamard)
+            inv, _, signs, _ = self._parts(x.device, x.dtype)
+            y = hadamard_rotate(x, inv, signs, self.block)
+        elif _triton_ok(x, self.block):  # CUDA, no gradient: one Triton launch
+            from physkern.kernels.hadamard_rotate import hadamard_rotate_triton
+
+            inv, _, signs, h = self._parts(x.device, torch.float32)
+            y = hadamard_rotate_triton(x, inv, signs, h)
+        elif x.numel() == self.n:  # one row: gather, then one batched product with signed blocks
             inv, signed = _signed_blocks(self.n, self.seed, self.block, x.device, x.dtype)
             nb = self.n // self.block
             y = torch.bmm(x.reshape(1, self.n).index_select(1, inv).view(nb, 1, self.block),
@@ -161,6 +175,29 @@ class Rotation:
     def rotate_gram(self, gram: torch.Tensor) -> torch.Tensor:
         """R^T G R for G [n, n] (the X^T X of rotated inputs x R)."""
         return self.apply(self.apply(gram).mT.contiguous()).mT.contiguous()
+
+
+# Rows up to which x R takes the C++ op. It saves dispatches (one op instead of two: 3.9 us
+# against 6.3 us for a 576-wide decode row at one thread, bench/bench_rotation.py); from about 8
+# rows on, the torch form's [rows, 64] x [64, 64] GEMM beats the op's scalar butterfly passes,
+# so prefill and evaluation windows keep it.
+NATIVE_MAX_ROWS = 4
+
+
+def _native_ok(x: torch.Tensor) -> bool:
+    """Whether x R may take physkern::hadamard_rotate: a float32 CPU tensor of at most
+    NATIVE_MAX_ROWS rows, no gradient to record, not traced, and the op built."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1]
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and not torch.compiler.is_compiling() and native_rotate_available())
+
+
+def _triton_ok(x: torch.Tensor, block: int) -> bool:
+    """Whether x R may take the Triton kernel (kernels/hadamard_rotate.py): a CUDA tensor, no
+    gradient to record, not traced, block >= 16 (tl.dot's smallest K)."""
+    return (x.is_cuda and block >= 16 and not (torch.is_grad_enabled() and x.requires_grad)
+            and not torch.compiler.is_compiling())
 
 
 def check_rotation_fields(kind, seed, block, n) -> None:

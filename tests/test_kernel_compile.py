@@ -79,6 +79,15 @@ def test_psum_configs_compile_without_spills(compiled):
         _assert_clean(rec)
 
 
+def test_hadamard_rotate_configs_compile_without_spills(compiled):
+    recs = _records(compiled, "hadamard_rotate")
+    seen = {(r["config"], r["dtype"], r["arch"]) for r in recs}
+    assert seen == {(f"b{b}", t, a) for b in sc.ROTATE_BLOCKS for t in sc.DTYPES + ("fp32",)
+                    for a in sc.ARCHS}
+    for rec in recs:   # fp32 "ieee" dot: FMA, not mma (exact +-1/8 products, fp32 sums)
+        _assert_clean(rec)
+
+
 # Index bytes of K=256 d=4 are 8 bits per 4 weights = 0.25 B; the loop may add the row blocks'
 # scale/offset loads, nothing proportional to the codebook (the dequantizing GEMV requests
 # ~2.3 B per weight in its loop: an 8-byte codebook entry per 4 weights, plus indices and x).
