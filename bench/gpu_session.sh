@@ -51,7 +51,7 @@ else
   echo "(skipped: no ncu on this machine)"
 fi
 echo "== waiting for the extension build"; wait $BUILD; tail -n 2 "$OUT/build_ext.log"
-echo "== pytest (CUDA cases)"; step 40 python3 -m pytest -q -p no:cacheprovider tests/test_lattice_attention.py -k cuda 2>&1 | tail -n 5
+echo "== pytest (CUDA cases)"; step 40 python3 -m pytest -q -p no:cacheprovider tests/test_lattice_attention.py tests/test_hadamard_rotate_triton.py -k cuda 2>&1 | tail -n 5
 echo "== lattice attention"; step 50 python3 bench/bench_lattice_attention.py --device cuda --n 4096 16384 --xi 16 64 --repeats 3 --out "$OUT/lattice_attention_cuda.json" | tail -n 12
 echo "== histogram (CUDA op from the build)"; (cd /tmp/pkbuild && step 30 python3 bench/bench_histogram.py --device cuda --repeats 3 --hbm-peak-gbs "$HBM" --out "$OUT") | tail -n 8
 echo "== done in $(( $(date +%s) - START )) s (budget ${BUDGET} s)"
