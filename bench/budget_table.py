@@ -11,7 +11,13 @@ bench/results/budgets_100k.json, written by
 ); the 16k column is each point's "prefix" (its first 16 windows, the 16k protocol's exact
 windows), so one run fills both tables.
 
-    python bench/budget_table.py [--results bench/results/budgets_100k.json]
+    python bench/budget_table.py [--results bench/results/budgets_100k.json [MORE.json ...]]
+                                 [--recipes NAME ...]
+
+Several results files (points run in parallel processes under different sweep names, or a
+technique sweep without its own FP point) are joined when their setups (model, corpus,
+protocol, calibration, also-eval tokens) are equal; a (recipe, seed) in two files is refused.
+`--recipes` keeps only those recipes (and FP).
 """
 from __future__ import annotations
 
@@ -83,17 +89,55 @@ def table(payload: dict, other: str = "c4") -> str:
     return "\n".join(lines) + "\n"
 
 
+# What must agree for two results files' points to share a table.
+SETUP_KEYS = ("model", "corpus", "protocol", "calibration", "also_eval_tokens")
+
+
+def join(payloads: list[dict], names: list[str]) -> dict:
+    """One payload with every file's points. Raises SystemExit naming the files when their
+    setups differ or a (recipe, seed) appears twice (an FP point, deterministic, may repeat:
+    the first is kept)."""
+    first = payloads[0].get("setup", {})
+    points, seen = [], {}
+    for payload, name in zip(payloads, names):
+        setup = payload.get("setup", {})
+        for key in SETUP_KEYS:
+            if setup.get(key) != first.get(key):
+                raise SystemExit(f"results: {name} has setup {key} {setup.get(key)!r}, "
+                                 f"{names[0]} has {first.get(key)!r}: not one protocol")
+        for p in payload["points"]:
+            key = (p["recipe"], p["seed"])
+            if key in seen:
+                if p["recipe"] == "fp":
+                    continue
+                raise SystemExit(f"results: {p['recipe']} seed {p['seed']} is in both "
+                                 f"{seen[key]} and {name}")
+            seen[key] = name
+            points.append(p)
+    return {"setup": first, "points": points}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", default="bench/results/budgets_100k.json")
+    ap.add_argument("--results", nargs="+", default=["bench/results/budgets_100k.json"])
+    ap.add_argument("--recipes", nargs="+", help="only these recipes (and FP)")
     ap.add_argument("--other", default="c4", help="the also-eval corpus to show (default c4)")
     args = ap.parse_args(argv)
-    path = Path(args.results)
-    if not path.is_file():
-        print(f"results: {path} not found (run the sweep in this file's docstring)",
-              file=sys.stderr)
-        return 2
-    print(table(json.loads(path.read_text()), args.other), end="")
+    paths = [Path(r) for r in args.results]
+    for path in paths:
+        if not path.is_file():
+            print(f"results: {path} not found (run the sweep in this file's docstring)",
+                  file=sys.stderr)
+            return 2
+    payload = join([json.loads(p.read_text()) for p in paths], [str(p) for p in paths])
+    if args.recipes:
+        known = {p["recipe"] for p in payload["points"]}
+        missing = sorted(set(args.recipes) - known)
+        if missing:
+            raise SystemExit(f"recipes: {missing} not in the results; known: {sorted(known)}")
+        payload["points"] = [p for p in payload["points"]
+                             if p["recipe"] in args.recipes or p["recipe"] == "fp"]
+    print(table(payload, args.other), end="")
     return 0
 
 
