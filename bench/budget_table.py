@@ -81,7 +81,7 @@ def table(payload: dict, other: str = "c4") -> str:
             "—" if v is None else ("yes" if v / ref <= goal else "no")
             for v, ref in ((f["wiki"], fp["wiki"]), (f["other"], fp["other"])))
         spread = f" ({f['wiki_min']:.2f}-{f['wiki_max']:.2f})" if len(pts) > 1 else ""
-        lines.append(f"| <= {b if b is not None else '?'} | {name} | {f['bits']:.3f} | "
+        lines.append(f"| {f'<= {b}' if b is not None else f'> {max(GOALS)}'} | {name} | {f['bits']:.3f} | "
                      f"{f['model_bits']:.3f} | {ratio(f['prefix'], fp['prefix'])} | "
                      f"{ratio(f['wiki'], fp['wiki'])}{spread} | {ratio(f['other'], fp['other'])} "
                      f"| {'—' if goal is None else f'<= {goal:.2f}x'} | {met} | "
