@@ -27,6 +27,9 @@ reruns skip quantization):
   deploy_fp32tables the same model with the LUT GEMV on exact fp32 tables
                (set_decode_tables("fp32")) instead of the default int16 tables
   deploy_bf16prefill the same model with bf16 prompt GEMMs (set_prefill_dtype(torch.bfloat16))
+  cb_k64_d2_rot  cb_k64_d2 with the input Hadamard rotation on every decoder layer
+  cb_k64_d2_rot_torchrot the same model with decode rows rotated by the torch form, not the C++
+               op physkern::hadamard_rotate (physkern.rotation.NATIVE_MAX_ROWS = 0)
 The two codebook recipes store the same format (K=64, d=2, one codebook per layer, per-row
 scales) and run the same kernel with the same work per token: decode speed does not depend on
 how the centroids were fitted, only quality does: cb_k64_d2 is the quick stand-in when there is
@@ -66,6 +69,14 @@ RECIPES = {
                   "calibrate": False, "error_feedback": False},
     "cb_k64_d2_ef": {"method": "codebook", "k": 64, "block_dim": 2, "scope": "layer",
                      "error_feedback": True},
+    # cb_k64_d2 with the input Hadamard rotation on every decoder layer (stored as a seed)
+    "cb_k64_d2_rot": {"method": "codebook", "k": 64, "block_dim": 2, "scope": "layer",
+                      "calibrate": False, "error_feedback": False, "rotation": "hadamard"},
+    # the same saved model with decode rows rotated by the torch form instead of the C++ op
+    # physkern::hadamard_rotate (physkern.rotation.NATIVE_MAX_ROWS = 0): before/after in one run
+    "cb_k64_d2_rot_torchrot": {"method": "codebook", "k": 64, "block_dim": 2, "scope": "layer",
+                               "calibrate": False, "error_feedback": False,
+                               "rotation": "hadamard"},
     # the whole model as `make run` saves it (physkern/presets/deploy.json, head included)
     "deploy": "preset",
     # the same saved model with the LUT GEMV turned off (GEMV_LUT_MAX_M = 0): every decode matmul
@@ -79,7 +90,8 @@ RECIPES = {
 DIRECT_SUFFIX = "_direct"
 FP32_TABLES_SUFFIX = "_fp32tables"
 BF16_PREFILL_SUFFIX = "_bf16prefill"
-VARIANT_SUFFIXES = (DIRECT_SUFFIX, FP32_TABLES_SUFFIX, BF16_PREFILL_SUFFIX)
+TORCH_ROTATION_SUFFIX = "_torchrot"
+VARIANT_SUFFIXES = (DIRECT_SUFFIX, FP32_TABLES_SUFFIX, BF16_PREFILL_SUFFIX, TORCH_ROTATION_SUFFIX)
 DEFAULT_RECIPES = ["fp32", "bf16", "rtn4_g64", "cb_k64_d2_ef"]
 CALIB_WINDOWS, CALIB_WINDOW, CALIB_SEED = 32, 1024, 0
 
@@ -98,6 +110,9 @@ def prepare(name: str):
     from physkern.quant.accounting import bits_report
 
     info: dict = {"recipe": name, "config": RECIPES[name]}
+    base = name   # a variant (VARIANT_SUFFIXES) runs its base recipe's saved model
+    for suffix in VARIANT_SUFFIXES:
+        base = base.removesuffix(suffix)
     if isinstance(RECIPES[name], Path):      # --model-dir NAME=DIR: a model saved elsewhere
         out = RECIPES[name]
         if not is_quantized_dir(out):
@@ -107,9 +122,6 @@ def prepare(name: str):
         meta = json.loads((out / "physkern.json").read_text())
         info.update(config=meta.get("recipe"), saved_dir=str(out), file_mb=_dir_mb(out))
     elif RECIPES[name] == "preset":
-        base = name
-        for suffix in VARIANT_SUFFIXES:
-            base = base.removesuffix(suffix)
         out = cache_dir() / "run" / base
         if not is_quantized_dir(out):
             raise SystemExit(f"--recipe {name}: no saved model at {out}; run `make run` first "
@@ -131,7 +143,7 @@ def prepare(name: str):
             info["saved_dir"], info["file_mb"] = str(out), _dir_mb(out)
     else:
         cfg = config_from_dict(RECIPES[name])
-        out = cache_dir() / "bench_generate" / name
+        out = cache_dir() / "bench_generate" / base
         if is_quantized_dir(out):
             info["quantized_now"] = False
         else:
@@ -169,17 +181,20 @@ def decode_path(name: str) -> dict:
     from physkern.kernels import codebook_gemv_lut as lut
     return {"lut_gemv": not name.endswith(DIRECT_SUFFIX),
             "decode_tables": "fp32" if name.endswith(FP32_TABLES_SUFFIX) else lut.decode_tables(),
-            "prefill_dtype": "bfloat16" if name.endswith(BF16_PREFILL_SUFFIX) else "float32"}
+            "prefill_dtype": "bfloat16" if name.endswith(BF16_PREFILL_SUFFIX) else "float32",
+            "rotation_op": not name.endswith(TORCH_ROTATION_SUFFIX)}
 
 
 @contextlib.contextmanager
 def decode_setting(name: str):
     """Run the body with the recipe's decode path (decode_path): the small-M LUT GEMV allowed
-    (as shipped) or off (direct C++ op only), int16 or fp32 tables."""
-    from physkern import ops
+    (as shipped) or off (direct C++ op only), int16 or fp32 tables, the rotation op on or off."""
+    from physkern import ops, rotation
     from physkern.kernels import codebook_gemv_lut as lut
     path = decode_path(name)
     old_m, old_tables, old_prefill = lut.GEMV_LUT_MAX_M, lut.decode_tables(), ops.prefill_dtype()
+    old_rot = rotation.NATIVE_MAX_ROWS
+    rotation.NATIVE_MAX_ROWS = old_rot if path["rotation_op"] else 0
     lut.GEMV_LUT_MAX_M = old_m if path["lut_gemv"] else 0
     lut.set_decode_tables(path["decode_tables"])
     ops.set_prefill_dtype(torch.bfloat16 if path["prefill_dtype"] == "bfloat16" else None)
@@ -189,6 +204,7 @@ def decode_setting(name: str):
         lut.GEMV_LUT_MAX_M = old_m
         lut.set_decode_tables(old_tables)
         ops.set_prefill_dtype(old_prefill)
+        rotation.NATIVE_MAX_ROWS = old_rot
 
 
 def decode_path_perplexity(model, ids: torch.Tensor, threads: int) -> dict:
