@@ -72,11 +72,6 @@ RECIPES = {
     # cb_k64_d2 with the input Hadamard rotation on every decoder layer (stored as a seed)
     "cb_k64_d2_rot": {"method": "codebook", "k": 64, "block_dim": 2, "scope": "layer",
                       "calibrate": False, "error_feedback": False, "rotation": "hadamard"},
-    # the same saved model with decode rows rotated by the torch form instead of the C++ op
-    # physkern::hadamard_rotate (physkern.rotation.NATIVE_MAX_ROWS = 0): before/after in one run
-    "cb_k64_d2_rot_torchrot": {"method": "codebook", "k": 64, "block_dim": 2, "scope": "layer",
-                               "calibrate": False, "error_feedback": False,
-                               "rotation": "hadamard"},
     # the whole model as `make run` saves it (physkern/presets/deploy.json, head included)
     "deploy": "preset",
     # the same saved model with the LUT GEMV turned off (GEMV_LUT_MAX_M = 0): every decode matmul
@@ -87,6 +82,10 @@ RECIPES = {
     # the same saved model with bf16 prompt GEMMs (physkern.set_prefill_dtype(torch.bfloat16))
     "deploy_bf16prefill": "preset",
 }
+# cb_k64_d2_rot's saved model with decode rows rotated by the torch form instead of the C++ op
+# physkern::hadamard_rotate (NATIVE_MAX_ROWS = 0): before/after in one run. A variant runs its base
+# recipe's saved model, so it shares the base's config object rather than a copy that could drift.
+RECIPES["cb_k64_d2_rot_torchrot"] = RECIPES["cb_k64_d2_rot"]
 DIRECT_SUFFIX = "_direct"
 FP32_TABLES_SUFFIX = "_fp32tables"
 BF16_PREFILL_SUFFIX = "_bf16prefill"
