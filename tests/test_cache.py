@@ -47,3 +47,20 @@ def test_missing_member_names_it(tmp_path, monkeypatch):
     monkeypatch.setattr(cache.subprocess, "run", _fake_pip(tmp_path, []))
     with pytest.raises(RuntimeError, match="no member 'demo_pkg/other.txt'"):
         cache.fetch_wheel_member("demo-pkg==1.0", "demo_pkg/other.txt")
+
+
+def test_written_files_get_the_umask_mode(tmp_path, monkeypatch):
+    """Atomic writes go through mkstemp (mode 0600); the finished file must have the mode a
+    plain open() gives it, like every other file the user writes."""
+    import os
+    from physkern.provenance import write_json
+    old = os.umask(0o022)
+    try:
+        monkeypatch.setenv("PHYSKERN_CACHE", str(tmp_path))
+        monkeypatch.setattr(cache.subprocess, "run", _fake_pip(tmp_path, []))
+        member = cache.fetch_wheel_member("demo-pkg==1.0", "demo_pkg/data.txt")
+        result = write_json(tmp_path / "out" / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert member.stat().st_mode & 0o777 == 0o644
+    assert result.stat().st_mode & 0o777 == 0o644
