@@ -16,9 +16,7 @@ share: a second config whose group name is taken gets "<name>#2", then "#3", ...
 Fit (fit_shared_codebooks), before any layer is quantized. For each layer of a group, in model
 order: W R (R the layer's input rotation when the config asks for one), per-row scales s_r from
 compute_scales (the same function on the same weight as the layer's own quantization, so the
-same scales), blocks of (W R) / s, each element weighted by importance_j x s_r^2 / mean(s^2)
-(a layer-wide constant does not change one layer's fit, but across the pool it decides which
-layers the centroids serve: normalised, every layer's weights count alike) with importance
+same scales), blocks of (W R) / s, each element weighted by importance_j x s_r^2 with importance
 = E[(x R)_j^2] / its mean over j: gram_importance of the rotated X^T X, the weighting the
 error-feedback loop's own codebook fit uses (no importance without `calibrate`). What it uses:
 the FULL-PRECISION model's calibration statistics, gathered by one forward pass of the
@@ -143,8 +141,7 @@ def rotated_importance(model: nn.Module, groups: dict[str, SharedGroup],
 
 def _layer_blocks(layer, cfg, importance: Optional[torch.Tensor]):
     """(blocks [n, d], weights [n, d] or None) of one layer as its quantization sees them:
-    rotated, divided by its per-row scales, each element weighted by importance_j x s_r^2 /
-    mean(s^2) (each layer's weights average 1 before the pool mixes layers)."""
+    rotated, divided by its per-row scales, each element weighted by importance_j x s_r^2."""
     from .quant.codebook import compute_scales
     from .rotation import config_rotation
     w = layer.weight().detach().float().cpu()
@@ -160,11 +157,7 @@ def _layer_blocks(layer, cfg, importance: Optional[torch.Tensor]):
         if importance is not None:
             weights = weights * importance[None, :]
         if sc_full is not None:
-            # s_r^2 within the layer (a block's error in W is s_r^2 times its error in W / s),
-            # but divided by the layer's mean: across layers the raw s^2 would hand the pooled
-            # fit's centroids to the layers with the largest weights, not to every weight alike.
-            s2 = sc_full.pow(2)
-            weights = weights * (s2 / s2.mean().clamp_min(1e-30))
+            weights = weights * sc_full.pow(2)
         weights = weights.reshape(-1, cfg.block_dim)
     return normed.reshape(-1, cfg.block_dim), weights
 
