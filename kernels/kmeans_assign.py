@@ -19,7 +19,9 @@ Implementations, one contract:
 - `kmeans_assign_cpu`: the fast CPU path. CPU tensors run the fused C++ op
   `physkern::kmeans_assign_cpu` (csrc/kmeans_assign.cpp, in physkern._C: blocks vectorised over
   SIMD lanes, centroids swept with a running per-lane (min, argmin), threads over tiles); other
-  devices, or a build without physkern._C, run `kmeans_assign_torch`. Both rank centroids with
+  devices, a build without physkern._C, or (on a CPU without AVX-512) any problem above
+  NATIVE_MAX_WORK_WITHOUT_AVX512 run `kmeans_assign_torch` (`prefer_native_kmeans` picks).
+  Both rank centroids with
   the expanded form -2 (s w).c + s.c^2 (the per-block constant s.w^2 does not change the argmin)
   and then recompute the exact distance of the chosen centroid (the C++ op in the reference's
   order and rounding). Near-ties that differ by fp32 rounding of the expanded form may pick a
@@ -287,14 +289,34 @@ def native_kmeans_available() -> bool:
     return _native
 
 
+# Work (scopes x blocks x centroids x d multiply-adds) up to which the C++ op runs on a CPU
+# without AVX-512: below it both paths take well under a millisecond and the op skips torch's
+# per-call overhead; above it the op's register tiles (sized for 32 AVX-512 registers) spill on
+# 16 AVX2 registers and the batched-matmul path is 2-10x faster (bench/bench_kmeans_paths.py,
+# bench/results/kmeans_paths_cpu.json: K=65536 d=8, 1536 blocks with per-block importance,
+# 1.56 s against 0.17 s on a 2-core AVX2 EPYC, which made a shared-codebook layer take 2 minutes).
+NATIVE_MAX_WORK_WITHOUT_AVX512 = 1 << 20
+
+
+def prefer_native_kmeans(s: int, n: int, k: int, d: int,
+                         capability: Optional[str] = None) -> bool:
+    """Whether the C++ op (rather than kmeans_assign_torch) should assign a [s, n, d] problem
+    against k centroids per scope on this CPU. capability: torch's CPU capability string
+    ("AVX512", "AVX2", "DEFAULT", ...; None = this machine's). The one place that picks."""
+    cap = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    return cap.startswith("AVX512") or s * n * k * d <= NATIVE_MAX_WORK_WITHOUT_AVX512
+
+
 def kmeans_assign_cpu(blocks: torch.Tensor, centroids: torch.Tensor,
                       importance: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fast CPU path: the fused C++ op for CPU tensors, else kmeans_assign_torch (any device).
+    """Fast CPU path: the fused C++ op for CPU tensors where it is the faster one
+    (prefer_native_kmeans), else kmeans_assign_torch (any device).
 
     Same contract as kmeans_assign_triton: blocks [S, N, d], centroids [S, K, d], importance
     broadcastable to [S, N, d] or None -> (indices int64 [S, N], distances float32 [S, N]).
     """
     imp = check_assign_inputs(blocks, centroids, importance)
-    if blocks.device.type == "cpu" and native_kmeans_available():
+    if blocks.device.type == "cpu" and native_kmeans_available() and prefer_native_kmeans(
+            blocks.shape[0], blocks.shape[1], centroids.shape[1], blocks.shape[2]):
         return torch.ops.physkern.kmeans_assign_cpu(blocks, centroids, imp)
     return kmeans_assign_torch(blocks, centroids, importance)

@@ -15,7 +15,8 @@ import copy
 import pytest
 import torch
 
-from physkern.kernels.kmeans_assign import kmeans_assign_cpu, native_kmeans_available
+from physkern.kernels.kmeans_assign import (kmeans_assign_torch,
+                                            native_kmeans_available)
 from physkern.quant.codebook import quantize_codebook_error_feedback
 
 
@@ -49,8 +50,21 @@ def test_native_assign_same_with_1_and_2_threads():
     blocks = torch.randn(1, 200_000, 2, generator=g)
     cents = torch.randn(1, 32, 2, generator=g)
     imp = torch.rand(1, 200_000, 2, generator=g) + 0.1
-    one = _with_threads(1, lambda: kmeans_assign_cpu(blocks, cents, imp))
-    two = _with_threads(2, lambda: kmeans_assign_cpu(blocks, cents, imp))
+    op = torch.ops.physkern.kmeans_assign_cpu   # the C++ op itself, whatever the selector picks
+    one = _with_threads(1, lambda: op(blocks, cents, imp))
+    two = _with_threads(2, lambda: op(blocks, cents, imp))
+    assert torch.equal(one[0], two[0])
+    assert torch.equal(one[1], two[1])
+
+
+def test_torch_assign_path_same_with_1_and_2_threads():
+    # the matmul path the selector takes for large problems without AVX-512 (K=4096 d=8)
+    g = torch.Generator().manual_seed(2)
+    blocks = torch.randn(1, 4096, 8, generator=g)
+    cents = torch.randn(1, 4096, 8, generator=g)
+    imp = torch.rand(1, 4096, 8, generator=g) + 0.1
+    one = _with_threads(1, lambda: kmeans_assign_torch(blocks, cents, imp))
+    two = _with_threads(2, lambda: kmeans_assign_torch(blocks, cents, imp))
     assert torch.equal(one[0], two[0])
     assert torch.equal(one[1], two[1])
 

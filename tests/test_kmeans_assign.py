@@ -192,13 +192,14 @@ def _brute_gap(blocks, centroids, importance):
 
 def _check_native(blocks, centroids, imp, threads=None):
     ref_idx, ref_dist = kmeans_assign_reference(blocks, centroids, imp)
+    op = torch.ops.physkern.kmeans_assign_cpu   # the C++ op itself, whatever the selector picks
     if threads is None:
-        idx, dist = kmeans_assign_cpu(blocks, centroids, imp)
+        idx, dist = op(blocks, centroids, imp)
     else:
         old = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            idx, dist = kmeans_assign_cpu(blocks, centroids, imp)
+            idx, dist = op(blocks, centroids, imp)
         finally:
             torch.set_num_threads(old)
     assert idx.dtype == torch.int64 and dist.dtype == torch.float32
@@ -323,3 +324,31 @@ def test_cpu_path_falls_back_without_extension():
         "assert torch.equal(i, i2)\n"
         "print('ok')\n")
     assert_snippet_prints_ok(code)
+
+
+def test_selector_prefers_matmul_path_for_large_problems_without_avx512():
+    """prefer_native_kmeans: the C++ op on AVX-512 always, elsewhere only for small problems
+    (measured 2-10x slower than the matmul path above them on AVX2: bench/bench_kmeans_paths.py)."""
+    from physkern.kernels.kmeans_assign import NATIVE_MAX_WORK_WITHOUT_AVX512, prefer_native_kmeans
+    assert prefer_native_kmeans(1, 1536, 65536, 8, capability="AVX512")
+    assert not prefer_native_kmeans(1, 1536, 65536, 8, capability="AVX2")
+    assert not prefer_native_kmeans(1, 1536, 65536, 8, capability="DEFAULT")
+    assert prefer_native_kmeans(1, 192, 64, 8, capability="AVX2")
+    small = NATIVE_MAX_WORK_WITHOUT_AVX512
+    assert prefer_native_kmeans(1, small // 16, 4, 4, capability="AVX2")
+    assert not prefer_native_kmeans(1, small // 16 + 1, 4, 4, capability="AVX2")
+
+
+@needs_native
+def test_cpu_path_agrees_with_reference_on_both_sides_of_the_selector():
+    """The same problem sizes either side of the work threshold go through different paths;
+    both must give optimal assignments (near-ties aside) against the reference."""
+    from physkern.kernels.kmeans_assign import prefer_native_kmeans
+    torch.manual_seed(3)
+    for s, n, k, d in ((1, 192, 64, 8), (1, 1536, 1024, 8), (4, 300, 256, 4)):
+        blocks, centroids = torch.randn(s, n, d), torch.randn(s, k, d)
+        imp = torch.rand(s, n, d)
+        ref = kmeans_assign_reference(blocks, centroids, imp)
+        _check(*kmeans_assign_cpu(blocks, centroids, imp), *ref, blocks, centroids, imp, False)
+        if torch.backends.cpu.get_cpu_capability() == "AVX2":
+            assert prefer_native_kmeans(s, n, k, d) == (s * n * k * d <= 1 << 20)
