@@ -21,10 +21,9 @@ Implementations, one contract:
   SIMD lanes, centroids swept with a running per-lane (min, argmin), threads over tiles); other
   devices, a build without physkern._C, or (on a CPU without AVX-512) any problem above
   NATIVE_MAX_WORK_WITHOUT_AVX512 run `kmeans_assign_torch` (`prefer_native_kmeans` picks).
-  Both rank centroids with
-  the expanded form -2 (s w).c + s.c^2 (the per-block constant s.w^2 does not change the argmin)
-  and then recompute the exact distance of the chosen centroid (the C++ op in the reference's
-  order and rounding). Near-ties that differ by fp32 rounding of the expanded form may pick a
+  Both rank centroids with the expanded form -2 (s w).c + s.c^2 (the per-block constant s.w^2
+  does not change the argmin) and then recompute the exact distance of the chosen centroid (the
+  C++ op in the reference's order and rounding). Near-ties that differ by fp32 rounding of the expanded form may pick a
   different (equally near) centroid.
 - `kmeans_assign_torch`: the pure-torch fallback of the CPU path: one batched matmul per chunk.
 """

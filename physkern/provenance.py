@@ -50,7 +50,10 @@ def device_description(device: str | torch.device = "cpu") -> str:
     if dev.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(dev)}"
     interp = " (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else ""
-    return f"cpu: {_cpu_name()}, {torch.get_num_threads()} threads{interp}"
+    # The vector ISA torch found: the same CPU name ("AMD EPYC") covers AVX2-only and AVX-512
+    # parts, and CPU kernel timings differ between them several-fold.
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"cpu: {_cpu_name()} ({isa}), {torch.get_num_threads()} threads{interp}"
 
 
 def provenance(device: str | torch.device = "cpu") -> dict[str, Any]:
