@@ -14,6 +14,7 @@ codebook against one error-feedback column step of an MLP layer (1536 blocks).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ def main(argv=None) -> int:
         print("physkern._C without physkern::kmeans_assign_cpu: nothing to compare", file=sys.stderr)
         return 1
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     op = torch.ops.physkern.kmeans_assign_cpu
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -84,6 +86,7 @@ def main(argv=None) -> int:
                "provenance": provenance("cpu"),
                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                "threads": args.threads,
+               "load_average_before_after": [load_before, os.getloadavg()],
                "native_max_work_without_avx512": NATIVE_MAX_WORK_WITHOUT_AVX512,
                "timing": "minimum over repeats (1 above 2e8 multiply-adds, else 5), the two paths "
                          "interleaved call by call; seconds per call",
