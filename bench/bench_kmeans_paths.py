@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,8 @@ from physkern.kernels.kmeans_assign import (NATIVE_MAX_WORK_WITHOUT_AVX512, kmea
                                             native_kmeans_available, prefer_native_kmeans)
 from physkern.provenance import provenance, write_json
 
+from bench_kernels import timeit_pair  # bench/ is this script's directory, first on sys.path
+
 RESULTS = Path(__file__).resolve().parent / "results" / "kmeans_paths_cpu.json"
 
 GRID = [(3072, 96, k, d) for d in (2, 4, 8) for k in (16, 64, 256, 1024)] + \
@@ -33,19 +34,6 @@ GRID = [(3072, 96, k, d) for d in (2, 4, 8) for k in (16, 64, 256, 1024)] + \
         if k <= n] + \
        [(1, 1536, 65536, 8), (1, 576, 65536, 8)]
 QUICK = [(3072, 96, 64, 8), (1, 192, 64, 8), (1, 1536, 1024, 4), (1, 1536, 65536, 8)]
-
-
-def best_of(fns, repeats: int) -> list[float]:
-    """Minimum seconds per call of each function, interleaved call by call after a warm-up."""
-    for fn in fns:
-        fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t)
-    return best
 
 
 def main(argv=None) -> int:
@@ -68,8 +56,9 @@ def main(argv=None) -> int:
         for kind, imp in (("none", None), ("per_block", torch.rand(s, n, d, generator=gen))):
             work = s * n * k * d
             repeats = 1 if work > 2e8 else 5
-            t_native, t_torch = best_of([lambda: op(blocks, cents, imp),
-                                         lambda: kmeans_assign_torch(blocks, cents, imp)], repeats)
+            t_native, t_torch = timeit_pair([lambda: op(blocks, cents, imp),
+                                             lambda: kmeans_assign_torch(blocks, cents, imp)],
+                                            repeats)
             native = prefer_native_kmeans(s, n, k, d)
             chosen = t_native if native else t_torch
             rows.append({"scopes": s, "blocks": n, "k": k, "d": d, "importance": kind,

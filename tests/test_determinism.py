@@ -42,29 +42,24 @@ def _buffers(model):
     return out
 
 
-@pytest.mark.skipif(not native_kmeans_available(), reason="needs physkern._C")
-def test_native_assign_same_with_1_and_2_threads():
-    # big enough that at::parallel_for splits the tiles over threads (d=2 with per-block
-    # importance: the 2d-wide product form, as in error feedback)
+@pytest.mark.parametrize("path, shape", [
+    # the C++ op, big enough that at::parallel_for splits the tiles over threads (d=2 with
+    # per-block importance: the 2d-wide product form, as in error feedback)
+    ("native", (200_000, 32, 2)),
+    # the matmul path the selector takes for large problems without AVX-512
+    ("torch", (4096, 4096, 8)),
+])
+def test_assign_paths_same_with_1_and_2_threads(path, shape):
+    if path == "native" and not native_kmeans_available():
+        pytest.skip("needs physkern._C")
+    fn = torch.ops.physkern.kmeans_assign_cpu if path == "native" else kmeans_assign_torch
+    n, k, d = shape
     g = torch.Generator().manual_seed(0)
-    blocks = torch.randn(1, 200_000, 2, generator=g)
-    cents = torch.randn(1, 32, 2, generator=g)
-    imp = torch.rand(1, 200_000, 2, generator=g) + 0.1
-    op = torch.ops.physkern.kmeans_assign_cpu   # the C++ op itself, whatever the selector picks
-    one = _with_threads(1, lambda: op(blocks, cents, imp))
-    two = _with_threads(2, lambda: op(blocks, cents, imp))
-    assert torch.equal(one[0], two[0])
-    assert torch.equal(one[1], two[1])
-
-
-def test_torch_assign_path_same_with_1_and_2_threads():
-    # the matmul path the selector takes for large problems without AVX-512 (K=4096 d=8)
-    g = torch.Generator().manual_seed(2)
-    blocks = torch.randn(1, 4096, 8, generator=g)
-    cents = torch.randn(1, 4096, 8, generator=g)
-    imp = torch.rand(1, 4096, 8, generator=g) + 0.1
-    one = _with_threads(1, lambda: kmeans_assign_torch(blocks, cents, imp))
-    two = _with_threads(2, lambda: kmeans_assign_torch(blocks, cents, imp))
+    blocks = torch.randn(1, n, d, generator=g)
+    cents = torch.randn(1, k, d, generator=g)
+    imp = torch.rand(1, n, d, generator=g) + 0.1
+    one = _with_threads(1, lambda: fn(blocks, cents, imp))
+    two = _with_threads(2, lambda: fn(blocks, cents, imp))
     assert torch.equal(one[0], two[0])
     assert torch.equal(one[1], two[1])
 
