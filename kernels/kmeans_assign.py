@@ -291,8 +291,8 @@ def native_kmeans_available() -> bool:
 # Work (scopes x blocks x centroids x d multiply-adds) up to which the C++ op runs on a CPU
 # without AVX-512: below it both paths take well under a millisecond and the op skips torch's
 # per-call overhead; above it the op's register tiles (sized for 32 AVX-512 registers) spill on
-# 16 AVX2 registers and the batched-matmul path is faster, median 3x (bench/bench_kmeans_paths.py,
-# bench/results/kmeans_paths_cpu.json: K=65536 d=8, 1536 blocks with per-block importance,
+# 16 AVX2 registers and the batched-matmul path is faster, median 3x
+# (bench/bench_kmeans_paths.py, bench/results/kmeans_paths_cpu.json: K=65536 d=8, 1536 blocks with per-block importance,
 # 1.56 s against 0.17 s on a 2-core AVX2 EPYC, which made a shared-codebook layer take 2 minutes).
 NATIVE_MAX_WORK_WITHOUT_AVX512 = 1 << 20
 
